@@ -88,6 +88,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 on CUDA if supported, else fp16 + GradScaler; fp32 on CPU/MPS) | float32 | bfloat16 | float16
     compile: bool = False  # torch.compile the model
+    data_parallel: typing.Optional[int] = None  # data-parallel replicas; None = torchrun's WORLD_SIZE (torch) / 1 (ttml)
     peak_flops: typing.Optional[float] = None  # device peak FLOP/s for MFU; None = look the device up
     seed: int = 1337
     ddp_wait_s: float = 3600.0  # how long non-zero ranks wait for rank 0 to prepare the data
@@ -501,19 +502,20 @@ class TokenStream:
 class TrainBatches:
     """Deterministic given (seed, rank); the generator state goes into checkpoints so resume continues exactly."""
 
-    def __init__(self, stream, cfg, rank=0):
-        self.stream, self.cfg = stream, cfg
+    def __init__(self, stream, cfg, rank=0, rows=None):
+        self.stream, self.cfg, self.rows = stream, cfg, rows or cfg.batch_size
         self.rng = np.random.default_rng([cfg.seed, rank])
 
     def next(self):
-        starts = self.rng.integers(0, self.stream.n - self.cfg.seq_len, size=self.cfg.batch_size)
+        starts = self.rng.integers(0, self.stream.n - self.cfg.seq_len, size=self.rows)
         return self.stream.batch(starts, self.cfg.seq_len)
 
 
-def val_batches(stream, cfg):
+def val_batches(stream, cfg, rows=None):
     """eval_iters batches of evenly spaced windows: the same for every eval and every run with this data."""
-    starts = np.linspace(0, stream.n - cfg.seq_len - 1, cfg.eval_iters * cfg.batch_size).astype(np.int64)
-    return [stream.batch(s, cfg.seq_len) for s in starts.reshape(cfg.eval_iters, cfg.batch_size)]
+    rows = rows or cfg.batch_size
+    starts = np.linspace(0, stream.n - cfg.seq_len - 1, cfg.eval_iters * rows).astype(np.int64)
+    return [stream.batch(s, cfg.seq_len) for s in starts.reshape(cfg.eval_iters, rows)]
 
 
 # -----------------------------------------------------------------------------
@@ -649,6 +651,8 @@ def choose_dtype(requested, device_type, bf16_ok):
 #   eval_loss(x, y) -> float, next_token_logits(ids) -> np.ndarray   (called inside no_grad())
 #   set_grad_enabled(flag) / set_train(flag) -> previous value        (what no_grad() switches)
 #   rng_state() / set_rng_state(s), save(path, meta) / load(path) -> meta, export_hf(dir), close()
+# and attributes name, device_name, dtype, dist, and devices_per_process (replicas fed by this process: 1 for
+# torch, where torchrun runs one process per device; the mesh size for ttml, which shards one batch over devices).
 
 
 @dataclass
@@ -665,6 +669,7 @@ class Dist:
 
 class TorchBackend:
     name = "torch"
+    devices_per_process = 1
 
     def __init__(self, cfg, dist):
         self.cfg, self.dist = cfg, dist
@@ -975,8 +980,9 @@ def train(cfg, manifest, backend, dist):
     """Micro-steps in accumulation windows; one optimizer step (with its lr and beta1) at each window's end."""
     from tqdm import tqdm
     train_stream = TokenStream(cfg.out_dir, manifest["splits"]["train"])
-    val = val_batches(TokenStream(cfg.out_dir, manifest["splits"]["val"]), cfg)
-    batches = TrainBatches(train_stream, cfg, dist.rank)
+    rows = cfg.batch_size * backend.devices_per_process
+    val = val_batches(TokenStream(cfg.out_dir, manifest["splits"]["val"]), cfg, rows)
+    batches = TrainBatches(train_stream, cfg, dist.rank, rows)
     ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
     step = optim_step = 0
     if cfg.init_from == "resume":
@@ -988,7 +994,8 @@ def train(cfg, manifest, backend, dist):
             print(f"resume: from {ckpt} at micro-step {step} (optimizer step {optim_step})")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     metrics = Metrics(metrics_path, dist.main, keep_until=step if cfg.init_from == "resume" else None)
-    tokens_per_step = cfg.seq_len * cfg.batch_size * dist.world  # per micro-step, all ranks
+    data_parallel = dist.world * backend.devices_per_process
+    tokens_per_step = cfg.seq_len * cfg.batch_size * data_parallel  # per micro-step, all replicas
     peak = peak_flops(backend.device_name, backend.dtype, cfg.peak_flops)
     flops_per_token = model_flops_per_token(cfg)
 
@@ -1151,11 +1158,16 @@ def run(cfg):
         return
     backend = make_backend(cfg, dist)
     try:
+        dp = dist.world * backend.devices_per_process
+        if cfg.data_parallel is not None and cfg.data_parallel != dp:
+            raise ConfigError(f"data_parallel={cfg.data_parallel} but this run has {dp} replicas "
+                              f"({dist.world} processes x {backend.devices_per_process} devices each); "
+                              "launch with torchrun --nproc_per_node=N or leave data_parallel unset")
         if dist.main:
-            gb = cfg.seq_len * cfg.batch_size * cfg.accumulation_steps * dist.world
-            print(f"device: {backend.device_name} ({backend.dtype}); data_parallel {dist.world}; global batch "
+            gb = cfg.seq_len * cfg.batch_size * cfg.accumulation_steps * dp
+            print(f"device: {backend.device_name} ({backend.dtype}); data_parallel {dp}; global batch "
                   f"{gb:,} tokens = seq_len {cfg.seq_len} x batch_size {cfg.batch_size} x accumulation_steps "
-                  f"{cfg.accumulation_steps} x data_parallel {dist.world}; {cfg.optim_steps} optimizer steps")
+                  f"{cfg.accumulation_steps} x data_parallel {dp}; {cfg.optim_steps} optimizer steps")
         train(cfg, manifest, backend, dist)
         if dist.main:
             plot_losses(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "loss_curve.png"), cfg)
