@@ -1,0 +1,67 @@
+"""TrainConfig defaults and the --field=value command line."""
+import dataclasses
+
+import pytest
+
+from conftest import main, run_main
+
+
+def test_defaults_match_the_spec(monkeypatch):
+    monkeypatch.delenv("WIKI_DUMP", raising=False)
+    c = main.TrainConfig()
+    assert (c.seq_len, c.batch_size, c.accumulation_steps, c.steps, c.eval_every) == (1024, 16, 1, 5000, 200)
+    assert (c.lr, c.min_lr, c.warmup_steps, c.hold_steps, c.total_optim_steps) == (3e-4, 0.0, 2000, 0, None)
+    assert (c.beta1_start, c.beta1_end, c.beta1_warmup_steps) == (None, None, 0)
+    assert (c.n_layer, c.n_head, c.n_embd, c.max_docs) == (12, 12, 768, None)
+    assert (c.shard_tokens, c.val_fraction, c.wiki_config) == (134217728, 0.1, "20231101.en")
+    assert c.out_dir == "./wiki_memmap_gpt2"
+
+
+def test_wiki_dump_env_var_sets_the_default(monkeypatch):
+    monkeypatch.setenv("WIKI_DUMP", "20231101.de")
+    assert main.TrainConfig().wiki_config == "20231101.de"
+    assert main.parse_config(["--wiki_config=20231101.fr"]).wiki_config == "20231101.fr"
+
+
+def test_overrides_are_typed_from_the_dataclass():
+    c = main.parse_config(["--max_docs=1000", "--n_layer=2", "--lr=0.001", "--prepare_only=true", "--compile",
+                           "--data_files=a.parquet", "--top_k=None", "--beta1_start=0.85"])
+    assert c.max_docs == 1000 and isinstance(c.max_docs, int)
+    assert c.n_layer == 2 and c.lr == 1e-3 and c.prepare_only is True and c.compile is True
+    assert c.data_files == "a.parquet" and c.top_k is None and c.beta1_start == 0.85
+    assert main.parse_config(["--prepare_only=false"]).prepare_only is False
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--no_such_field=1"], ["unknown option", "--seq_len", "--max_docs"]),
+    (["--n_layer=two"], ["--n_layer=two", "int"]),
+    (["--prepare_only=maybe"], ["true or false"]),
+    (["--seq_len"], ["needs a value"]),
+    (["lr=3"], ["unknown option"]),
+    (["--eval_every=3", "--accumulation_steps=2"], ["multiple of accumulation_steps"]),
+    (["--n_embd=100", "--n_head=3"], ["divisible"]),
+    (["--init_from=best"], ["scratch or resume"]),
+])
+def test_bad_command_lines_are_one_clear_error(argv, words):
+    with pytest.raises(main.ConfigError) as e:
+        main.parse_config(argv)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_smoke_preset_yields_to_explicit_fields():
+    c = main.parse_config(["--smoke", "--steps=7"])
+    assert c.steps == 7 and c.n_layer == main.SMOKE_PRESET["n_layer"] and c.data_files == main.FIXTURE
+
+
+def test_help_lists_every_field_with_its_default():
+    p = run_main(["--help"])
+    assert p.returncode == 0
+    for f in dataclasses.fields(main.TrainConfig):
+        assert f"--{f.name}=" in p.stdout
+    assert "--shard_tokens=134217728" in p.stdout and "tokens per uint16 shard" in p.stdout
+
+
+def test_unknown_option_exits_2_with_one_line():
+    p = run_main(["--bogus=1"])
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("error:")

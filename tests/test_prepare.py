@@ -1,0 +1,185 @@
+"""The shard pipeline: token parity, manifest schema, the val split, idempotence, crash safety, bad input."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import FIXTURE, ROOT, main, run_main, tiny_cfg
+
+
+def stream(out_dir, split):
+    m = json.load(open(os.path.join(out_dir, "manifest.json")))
+    parts = [np.fromfile(os.path.join(out_dir, s["file"]), dtype=np.uint16) for s in m["splits"][split]]
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint16)
+
+
+def split_docs(tokens):
+    """EOS a1 EOS a2 ... -> [a1, a2, ...]"""
+    assert tokens[0] == main.EOS_ID
+    bounds = np.flatnonzero(tokens == main.EOS_ID).tolist() + [len(tokens)]
+    return [tokens[a + 1:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def digest(out_dir):
+    return {n: hashlib.sha256(open(os.path.join(out_dir, n), "rb").read()).hexdigest()
+            for n in sorted(os.listdir(out_dir)) if os.path.isfile(os.path.join(out_dir, n))}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep")
+    cfg = tiny_cfg(out, shard_tokens=20000, num_proc=2)
+    return cfg, main.prepare(cfg, log=lambda *a: None)
+
+
+def test_tokens_match_hf_gpt2_article_by_article_with_eos_before_each(prepared, fixture_texts, hf_tokenizer):
+    cfg, m = prepared
+    docs = split_docs(stream(cfg.out_dir, "train")) + split_docs(stream(cfg.out_dir, "val"))
+    assert len(docs) == len(fixture_texts) == m["num_docs"]
+    for doc, text in zip(docs, fixture_texts):
+        assert doc == hf_tokenizer.encode(text)
+
+
+def test_manifest_schema_lists_shards_in_order_with_sizes(prepared):
+    cfg, m = prepared
+    for key, value in {"format_version": main.FORMAT_VERSION, "tokenizer": "gpt2", "eos_id": 50256,
+                       "dtype": "uint16"}.items():
+        assert m[key] == value
+    assert m["data"]["shard_tokens"] == 20000 and m["data"]["val_fraction"] == cfg.val_fraction
+    assert len(m["fingerprint"]) == 16
+    train = m["splits"]["train"]
+    assert [s["file"] for s in train] == [f"train_{i:06d}.bin" for i in range(len(train))]
+    assert len(train) > 3 and all(s["tokens"] == 20000 for s in train[:-1]) and 0 < train[-1]["tokens"] <= 20000
+    for split in ("train", "val"):
+        for s in m["splits"][split]:
+            assert os.path.getsize(os.path.join(cfg.out_dir, s["file"])) == 2 * s["tokens"]
+
+
+def test_val_split_is_the_last_articles_at_a_boundary(prepared, fixture_texts):
+    cfg, m = prepared
+    val = stream(cfg.out_dir, "val")
+    n_val = m["num_docs_split"]["val"]
+    assert n_val == round(len(fixture_texts) * cfg.val_fraction) == 6
+    assert val[0] == main.EOS_ID and int((val == main.EOS_ID).sum()) == n_val
+    assert m["num_docs_split"]["train"] + n_val == len(fixture_texts)
+
+
+def test_rerun_reuses_shards_without_opening_the_dataset(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path)
+    main.prepare(cfg, log=lambda *a: None)
+    before = {n: os.stat(tmp_path / n).st_mtime_ns for n in os.listdir(tmp_path)}
+
+    def loader_must_not_run(cfg):
+        raise AssertionError("the dataset was opened on a rerun")
+    monkeypatch.setattr(main, "open_articles", loader_must_not_run)
+    t = time.perf_counter()
+    main.prepare(tiny_cfg(tmp_path, lr=1e-2, n_layer=3, steps=7), log=lambda *a: None)  # non-data fields differ
+    assert time.perf_counter() - t < 1.0
+    assert {n: os.stat(tmp_path / n).st_mtime_ns for n in os.listdir(tmp_path)} == before
+
+
+def test_changed_max_docs_rebuilds_and_removes_stale_shards(tmp_path):
+    main.prepare(tiny_cfg(tmp_path, shard_tokens=10000), log=lambda *a: None)
+    assert len(os.listdir(tmp_path)) > 10
+    m = main.prepare(tiny_cfg(tmp_path, shard_tokens=10000, max_docs=20), log=lambda *a: None)
+    assert m["num_docs"] == 20
+    listed = {s["file"] for sp in m["splits"].values() for s in sp}
+    assert set(os.listdir(tmp_path)) == listed | {"manifest.json"}
+
+
+@pytest.mark.parametrize("damage", ["truncate_shard", "delete_shard", "corrupt_manifest"])
+def test_damaged_output_is_detected_and_rebuilt_with_a_notice(tmp_path, damage):
+    cfg = tiny_cfg(tmp_path, shard_tokens=50000)
+    main.prepare(cfg, log=lambda *a: None)
+    clean = digest(tmp_path)
+    if damage == "truncate_shard":
+        with open(tmp_path / "train_000001.bin", "r+b") as f:
+            f.truncate(1000)
+    elif damage == "delete_shard":
+        os.remove(tmp_path / "val_000000.bin")
+    else:
+        (tmp_path / "manifest.json").write_text('{"format_version": 1, "splits": ')
+    notes = []
+    main.prepare(cfg, log=notes.append)
+    assert digest(tmp_path) == clean
+    assert len(notes) == 2 and "rebuilding" in notes[0]
+
+
+def test_kill_9_mid_prepare_then_rerun_gives_identical_bytes(tmp_path):
+    big = tmp_path / "x8.parquet"
+    pq.write_table(pa.concat_tables([pq.read_table(FIXTURE)] * 8), big)
+    args = [f"--data_files={big}", "--prepare_only=true", "--num_proc=2", "--shard_tokens=40000"]
+    assert run_main(args + [f"--out_dir={tmp_path / 'clean'}"]).returncode == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), f"--out_dir={killed}"] + args,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # kill once a few shards are on disk
+        if killed.exists() and sum(n.endswith(".bin") for n in os.listdir(killed)) >= 3:
+            break
+        time.sleep(0.01)
+    was_running = proc.poll() is None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert was_running, "prepare finished before it could be killed"
+    assert not (killed / "manifest.json").exists()
+    assert run_main(args + [f"--out_dir={killed}"]).returncode == 0
+    assert digest(killed) == digest(tmp_path / "clean")
+
+
+# --- bad input: one clear error, nothing half-written -------------------------------------------------------
+
+def assert_fails_cleanly(args, out_dir, *words):
+    p = run_main(args + [f"--out_dir={out_dir}", "--prepare_only=true"], timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    err = p.stderr.strip().splitlines()
+    assert err[-1].startswith("error:") and "Traceback" not in p.stderr, p.stderr[-2000:]
+    for w in words:
+        assert w in err[-1], err[-1]
+    leftover = os.listdir(out_dir) if os.path.exists(out_dir) else []
+    assert not [n for n in leftover if n.endswith((".bin", ".json", ".tmp"))], leftover
+
+
+def test_retired_or_unknown_dump_is_one_clear_error(tmp_path):
+    assert_fails_cleanly(["--wiki_config=20220301.en"], tmp_path / "o", "20231101.en", "20220301")
+    p = run_main(["--prepare_only=true", f"--out_dir={tmp_path / 'o3'}"], env={"WIKI_DUMP": "en"})
+    assert p.returncode == 2 and "unknown Wikipedia dump 'en'" in p.stderr
+
+
+def test_unreachable_hub_says_how_to_use_local_parquet(tmp_path):
+    assert_fails_cleanly(["--wiki_config=20231101.en"], tmp_path / "o", "--data_files")
+
+
+def test_parquet_without_text_column(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"id": ["1"], "body": ["hello"]}), bad)
+    assert_fails_cleanly([f"--data_files={bad}"], tmp_path / "o", "no 'text' column")
+
+
+def test_empty_dataset(tmp_path):
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}), empty)
+    assert_fails_cleanly([f"--data_files={empty}"], tmp_path / "o", "no articles")
+
+
+@pytest.mark.parametrize("arg,words", [("--val_fraction=0", "(0, 1)"), ("--val_fraction=1.0", "(0, 1)"),
+                                       ("--shard_tokens=0", "positive"), ("--shard_tokens=-5", "positive")])
+def test_bad_config_values(tmp_path, arg, words):
+    assert_fails_cleanly([f"--data_files={FIXTURE}", arg], tmp_path / "o", words)
+
+
+def test_too_few_tokens_for_one_window(tmp_path):
+    assert_fails_cleanly([f"--data_files={FIXTURE}", "--max_docs=3", "--seq_len=4096"], tmp_path / "o",
+                         "fewer than one seq_len+1")
+
+
+def test_missing_data_files(tmp_path):
+    assert_fails_cleanly([f"--data_files={tmp_path}/nothing*.parquet"], tmp_path / "o", "no file matches")
