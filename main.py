@@ -650,7 +650,8 @@ def choose_dtype(requested, device_type, bf16_ok):
 #   optimizer_step(lr, beta1) -> float         clip, set lr/beta1, step, zero grads; the window's mean loss
 #   eval_loss(x, y) -> float, next_token_logits(ids) -> np.ndarray   (called inside no_grad())
 #   set_grad_enabled(flag) / set_train(flag) -> previous value        (what no_grad() switches)
-#   rng_state() / set_rng_state(s), save(path, meta) / load(path) -> meta, export_hf(dir), close()
+#   rng_state() / set_rng_state(s), save(path, meta) / load(path, check) -> meta (check(meta) runs before any
+#   state is loaded), export_hf(dir), close()
 # and attributes name, device_name, dtype, dist, and devices_per_process (replicas fed by this process: 1 for
 # torch, where torchrun runs one process per device; the mesh size for ttml, which shards one batch over devices).
 
@@ -770,8 +771,9 @@ class TorchBackend:
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)  # a kill at any moment leaves the previous checkpoint intact
 
-    def load(self, path):
+    def load(self, path, check=lambda meta: None):
         state = torch.load(path, map_location=self.device, weights_only=False)
+        check(state["meta"])  # e.g. the model shape, before the weights are touched
         self.raw.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -808,24 +810,46 @@ class TorchBackend:
         pass
 
 
+def _is_tt_train(mod):
+    """TT-Train's module has autograd.AutoContext; PyPI's unrelated `ttml` (a tensor-train library) does not."""
+    return getattr(getattr(mod, "autograd", None), "AutoContext", None) is not None
+
+
 def import_ttml():
-    """TT-Train's ttml: put $TT_METAL_HOME/tt-train/build/sources/ttml on sys.path, import, and make sure it is
-    TT-Train and not PyPI's unrelated `ttml` (tensor-train) package. Returns (module, None) or (None, reason)."""
+    """TT-Train's ttml, as (module, None), or (None, one-line reason). Where tt-train keeps its Python module moved
+    between versions, so every known place under $TT_METAL_HOME goes on sys.path: the `ttml` package
+    (tt-train/sources/ttml, as examples/python/transformers/training.py adds it) and the nanobind extension `_ttml`
+    (tt-train/build/sources/ttml in older builds, build/tt-train/sources/ttml in newer ones). Old builds have only
+    `_ttml`, which their tests import as `import _ttml as ttml`. A pip or .pth install needs no TT_METAL_HOME."""
+    import importlib
     home = os.environ.get("TT_METAL_HOME")
+    expected = os.path.join(home or "$TT_METAL_HOME", "tt-train", "build", "sources", "ttml")
+    if home:
+        for parts in (("build", "tt-train", "sources", "ttml"), ("tt-train", "build", "sources", "ttml"),
+                      ("tt-train", "sources", "ttml")):
+            path = os.path.join(home, *parts)
+            if os.path.isdir(path) and path not in sys.path:
+                sys.path.insert(0, path)
+        importlib.invalidate_caches()
+    impostor, errors = None, []
+    for name in ("ttml", "_ttml"):
+        try:
+            mod = importlib.import_module(name)
+        except Exception as e:  # ImportError, or the package's own setup failing (ttnn missing, a .so not loading)
+            errors.append(f"import {name}: {e}")
+            continue
+        if _is_tt_train(mod):
+            return mod, None
+        impostor = impostor or mod
+    if impostor is not None:
+        return None, (f"the importable 'ttml' ({getattr(impostor, '__file__', '?')}) is not TT-Train (no "
+                      "autograd.AutoContext: PyPI's unrelated tensor-train package?); pip uninstall ttml and build "
+                      f"tt-metal with tt-train so that {expected} exists")
     if not home:
-        return None, ("TT_METAL_HOME is not set; build tt-metal with tt-train and export TT_METAL_HOME so that "
-                      "$TT_METAL_HOME/tt-train/build/sources/ttml exists")
-    path = os.path.join(home, "tt-train", "build", "sources", "ttml")
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    try:
-        import ttml
-    except ImportError as e:
-        return None, f"cannot import ttml from {path} ({e}); build tt-train there or fix TT_METAL_HOME"
-    if not hasattr(ttml, "autograd") or not hasattr(ttml, "models"):
-        return None, (f"the importable 'ttml' ({getattr(ttml, '__file__', '?')}) is not TT-Train (PyPI's unrelated "
-                      "tensor-train package?); pip uninstall ttml and use $TT_METAL_HOME/tt-train/build/sources/ttml")
-    return ttml, None
+        return None, ("TT_METAL_HOME is not set and no TT-Train ttml is installed; build tt-metal with tt-train and "
+                      f"export TT_METAL_HOME so that {expected} exists")
+    return None, (f"cannot import TT-Train's ttml ({errors[0]}); build tt-metal with tt-train so that {expected} "
+                  "(or build/tt-train/sources/ttml) exists, or fix TT_METAL_HOME")
 
 
 def make_backend(cfg, dist):
@@ -844,11 +868,217 @@ def make_backend(cfg, dist):
 
 
 class TtmlBackend:
-    """Tenstorrent TT-Train. Written against tt-train's Python API (../shared/ttml_api.md); see issue 5."""
+    """Tenstorrent TT-Train (ttml): tt-train's own C++ GPT-2 on a [1, N] device mesh, in bfloat16. Written against
+    tt-train's Python API (../shared/ttml_api.md); each step follows sources/examples/python/transformers/
+    trainer.py and training_ddp.py unless a comment names another tt-train file. Only checked against a recording
+    stand-in (tests/fake_ttml.py): nothing here has run on Tenstorrent hardware yet."""
     name = "ttml"
+    dtype = "bfloat16"  # ttml keeps weights and activations in bf16; there is no fp32/fp16 switch to offer
 
     def __init__(self, cfg, dist, ttml):
-        raise ConfigError("the ttml backend is not implemented yet; use --backend=torch")
+        if dist.world > 1:
+            raise ConfigError("backend=ttml drives all its devices from one process: launch without torchrun and "
+                              "set --data_parallel=N for a [1, N] device mesh")
+        if cfg.seq_len % 32 or cfg.n_embd % 32:  # tile size; tt-train's models/gpt2.cpp throws otherwise
+            raise ConfigError(f"backend=ttml: seq_len={cfg.seq_len} and n_embd={cfg.n_embd} must be multiples of 32")
+        if cfg.dtype not in ("auto", "bfloat16"):
+            raise ConfigError(f"backend=ttml trains in bfloat16; dtype={cfg.dtype} is torch-only (use --dtype=auto)")
+        self.cfg, self.dist, self.ttml = cfg, dist, ttml
+        n = self.devices_per_process = cfg.data_parallel or 1
+        self.device_name = f"Tenstorrent 1x{n} mesh (ttml)"
+        self.ctx = ttml.autograd.AutoContext.get_instance()
+        # The mesh first: get_device() and from_numpy open a 1x1 device on first use, after which open_device([1, N])
+        # fails (autograd/auto_context.cpp). Fabric before a multi-device open, as ttml/common/utils.py does.
+        if n > 1:
+            ttml.core.distributed.enable_fabric(n)
+            self.ctx.open_device([1, n])
+        else:
+            self.ctx.open_device()  # as examples/nano_gpt/train_nanogpt.py
+        try:
+            self._build(cfg, dist, ttml, n)
+        except BaseException:
+            self.ctx.close_device()
+            raise
+
+    def _build(self, cfg, dist, ttml, n):
+        self.ctx.set_seed(cfg.seed)
+        self.mapper = self.composer = None
+        if n > 1:  # batches are sharded along dim 0 (batch_size rows per device); readbacks concatenate along dim 0
+            device = self.ctx.get_device()
+            self.mapper = ttml.core.distributed.shard_tensor_to_mesh_mapper(device, 0)
+            self.composer = ttml.core.distributed.concat_mesh_to_tensor_composer(device, 0)
+            dist_api = ttml.core.distributed  # synchronize_parameters was renamed synchronize_gradients (nb_core.cpp)
+            self.sync_grads = getattr(dist_api, "synchronize_gradients", None) or dist_api.synchronize_parameters
+        g = ttml.models.gpt2.GPT2TransformerConfig()
+        g.num_heads, g.embedding_dim, g.num_blocks = cfg.n_head, cfg.n_embd, cfg.n_layer
+        g.vocab_size = (VOCAB_SIZE + 31) // 32 * 32  # tile multiple (ttml/common/model_factory.py); never a target
+        g.max_sequence_length = cfg.seq_len  # the model takes exactly this length (modules/positional_embeddings.cpp)
+        g.dropout_prob = float(cfg.dropout)
+        g.runner_type = ttml.models.RunnerType.Default
+        g.weight_tying = ttml.models.WeightTyingType.Enabled  # wte is the lm_head, as in the torch GPT
+        g.positional_embedding_type = ttml.models.gpt2.PositionalEmbeddingType.Trainable  # learned wpe, as GPT-2
+        self.model = ttml.models.gpt2.create_gpt2_model(g)
+        # AdamW fixes beta1 when it is built (no setter in nanobind/nb_optimizers.cpp): no beta1 warmup here, and
+        # train() logs this value instead of the schedule's. Weight decay reaches every parameter, biases and norms too.
+        self.fixed_beta1 = cfg.beta1 if cfg.beta1_end is None else cfg.beta1_end
+        if cfg.beta1_start is not None and dist.main:
+            print(f"beta1: warmup from {cfg.beta1_start} is unavailable on this ttml build (AdamW fixes beta1 when "
+                  f"built); training uses fixed beta1 = {self.fixed_beta1}")
+        adamw = ttml.optimizers.AdamWConfig.make(float(cfg.lr), float(self.fixed_beta1), float(cfg.beta2), 1e-8,
+                                                 float(cfg.weight_decay))
+        self.optimizer = ttml.optimizers.AdamW(self.model.parameters(), adamw)
+        self.clip = getattr(getattr(ttml, "core", None), "clip_grad_norm", None) if cfg.grad_clip > 0 else None
+        if cfg.grad_clip > 0 and self.clip is None and dist.main:
+            print("grad_clip: this ttml build has no core.clip_grad_norm; training without gradient clipping")
+        T = cfg.seq_len  # one causal mask for every forward, built as trainer.py does: [1, 1, T, T], bf16, tiled
+        mask = np.tril(np.ones((T, T), dtype=np.float32)).reshape(1, 1, T, T)
+        self.mask = ttml.autograd.Tensor.from_numpy(mask, ttml.Layout.TILE, ttml.autograd.DataType.BFLOAT16)
+        self.model.train()
+        self._grad_enabled, self._training, self._closed = True, True, False
+        self._losses, self._micro_steps = [], 0  # the window's (loss tensor, scale): read back once per optimizer step
+
+    def _tokens(self, x, y=None):
+        """uint16 (B, T) numpy -> uint32 row-major tensors: inputs [B, 1, 1, T], targets [B, T] (only 32-bit numpy
+        crosses, nanobind/nb_util.cpp); on a mesh each device gets B / N rows."""
+        ttml = self.ttml
+        args = (ttml.Layout.ROW_MAJOR, ttml.autograd.DataType.UINT32) + (() if self.mapper is None else (self.mapper,))
+        B, T = x.shape
+        tx = ttml.autograd.Tensor.from_numpy(np.ascontiguousarray(x, dtype=np.uint32).reshape(B, 1, 1, T), *args)
+        ty = None if y is None else ttml.autograd.Tensor.from_numpy(np.ascontiguousarray(y, dtype=np.uint32), *args)
+        return tx, ty
+
+    def _host(self, t):
+        """A tensor as float32 numpy (bf16 would need ml_dtypes); on a mesh, every device's part along dim 0."""
+        f32 = self.ttml.autograd.DataType.FLOAT32
+        return t.to_numpy(new_type=f32) if self.composer is None else t.to_numpy(new_type=f32, composer=self.composer)
+
+    def _replica(self, t):
+        """One copy of a tensor that every device holds (weights, optimizer moments)."""
+        a = self._host(t)
+        return a[:a.shape[0] // self.devices_per_process]
+
+    def _assign(self, dst, array):
+        """Overwrite a device tensor in place with host values, as train_nanogpt.py restores its checkpoints."""
+        ttml = self.ttml
+        src = ttml.autograd.Tensor.from_numpy(np.ascontiguousarray(array, dtype=np.float32), ttml.Layout.TILE,
+                                              dst.dtype())
+        dst.assign(src)
+
+    def _forward_loss(self, x, y):
+        tx, ty = self._tokens(x, y)
+        return self.ttml.ops.loss.cross_entropy_loss(self.model(tx, self.mask), ty, self.ttml.ops.ReduceType.MEAN)
+
+    def train_micro_step(self, x, y, loss_scale, sync=True):
+        # `sync` is torch DDP's; here gradients are all-reduced once, explicitly, in optimizer_step
+        loss = self._forward_loss(x, y)
+        scaled = loss if loss_scale == 1.0 else self.ttml.ops.binary.mul(loss, float(loss_scale))  # train_nanogpt.py
+        scaled.backward(False)  # retain_graph=False; gradients add up until zero_grad
+        self.ctx.reset_graph()
+        self._losses.append((loss, loss_scale))  # no host read here, so the host can queue the next micro-step
+        self._micro_steps += 1
+
+    def optimizer_step(self, lr, beta1):
+        """beta1 is ignored: fixed when AdamW was built (self.fixed_beta1)."""
+        params = self.model.parameters()
+        if self.devices_per_process > 1:
+            self.sync_grads(params)  # all-reduce, x 1/N: the devices' mean gradient (core/distributed/distributed.cpp)
+        if self.clip is not None:
+            self.clip(params, float(self.cfg.grad_clip), 2.0, False)  # L2 norm, no error on inf (train_nanogpt.py)
+        self.optimizer.set_lr(float(lr))
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        loss = sum(scale * float(self._host(t).mean()) for t, scale in self._losses)  # the window's one host sync
+        self._losses = []
+        return loss
+
+    def eval_loss(self, x, y):
+        loss = self._forward_loss(x, y)
+        self.ctx.reset_graph()  # eval forwards too (no nodes are recorded while gradients are disabled)
+        return float(self._host(loss).mean())
+
+    def next_token_logits(self, ids):
+        """The model takes exactly seq_len tokens: right-pad the prompt (the causal mask keeps the padding out of
+        earlier positions) and read the last real position. The whole [T, V] logits block comes back to the host,
+        as ttml has no slicing op of its own; older builds return log-softmax, which ranks and samples the same."""
+        T, n = self.cfg.seq_len, self.devices_per_process
+        ids = np.asarray(ids)[-T:]
+        row = np.full(T, EOS_ID, dtype=np.uint32)
+        row[:len(ids)] = ids
+        tx, _ = self._tokens(np.tile(row, (n, 1)))  # one copy per device on a mesh
+        logits = self._host(self.model(tx, self.mask))  # [n, 1, T, padded vocab]
+        self.ctx.reset_graph()
+        return logits[0, 0, len(ids) - 1, :VOCAB_SIZE]
+
+    def set_grad_enabled(self, flag):
+        # the previous mode is tracked here: get_gradient_mode is missing from some bindings (nb_autograd.cpp)
+        prev, self._grad_enabled = self._grad_enabled, bool(flag)
+        mode = self.ttml.autograd.GradMode
+        self.ctx.set_gradient_mode(mode.ENABLED if flag else mode.DISABLED)
+        return prev
+
+    def set_train(self, flag):
+        # RunMode TRAIN/EVAL switches dropout only; autograd is set_grad_enabled's job (nanobind/nb_modules.cpp)
+        prev, self._training = self._training, bool(flag)
+        if flag:
+            self.model.train()
+        else:
+            self.model.eval()
+        return prev
+
+    def rng_state(self):
+        # ttml's generator does not reach Python in a savable form, so a resumed run reseeds from the seed and the
+        # micro-steps done: dropout goes on with fresh masks, not with exactly the ones an unbroken run would draw
+        return {"seed": self.cfg.seed, "micro_steps": self._micro_steps}
+
+    def set_rng_state(self, s):
+        self._micro_steps = s["micro_steps"]
+        self.ctx.set_seed((s["seed"] + s["micro_steps"]) % 2**32)
+
+    def save(self, path, meta):
+        """Weights and AdamW's moments as float32 numpy (as train_nanogpt.py pickles weights), written with
+        torch.save so ckpt.pt opens the same way for both backends (--sample_only reads it with torch.load)."""
+        opt = {}
+        for key, v in self.optimizer.get_state_dict().items():  # moments (NamedParameters) and the step count
+            if hasattr(v, "items"):
+                opt[key] = {k: self._replica(t) for k, t in v.items()}
+            elif isinstance(v, (bool, int, float, str)):
+                opt[key] = v
+        state = {"backend": "ttml", "model": {k: self._replica(t) for k, t in self.model.parameters().items()},
+                 "optimizer": opt, "meta": meta}
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)  # a kill at any moment leaves the previous checkpoint intact
+
+    def load(self, path):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("backend") != "ttml":
+            raise ConfigError(f"{path} was written by the torch backend; load it with --backend=torch")
+        params = self.model.parameters()
+        for k, a in state["model"].items():
+            if k not in params or list(params[k].shape()) != list(a.shape):
+                raise ConfigError(f"{path}: parameter {k} {a.shape} does not fit this model; same n_layer, n_head, "
+                                  "n_embd and seq_len as the run that wrote it?")
+            self._assign(params[k], a)
+        live = self.optimizer.get_state_dict()
+        for key, v in state["optimizer"].items():
+            if isinstance(v, dict):  # the moments are the optimizer's own tensors: overwrite them in place
+                for k, a in v.items():
+                    self._assign(live[key][k], a)
+            else:
+                live[key] = v
+        try:
+            self.optimizer.set_state_dict(live)  # for the step count, which AdamW's bias correction uses
+        except (TypeError, ValueError, RuntimeError) as e:
+            print(f"resume: AdamW's step count was not restored ({e}); its bias correction restarts")
+        return state["meta"]
+
+    def export_hf(self, out):
+        print(f"export_hf: skipped, the Hugging Face export is torch-only; the ttml weights are in "
+              f"{os.path.join(self.cfg.out_dir, 'ckpt.pt')}")
+
+    def close(self):
+        if not self._closed:
+            self._closed = True
+            self.ctx.close_device()
 
 
 # -----------------------------------------------------------------------------
@@ -1024,6 +1254,7 @@ def train(cfg, manifest, backend, dist):
             x, y = batches.next()
             backend.train_micro_step(x, y, 1.0 / window, sync=i == window - 1)
         lr, beta1 = lr_at(optim_step, cfg), beta1_at(optim_step, cfg)
+        beta1 = getattr(backend, "fixed_beta1", beta1)  # ttml's AdamW cannot change beta1: log the one it uses
         loss = backend.optimizer_step(lr, beta1)
         if not math.isfinite(loss):
             raise TrainingDiverged(f"loss is {loss} at micro-step {step + window} (optimizer step {optim_step}); "
@@ -1051,17 +1282,18 @@ def model_shape(cfg):
 def resume(cfg, backend, ckpt, manifest):
     if not os.path.exists(ckpt):
         raise ConfigError(f"--init_from=resume: no checkpoint at {ckpt}; start with --init_from=scratch")
-    meta = backend.load(ckpt)
-    if meta["model_shape"] != model_shape(cfg):
-        raise ConfigError(f"--init_from=resume: {ckpt} holds a model of shape {meta['model_shape']}, "
-                          f"this run asks for {model_shape(cfg)}")
-    if meta["fingerprint"] != manifest["fingerprint"]:
-        raise ConfigError(f"--init_from=resume: {ckpt} was trained on other data (fingerprint {meta['fingerprint']}, "
-                          f"now {manifest['fingerprint']}); use the same data config or start from scratch")
-    if len(meta["rng"]) != len(gather_objects(None, backend.dist)):
-        raise ConfigError(f"--init_from=resume: {ckpt} was written by {len(meta['rng'])} ranks, "
-                          f"this run has {backend.dist.world}")
-    return meta
+
+    def check(meta):
+        if meta["model_shape"] != model_shape(cfg):
+            raise ConfigError(f"--init_from=resume: {ckpt} holds a model of shape {meta['model_shape']}, "
+                              f"this run asks for {model_shape(cfg)}")
+        if meta["fingerprint"] != manifest["fingerprint"]:
+            raise ConfigError(f"--init_from=resume: {ckpt} was trained on other data (fingerprint "
+                              f"{meta['fingerprint']}, now {manifest['fingerprint']}); use the same data config")
+        if len(meta["rng"]) != backend.dist.world:
+            raise ConfigError(f"--init_from=resume: {ckpt} was written by {len(meta['rng'])} ranks, "
+                              f"this run has {backend.dist.world}")
+    return backend.load(ckpt, check)
 
 
 # -----------------------------------------------------------------------------

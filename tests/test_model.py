@@ -1,0 +1,110 @@
+"""GPT-2 model, schedule, accumulation and no_grad() on the PyTorch backend."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import main, tiny_cfg
+
+
+def backend(tmp_path, **kw):
+    return main.TorchBackend(tiny_cfg(tmp_path, **kw), main.Dist())
+
+
+def random_batch(rows, seq_len, seed=0):
+    w = np.random.default_rng(seed).integers(0, main.VOCAB_SIZE, size=(rows, seq_len + 1)).astype(np.uint16)
+    return w[:, :-1], w[:, 1:]
+
+
+def test_logits_equal_transformers_gpt2_with_the_same_weights(tmp_path):
+    from transformers import GPT2LMHeadModel
+    b = backend(tmp_path, n_layer=3, n_head=4, n_embd=64)
+    for p in b.raw.parameters():  # random weights everywhere, biases and LayerNorms included
+        torch.nn.init.normal_(p, std=0.05)
+    b.export_hf(str(tmp_path / "hf"))
+    hf = GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
+    x = torch.from_numpy(random_batch(3, 32)[0].astype(np.int64))
+    with torch.no_grad():
+        ours, _ = b.raw.eval()(x)
+        theirs = hf(input_ids=x).logits
+    assert ours.shape == theirs.shape == (3, 32, main.VOCAB_SIZE)
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=0), (ours - theirs).abs().max()
+
+
+def test_padded_vocab_never_wins_and_embeddings_are_tied(tmp_path):
+    b = backend(tmp_path)
+    assert b.raw.lm_head.weight is b.raw.transformer.wte.weight
+    assert b.raw.transformer.wte.weight.shape[0] % 64 == 0
+    logits, _ = b.raw(torch.zeros(1, 5, dtype=torch.long))
+    assert logits.shape[-1] == main.VOCAB_SIZE
+
+
+def test_gpt2_init_scales_residual_projections(tmp_path):
+    b = backend(tmp_path, n_layer=8, n_embd=256, n_head=4)
+    proj = b.raw.transformer.h[0].mlp.c_proj.weight.std().item()
+    fc = b.raw.transformer.h[0].mlp.c_fc.weight.std().item()
+    assert fc == pytest.approx(0.02, rel=0.05) and proj == pytest.approx(0.02 / 4, rel=0.05)
+
+
+def test_k_micro_batches_equal_one_batch_of_k_times_b(tmp_path):
+    k, b = 4, 2
+    x, y = random_batch(k * b, 32, seed=1)
+    accum, whole = backend(tmp_path, accumulation_steps=k), backend(tmp_path)
+    for i in range(k):
+        accum.train_micro_step(x[i * b:(i + 1) * b], y[i * b:(i + 1) * b], 1.0 / k, sync=i == k - 1)
+    whole.train_micro_step(x, y, 1.0)
+    la, lw = accum.optimizer_step(1e-3, 0.9), whole.optimizer_step(1e-3, 0.9)
+    assert la == pytest.approx(lw, rel=1e-5)
+    for pa, pw in zip(accum.raw.parameters(), whole.raw.parameters()):
+        assert torch.allclose(pa, pw, atol=1e-6)
+    assert all(p.grad is None for p in accum.raw.parameters())  # zeroed at the window's end
+
+
+def sched(**kw):
+    return main.TrainConfig(lr=1.0, min_lr=0.1, steps=100, **kw)
+
+
+def test_lr_warmup_decay_boundaries_without_hold():
+    c = sched(warmup_steps=10, hold_steps=0)
+    assert main.lr_at(0, c) == pytest.approx(0.1)  # first step already learns
+    assert main.lr_at(9, c) == pytest.approx(1.0)  # end of warmup
+    assert main.lr_at(10, c) == pytest.approx(1.0)  # decay starts from the peak
+    assert main.lr_at(55, c) == pytest.approx(1.0 - 0.9 * 45 / 90)
+    assert main.lr_at(99, c) == pytest.approx(1.0 - 0.9 * 89 / 90)  # last step
+    assert main.lr_at(100, c) == pytest.approx(0.1) and main.lr_at(500, c) == pytest.approx(0.1)
+
+
+def test_lr_with_hold_and_explicit_total():
+    c = sched(warmup_steps=10, hold_steps=20, total_optim_steps=50)
+    assert main.lr_at(10, c) == main.lr_at(29, c) == 1.0  # hold
+    assert main.lr_at(30, c) == pytest.approx(1.0)
+    assert main.lr_at(40, c) == pytest.approx(0.55)
+    assert main.lr_at(50, c) == pytest.approx(0.1)
+    assert main.lr_at(0, sched(warmup_steps=0)) == 1.0  # no warmup
+
+
+def test_total_optim_steps_defaults_to_ceil_of_micro_steps_over_accumulation():
+    assert main.TrainConfig(steps=10, accumulation_steps=3).optim_steps == 4
+
+
+def test_beta1_warmup_and_default():
+    c = main.TrainConfig(beta1_start=0.8, beta1_end=0.9, beta1_warmup_steps=10)
+    assert main.beta1_at(0, c) == pytest.approx(0.8)
+    assert main.beta1_at(5, c) == pytest.approx(0.85)
+    assert main.beta1_at(10, c) == main.beta1_at(1000, c) == 0.9
+    assert main.beta1_at(3, main.TrainConfig(beta1=0.93)) == 0.93
+    assert main.beta1_at(0, main.TrainConfig(beta1_start=0.5, beta1=0.95)) == 0.95  # warmup of 0 steps
+
+
+def test_no_grad_disables_autograd_and_eval_mode_then_restores_even_on_error(tmp_path):
+    b = backend(tmp_path, dropout=0.1)
+    x, y = random_batch(2, 32)
+    with main.no_grad(b):
+        assert not torch.is_grad_enabled() and not b.raw.training
+        b.eval_loss(x, y)
+        b.next_token_logits(np.array([1, 2, 3]))
+    assert torch.is_grad_enabled() and b.raw.training
+    assert all(p.grad is None for p in b.raw.parameters())
+    with pytest.raises(RuntimeError):
+        with main.no_grad(b):
+            raise RuntimeError("boom")
+    assert torch.is_grad_enabled() and b.raw.training
