@@ -574,6 +574,9 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(cfg.n_embd)))
         self.lm_head = nn.Linear(cfg.n_embd, PADDED_VOCAB, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
+        # GPUs: the padded matmul is faster and slicing its logits rides along the fp32 copy the loss makes anyway.
+        # CPUs: slicing the weight instead avoids copying (and zero-filling, in backward) B*T*50304 fp32 logits.
+        self.padded_matmul = True
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
@@ -592,7 +595,11 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))[..., :VOCAB_SIZE]  # padded columns never win or normalise
+        x = self.transformer.ln_f(x)
+        if self.padded_matmul:  # either way the padded vocab never wins nor takes softmax mass
+            logits = self.lm_head(x)[..., :VOCAB_SIZE]
+        else:
+            logits = F.linear(x, self.lm_head.weight[:VOCAB_SIZE])
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits.float().view(-1, VOCAB_SIZE), targets.view(-1))
@@ -668,6 +675,20 @@ class Dist:
         return self.rank == 0
 
 
+def keep_freed_memory():
+    """glibc hands every freed block over 32 MB (logits, their grads) back to the OS, so each step page-faults it
+    in again: a third of CPU step time went to the kernel. Raise the mmap/trim thresholds to 1 GiB instead."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
+        pass
+
+
 class TorchBackend:
     name = "torch"
     devices_per_process = 1
@@ -688,6 +709,9 @@ class TorchBackend:
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
         torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
         self.raw = GPT(cfg).to(self.device)
+        self.raw.padded_matmul = self.device.type == "cuda"
+        if self.device.type == "cpu":
+            keep_freed_memory()
         decay = [p for p in self.raw.parameters() if p.dim() >= 2]  # weight decay on matrices only
         no_decay = [p for p in self.raw.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(

