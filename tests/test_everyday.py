@@ -1,0 +1,112 @@
+"""Everyday use: sampling from a checkpoint, device and precision choice, MFU arithmetic, bounded prepare memory."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import FIXTURE, ROOT, cli_args, main, read_jsonl, run_main, tiny_cfg
+
+
+def sample_text(stdout):
+    return stdout.split("--- sample 1/1 (greedy) ---\n", 1)[1].strip()
+
+
+def test_sample_only_prints_the_end_of_training_greedy_text_without_training(tmp_path):
+    args = cli_args(tmp_path, steps=30, eval_every=30, lr=3e-3, sample_tokens=12, export_hf="false")
+    trained = run_main(args)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    rows = len(read_jsonl(tmp_path / "metrics.jsonl"))
+    sampled = run_main(args + ["--sample_only=true"])
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    assert sample_text(sampled.stdout) == sample_text(trained.stdout)
+    assert sample_text(sampled.stdout).startswith("The history of machine learning")
+    assert len(sample_text(sampled.stdout)) > len("The history of machine learning")
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == rows  # nothing trained
+
+
+def test_sample_only_without_checkpoint_is_one_clear_error(tmp_path):
+    p = run_main(["--sample_only=true", f"--out_dir={tmp_path}"])
+    assert p.returncode == 2 and "no checkpoint at" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_sampling_with_a_fixed_seed_is_reproducible(tmp_path):
+    cfg = tiny_cfg(tmp_path, temperature=1.0, top_k=50, sample_tokens=20)
+    b = main.TorchBackend(cfg, main.Dist())
+    draw = lambda seed: main.generate(b, [464, 2106], cfg, np.random.default_rng(seed))
+    assert draw(3) == draw(3)
+    assert draw(3) != draw(4)
+    greedy = main.generate(b, [464, 2106], tiny_cfg(tmp_path, sample_tokens=20), np.random.default_rng(0))
+    assert greedy == main.generate(b, [464, 2106], tiny_cfg(tmp_path, sample_tokens=20), np.random.default_rng(9))
+
+
+def test_top_k_1_sampling_equals_greedy(tmp_path):
+    b = main.TorchBackend(tiny_cfg(tmp_path), main.Dist())
+    k1 = main.generate(b, [464], tiny_cfg(tmp_path, temperature=0.7, top_k=1), np.random.default_rng(0))
+    assert k1 == main.generate(b, [464], tiny_cfg(tmp_path), None)
+
+
+def test_context_is_cropped_to_seq_len_when_sampling(tmp_path):
+    cfg = tiny_cfg(tmp_path, seq_len=16, sample_tokens=40)  # more tokens than the position table holds
+    b = main.TorchBackend(cfg, main.Dist())
+    assert len(main.generate(b, list(range(10)), cfg, None)) == 50
+
+
+@pytest.mark.parametrize("cuda,mps,want", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_device_auto_prefers_cuda_then_mps_then_cpu(cuda, mps, want):
+    assert main.choose_device("auto", cuda, mps) == want
+    assert main.choose_device("cpu", cuda, mps) == "cpu"
+
+
+def test_precision_bf16_on_modern_gpus_fp16_with_scaler_on_older_fp32_elsewhere():
+    assert main.choose_dtype("auto", "cuda", bf16_ok=True) == "bfloat16"
+    assert main.choose_dtype("auto", "cuda", bf16_ok=False) == "float16"  # V100, T4: GradScaler path
+    assert main.choose_dtype("auto", "cpu", bf16_ok=False) == "float32"
+    assert main.choose_dtype("auto", "mps", bf16_ok=False) == "float32"
+    assert main.choose_dtype("float32", "cuda", bf16_ok=True) == "float32"
+
+
+def test_grad_scaler_is_only_enabled_for_fp16(tmp_path):
+    b = main.TorchBackend(tiny_cfg(tmp_path), main.Dist())
+    assert b.dtype == "float32" and not b.scaler.is_enabled()
+
+
+def test_flops_per_token_matches_a_hand_count_of_the_real_model(tmp_path):
+    cfg = tiny_cfg(tmp_path, n_layer=3, n_embd=64, n_head=4, seq_len=32)
+    model = main.GPT(cfg)
+    matmul_weights = sum(m.weight.numel() for m in model.transformer.h.modules() if isinstance(m, main.nn.Linear))
+    by_hand = 6 * (matmul_weights + main.VOCAB_SIZE * 64) + 12 * 3 * 64 * 32
+    assert main.model_flops_per_token(cfg) == by_hand
+    # GPT-2 small at seq 1024: the well-known ~0.85 GFLOP/token
+    assert main.model_flops_per_token(main.TrainConfig()) == pytest.approx(6 * 124.3e6 - 6 * 786432 + 12 * 12 * 768 * 1024, rel=0.01)
+
+
+def test_peak_flops_table_override_and_unknown_device():
+    assert main.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert main.peak_flops("NVIDIA A100-SXM4-40GB", "float32") == 156e12
+    assert main.peak_flops("Tesla T4", "float16") == 65e12
+    assert main.peak_flops("cpu", "float32") is None  # unknown: MFU shown as unknown, not guessed
+    assert main.peak_flops("cpu", "float32", override=1e12) == 1e12
+
+
+def peak_rss_kb_of_prepare(data, out_dir):
+    """Run prepare (num_proc=1, so it is all one process) in a fresh interpreter; its own peak RSS in kB."""
+    code = ("import resource, sys; sys.path.insert(0, %r); import main; "
+            "main.main(['--data_files=%s', '--out_dir=%s', '--prepare_only=true', '--num_proc=1', "
+            "'--shard_tokens=1000000']); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)") % (ROOT, data, out_dir)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return int(p.stdout.strip().splitlines()[-1])
+
+
+def test_prepare_peak_memory_does_not_grow_with_the_input(tmp_path):
+    small, big = tmp_path / "x1.parquet", tmp_path / "x20.parquet"
+    table = pq.read_table(FIXTURE)
+    pq.write_table(table, small, row_group_size=32)
+    pq.write_table(pa.concat_tables([table] * 20), big, row_group_size=32)  # ~4.7M tokens: 9.5 MB as uint16
+    k1 = peak_rss_kb_of_prepare(small, tmp_path / "a")
+    k20 = peak_rss_kb_of_prepare(big, tmp_path / "b")
+    assert k20 - k1 < 25 * 1024, f"peak RSS x1 {k1 // 1024} MB, x20 {k20 // 1024} MB"
