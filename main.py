@@ -174,6 +174,8 @@ def check_config(cfg):
                  "n_layer", "n_head", "n_embd", "num_proc", "num_samples"):
         if getattr(cfg, name) <= 0:
             problems.append(f"{name}={getattr(cfg, name)} must be positive")
+    if cfg.data_parallel is not None and cfg.data_parallel <= 0:
+        problems.append(f"data_parallel={cfg.data_parallel} must be positive (or None for the world size)")
     if cfg.max_docs is not None and cfg.max_docs <= 0:
         problems.append(f"max_docs={cfg.max_docs} must be positive (or None for all)")
     if cfg.n_head > 0 and cfg.n_embd % cfg.n_head:
@@ -511,11 +513,12 @@ class TrainBatches:
         return self.stream.batch(starts, self.cfg.seq_len)
 
 
-def val_batches(stream, cfg, rows=None):
-    """eval_iters batches of evenly spaced windows: the same for every eval and every run with this data."""
+def val_batches(stream, cfg, rows=None, replicas=1):
+    """Evenly spaced windows, eval_iters global batches' worth, in batches of `rows`: the same windows for every
+    eval, and for every run with the same global batch whatever its split into ranks."""
     rows = rows or cfg.batch_size
-    starts = np.linspace(0, stream.n - cfg.seq_len - 1, cfg.eval_iters * rows).astype(np.int64)
-    return [stream.batch(s, cfg.seq_len) for s in starts.reshape(cfg.eval_iters, rows)]
+    starts = np.linspace(0, stream.n - cfg.seq_len - 1, cfg.eval_iters * rows * replicas).astype(np.int64)
+    return [stream.batch(s, cfg.seq_len) for s in starts.reshape(-1, rows)]
 
 
 # -----------------------------------------------------------------------------
@@ -1164,14 +1167,14 @@ def init_distributed(cfg):
     return dist
 
 
-def all_mean(value, dist):
-    """Average a float over the ranks (a no-op in a single process)."""
+def all_sum(values, dist):
+    """Sum a list of floats over the ranks (a no-op in a single process)."""
     if dist.world == 1:
-        return value
+        return values
     import torch.distributed as tdist
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64)
     tdist.all_reduce(t)
-    return float(t) / dist.world
+    return t.tolist()
 
 
 def gather_objects(obj, dist):
@@ -1223,11 +1226,12 @@ def read_jsonl(path):
 
 
 def evaluate(backend, batches, dist):
-    """Mean val loss over the fixed val batches, this rank's share, averaged over ranks."""
+    """Mean val loss over the fixed val batches; each rank scores its share, so any world size gives the same."""
     mine = batches[dist.rank::dist.world]
     with no_grad(backend):
-        losses = [backend.eval_loss(x, y) for x, y in mine]
-    return all_mean(float(np.mean(losses)) if losses else 0.0, dist) * dist.world / max(1, min(dist.world, len(batches)))
+        total = sum(backend.eval_loss(x, y) for x, y in mine)
+    total, count = all_sum([total, len(mine)], dist)
+    return total / count
 
 
 def train(cfg, manifest, backend, dist):
@@ -1235,7 +1239,7 @@ def train(cfg, manifest, backend, dist):
     from tqdm import tqdm
     train_stream = TokenStream(cfg.out_dir, manifest["splits"]["train"])
     rows = cfg.batch_size * backend.devices_per_process
-    val = val_batches(TokenStream(cfg.out_dir, manifest["splits"]["val"]), cfg, rows)
+    val = val_batches(TokenStream(cfg.out_dir, manifest["splits"]["val"]), cfg, rows, dist.world)
     batches = TrainBatches(train_stream, cfg, dist.rank, rows)
     ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
     step = optim_step = 0
@@ -1397,8 +1401,11 @@ def sample_only(cfg):
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)["meta"]["config"]
     model_cfg = dataclasses.replace(cfg, **{k: saved[k] for k in ("n_layer", "n_head", "n_embd", "seq_len", "backend")})
     backend = make_backend(dataclasses.replace(model_cfg, compile=False), Dist())
-    backend.load(ckpt)
-    print_samples(backend, model_cfg)
+    try:
+        backend.load(ckpt)
+        print_samples(backend, model_cfg)
+    finally:
+        backend.close()
 
 
 def run(cfg):
@@ -1427,7 +1434,7 @@ def run(cfg):
         train(cfg, manifest, backend, dist)
         if dist.main:
             plot_losses(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "loss_curve.png"), cfg)
-            if cfg.export_hf and backend.name == "torch":
+            if cfg.export_hf:
                 backend.export_hf(os.path.join(cfg.out_dir, "hf"))
             print_samples(backend, cfg)
     finally:
@@ -1441,6 +1448,10 @@ def main(argv=None):
     except (ConfigError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except torch.distributed.DistBackendError as e:  # a peer died or hung: say so instead of a bare traceback
+        print(f"error: rank {os.environ.get('RANK', '?')} lost contact with the other ranks ({str(e)[:300]}); "
+              "the first rank that failed printed the real cause above", file=sys.stderr)
+        raise SystemExit(3)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -1,6 +1,6 @@
 """Benchmarks for main.py (issue 7): data preparation, the shard-reuse path, training speed, CPU speed ideas.
 
-    python benchmarks/bench.py                              # prepare, rerun, train (tiny, mid, small): ~10 min on 2 cores
+    python benchmarks/bench.py                              # prepare, rerun, train (tiny, mid, small): ~10 min, 2 cores
     python benchmarks/bench.py --only=prepare,rerun         # the data side only (~1 min)
     python benchmarks/bench.py --only=train --configs=tiny,mid --steps=5
     python benchmarks/bench.py --only=ideas --configs=tiny,mid     # A/B: compile, fused AdamW, threads, vocab, bf16
@@ -46,11 +46,16 @@ sys.path.insert(0, HERE)
 CONFIGS = {  # batch_size is per micro-step; accumulation_steps stays 1
     "tiny": dict(n_layer=2, n_head=2, n_embd=128, seq_len=128, batch_size=8),
     "mid": dict(n_layer=6, n_head=6, n_embd=384, seq_len=256, batch_size=8),
-    "small": dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024, batch_size=2),  # GPT-2 small (124M)
+    "small": dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024, batch_size=1),  # GPT-2 small; --small_batch
 }
 DEFAULT_STEPS = {"tiny": 10, "mid": 6, "small": 2}  # measured steps per run (--steps overrides)
 DEFAULT_WARMUP = {"tiny": 3, "mid": 2, "small": 1}
-IDEAS = ("ref", "compile", "fused_adamw", "threads=1", "threads=4", "full_vocab", "weight_slice", "bf16")
+IDEAS = ("ref", "compile", "fused_adamw", "foreach_adamw", "full_vocab", "weight_slice", "bf16", "bf16+fused_adamw",
+         "threads=1", "threads=4", "omp_passive")  # '+' combines in-process changes
+PROCESS_IDEAS = {  # process-wide settings: A/B as separate worker processes, run in the order A B B A
+    "threads=1": ({"threads": 1}, {}), "threads=4": ({"threads": 4}, {}),
+    "omp_passive": ({}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+}
 
 RESULTS = []
 OUT_FILE = None
@@ -196,9 +201,9 @@ def current_rss_mib():
         return None
 
 
-def make_cfg(name, **over):
+def make_cfg(spec, **over):
     import main
-    return main.TrainConfig(**{**CONFIGS[name], **over})
+    return main.TrainConfig(**{**CONFIGS[spec["config"]], **spec.get("cfg", {}), **over})
 
 
 def random_batches(cfg, n, seed=0):
@@ -225,7 +230,7 @@ def worker_train(spec):
     import main
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    cfg = make_cfg(spec["config"], device=spec["device"], dtype=spec.get("dtype", "auto"))
+    cfg = make_cfg(spec, device=spec["device"], dtype=spec.get("dtype", "auto"))
     rss0 = current_rss_mib()
     t = time.perf_counter()
     if spec["impl"] == "ours":
@@ -319,32 +324,38 @@ def worker_ab(spec):
     import torch
     import main
     variant, name = spec["variant"], spec["config"]
-    default_threads = torch.get_num_threads()
-    cfg = make_cfg(name, device="cpu", dtype="float32")
+    cfg = make_cfg(spec, device="cpu", dtype="float32")
     lr, beta1 = spec.get("lr", 1e-3), cfg.beta1
     a = main.TorchBackend(cfg, main.Dist())
-    threads_b = default_threads
     info = {}
     if variant == "ref":
         from reference_gpt import RefTrainer
         ref = RefTrainer(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.seq_len, lr=lr)
         b_micro, b_opt = (lambda x, y: ref.train_micro_step(x, y, 1.0)), (lambda: ref.optimizer_step())
     else:
-        over = {"compile": True} if variant == "compile" else {"dtype": "bfloat16"} if variant == "bf16" else {}
+        parts = variant.split("+")
+        unknown = set(parts) - {
+            "compile", "bf16", "fused_adamw", "foreach_adamw", "full_vocab", "weight_slice"}
+        assert not unknown, f"unknown idea {unknown}"
+        over = {}
+        if "compile" in parts:
+            over["compile"] = True
+        if "bf16" in parts:
+            over["dtype"] = "bfloat16"
         b = main.TorchBackend(dataclasses_replace(cfg, **over), main.Dist())
-        if variant == "fused_adamw":
-            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in b.optimizer.param_groups]
-            b.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
-            b.scaler = torch.amp.GradScaler("cpu", enabled=False)
-        elif variant.startswith("threads="):
-            threads_b = int(variant.split("=")[1])
-        elif variant == "full_vocab":
-            b.raw.forward = types.MethodType(_forward_full_vocab, b.raw)
-        elif variant == "weight_slice":
-            b.raw.forward = types.MethodType(_forward_weight_slice, b.raw)
+        for part in parts:
+            if part in ("fused_adamw", "foreach_adamw"):
+                groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in b.optimizer.param_groups]
+                b.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                                **({"fused": True} if part == "fused_adamw" else {"foreach": True}))
+                b.scaler = torch.amp.GradScaler("cpu", enabled=False)
+            elif part == "full_vocab":
+                b.raw.forward = types.MethodType(_forward_full_vocab, b.raw)
+            elif part == "weight_slice":
+                b.raw.forward = types.MethodType(_forward_weight_slice, b.raw)
         b_micro, b_opt = (lambda x, y: b.train_micro_step(x, y, 1.0)), (lambda: b.optimizer_step(lr, beta1))
-    runners = {"A": ((lambda x, y: a.train_micro_step(x, y, 1.0)), (lambda: a.optimizer_step(lr, beta1)),
-                     default_threads), "B": (b_micro, b_opt, threads_b)}
+    runners = {"A": ((lambda x, y: a.train_micro_step(x, y, 1.0)), (lambda: a.optimizer_step(lr, beta1))),
+               "B": (b_micro, b_opt)}
     warmup, rounds = spec["warmup"], spec["steps"]
     batches = (real_batches(cfg, spec["data_dir"], warmup + rounds) if spec.get("data_dir")
                else random_batches(cfg, warmup + rounds))
@@ -354,8 +365,7 @@ def worker_ab(spec):
     losses = {"A": [], "B": []}
 
     def one(k, x, y, into):
-        micro, optim, threads = runners[k]
-        torch.set_num_threads(threads)
+        micro, optim = runners[k]
         t0 = time.perf_counter()
         micro(x, y)
         t1 = time.perf_counter()
@@ -370,7 +380,6 @@ def worker_ab(spec):
             order = "AB" if i % 2 == 0 else "BA"
             for k in order:
                 one(k, x, y, warm if i < warmup else times)
-    torch.set_num_threads(default_threads)
     tokens = cfg.batch_size * cfg.seq_len
     ma, mb = median(times["A"]), median(times["B"])
     paired = [ta / tb for ta, tb in zip(times["A"], times["B"])]
@@ -387,7 +396,7 @@ def worker_ab(spec):
         f"A_loss_mean_last{tail}": rnd(statistics.mean(losses["A"][-tail:]), 6),
         f"B_loss_mean_last{tail}": rnd(statistics.mean(losses["B"][-tail:]), 6),
         "max_abs_loss_diff": rnd(max(abs(p - q) for p, q in zip(losses["A"], losses["B"])), 3),
-        "lr": lr, "threads_A": default_threads, "threads_B": threads_b, "peak_rss_mib": rnd(peak_rss_mib()),
+        "lr": lr, "threads": torch.get_num_threads(), "peak_rss_mib": rnd(peak_rss_mib()),
         **mon.info})
     return info
 
@@ -496,7 +505,8 @@ def section_prepare(args, tmp, big, src, meta):
     if "error" not in tt:
         wall = median([x["wall_s"] for x in tt["repeats"]])
         tt_row = {"section": "prepare", "what": "main.encode_articles only (tiktoken, 1 process, no I/O)", **meta,
-                  "median_s": rnd(wall), "tok_s": rnd(tt["tokens_with_eos"] / wall), "mb_s": rnd(meta["text_mb"] / wall),
+                  "median_s": rnd(wall), "tok_s": rnd(tt["tokens_with_eos"] / wall),
+                  "mb_s": rnd(meta["text_mb"] / wall),
                   "articles_s": rnd(meta["articles"] / wall), **tt}
     else:
         tt_row = {"section": "prepare", "what": "main.encode_articles only", **tt}
@@ -542,7 +552,8 @@ def section_rerun(args, tmp, big):
         with Monitor() as mon:
             main.prepare(cfg, log=lambda *a: None)
         calls.append(mon.info["wall_s"])
-    emit({"section": "rerun", "what": "main.prepare(cfg) with valid shards (in-process)", "median_s": rnd(median(calls)),
+    emit({"section": "rerun", "what": "main.prepare(cfg) with valid shards (in-process)",
+          "median_s": rnd(median(calls)),
           "runs_s": calls})
     cmd = [sys.executable, os.path.join(REPO, "main.py"), "--prepare_only=true", f"--data_files={big}",
            f"--out_dir={out}", f"--num_proc={n}"]
@@ -577,7 +588,8 @@ def section_train(args, peak):
                 steps, warmup = max(steps, 20), max(warmup, 5)
             got = {}
             for impl in ("ours", "ref"):
-                spec = {"kind": "train", "impl": impl, "config": name, "device": device, "steps": steps,
+                spec = {"kind": "train", "impl": impl, "config": name, "cfg": CONFIGS[name], "device": device,
+                        "steps": steps,
                         "warmup": warmup, "peak_flops": args.peak_flops}
                 log(f"train: {device} {name} {impl} ({warmup} warmup + {steps} steps)")
                 r = run_worker(spec)
@@ -606,6 +618,32 @@ def section_train(args, peak):
     return table
 
 
+def process_idea(args, name, variant):
+    """A = main.TorchBackend in a fresh process as is, B = the same with a process-wide setting; A B B A."""
+    spec_over, env = PROCESS_IDEAS[variant]
+    steps = args.steps or {"tiny": 8, "mid": 4}[name]
+    warmup = args.warmup if args.warmup is not None else 2
+    base = {"kind": "train", "impl": "ours", "config": name, "cfg": CONFIGS[name], "device": "cpu",
+            "dtype": "float32", "steps": steps, "warmup": warmup}
+    runs = {"A": [], "B": []}
+    log(f"ideas: {name} {variant} (processes A B B A, {warmup} warmup + {steps} steps each)")
+    for k in "ABBA":
+        r = run_worker({**base, **spec_over} if k == "B" else base, env=env if k == "B" else None)
+        runs[k].append(r)
+    ok = all("tok_s" in r for k in "AB" for r in runs[k])
+    a = median([r["tok_s"] for r in runs["A"]]) if ok else None
+    b = median([r["tok_s"] for r in runs["B"]]) if ok else None
+    row = {"section": "ideas", "config": name, "variant": variant, "A": "main.TorchBackend fp32 as is (own process)",
+           "B": IDEA_DOC.get(variant.split("=")[0], variant), "A_tok_s": rnd(a), "B_tok_s": rnd(b),
+           "speedup_B_over_A": rnd(b / a, 3) if ok else None,
+           "runs": {k: [{f: r.get(f) for f in ("tok_s", "ms_per_micro_step", "ms_optimizer_step", "threads",
+                                               "others_cpu", "loadavg_1m", "error")} for r in runs[k]] for k in "AB"}}
+    emit(row)
+    return {"config": name, "variant": variant, "speedup": row["speedup_B_over_A"], "A_tok_s": row["A_tok_s"],
+            "B_tok_s": row["B_tok_s"],
+            "others_cpu": median([r.get("others_cpu") or 0 for k in "AB" for r in runs[k]])}
+
+
 def section_ideas(args, tmp):
     import main
     data_dir = os.path.join(tmp, "fixture_shards")
@@ -617,17 +655,19 @@ def section_ideas(args, tmp):
             log("ideas: skipping small (too slow for A/B on this machine)")
             continue
         for variant in args.ideas:
-            if variant == "compile" and name not in ("tiny", "mid"):
+            if variant in PROCESS_IDEAS:
+                out.append(process_idea(args, name, variant))
                 continue
-            steps = args.steps or {"tiny": 16, "mid": 8}[name]
+            steps = args.steps or {"tiny": 12, "mid": 6}[name]
             warmup = args.warmup if args.warmup is not None else (3 if variant == "compile" else 2)
-            spec = {"kind": "ab", "config": name, "variant": variant, "steps": steps, "warmup": warmup,
+            spec = {"kind": "ab", "config": name, "cfg": CONFIGS[name], "variant": variant, "steps": steps,
+                    "warmup": warmup,
                     "data_dir": data_dir, "lr": 1e-3}
             log(f"ideas: {name} {variant} ({warmup} warmup + {steps} interleaved rounds)")
             env = {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor_", dir=tmp)}  # compile: cold cache
             r = run_worker(spec, env=env)
             row = {"section": "ideas", "config": name, "variant": variant, "A": "main.TorchBackend fp32 as is",
-                   "B": IDEA_DOC.get(variant.split("=")[0], variant), **r}
+                   "B": " + ".join(IDEA_DOC.get(v.split("=")[0], v) for v in variant.split("+")), **r}
             emit(row)
             out.append({"config": name, "variant": variant, "speedup": r.get("speedup_B_over_A"),
                         "speedup_paired": r.get("speedup_paired_median"), "A_tok_s": r.get("A_tok_s"),
@@ -636,11 +676,13 @@ def section_ideas(args, tmp):
 
 
 IDEA_DOC = {
-    "ref": "benchmarks/reference_gpt.py (loss over the full padded vocab, foreach AdamW)",
+    "ref": "benchmarks/reference_gpt.py (loss over the full padded vocab, torch's default AdamW)",
     "compile": "main.TorchBackend with cfg.compile=True (torch.compile, inductor C++ on CPU; cold cache); "
                "B_warmup_s[0] is the compile step",
-    "fused_adamw": "torch.optim.AdamW(..., fused=True) instead of the default foreach",
-    "threads": "torch.set_num_threads(N) around B's steps (A keeps torch's default)",
+    "fused_adamw": "torch.optim.AdamW(..., fused=True) instead of the default (on CPU: the per-tensor for-loop)",
+    "foreach_adamw": "torch.optim.AdamW(..., foreach=True) instead of the default (on CPU: the per-tensor for-loop)",
+    "threads": "torch.set_num_threads(N) for the whole B process (A: torch's default, one per core)",
+    "omp_passive": "env OMP_WAIT_POLICY=PASSIVE for the B process (libgomp threads sleep instead of spinning)",
     "full_vocab": "GPT.forward with cross_entropy over all 50304 padded logits (no [..., :50257] slice)",
     "weight_slice": "GPT.forward with F.linear(h, lm_head.weight[:50257]): contiguous 50257 logits, no slice copy",
     "bf16": "main.TorchBackend with cfg.dtype=bfloat16 (torch.autocast('cpu', bfloat16))",
@@ -658,6 +700,7 @@ def main_cli():
     p.add_argument("--configs", default="tiny,mid,small", help="train/ideas configs: " + ",".join(CONFIGS))
     p.add_argument("--steps", type=int, default=None, help="measured steps per run (default per config)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps excluded from timing (default per config)")
+    p.add_argument("--small_batch", type=int, default=1, help="batch_size of the GPT-2 small config (seq 1024)")
     p.add_argument("--concat", type=int, default=20, help="prepare input: the sample table repeated this many times")
     p.add_argument("--prepare_repeats", type=int, default=3)
     p.add_argument("--ideas", default=",".join(IDEAS), help="A/B variants: " + ",".join(IDEAS))
@@ -672,6 +715,7 @@ def main_cli():
     OUT_FILE = args.out
     only = {"prepare", "rerun", "train", "ideas"} if args.only == "all" else set(args.only.split(","))
     args.configs = [c for c in args.configs.split(",") if c]
+    CONFIGS["small"]["batch_size"] = args.small_batch
     args.ideas = [c for c in args.ideas.split(",") if c]
     bad = (only - {"prepare", "rerun", "train", "ideas"}) | (set(args.configs) - set(CONFIGS))
     if bad:

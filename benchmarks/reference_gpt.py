@@ -2,7 +2,8 @@
 
 Deliberately the most ordinary shape: nn.Linear projections, SDPA with is_causal, tanh GELU, pre-LayerNorm
 blocks, tied input/output embeddings, a vocabulary padded to 50304, logits over the whole padded vocabulary
-straight into F.cross_entropy, fp32, and torch.optim.AdamW with its default (foreach) implementation.
+straight into F.cross_entropy, fp32, and torch.optim.AdamW with torch's default implementation (foreach on
+CUDA; on CPU, where torch picks no foreach by default, the per-tensor for-loop).
 """
 import contextlib
 import math
@@ -86,7 +87,7 @@ class RefTrainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-            lr=lr, betas=(0.9, 0.95))  # default implementation: foreach on CPU
+            lr=lr, betas=(0.9, 0.95))  # default implementation: foreach on CUDA, for-loop on CPU
         self.grad_clip = grad_clip
         self._loss = torch.zeros((), device=self.device)
 

@@ -315,6 +315,21 @@ def test_refuses_torchrun_and_closes_the_device_when_setup_fails(fake, tmp_path)
     assert [e[0] for e in events(fake, "open_device", "close_device")] == ["open_device", "close_device"]
 
 
+def test_run_and_sample_only_go_end_to_end_on_the_stand_in(isolated_imports, tmp_path, capsys):
+    """main.run with backend=ttml: train, plot, sample, close; then --sample_only reads the ttml checkpoint."""
+    fake = make_fake_ttml()
+    isolated_imports.setitem(sys.modules, "ttml", fake)
+    cfg = ttml_cfg(tmp_path, steps=2, eval_every=2, sample_prompt="The", sample_tokens=3)
+    main.run(cfg)
+    assert (tmp_path / "loss_curve.png").exists() and not (tmp_path / "hf").exists()
+    assert events(fake, "close_device") == [("close_device",)]
+    prompt = main.get_tokenizer().encode_ordinary("The")
+    expected = main.get_tokenizer().decode(prompt + [prompt[-1] + 1, prompt[-1] + 2, prompt[-1] + 3])
+    assert expected in capsys.readouterr().out  # greedy: the stand-in predicts id + 1
+    main.run(ttml_cfg(tmp_path, sample_only=True, sample_prompt="The", sample_tokens=3))
+    assert events(fake, "set_state_dict") and expected in capsys.readouterr().out
+
+
 def test_export_hf_is_declined_in_one_line(fake, tmp_path, capsys):
     b = main.TtmlBackend(ttml_cfg(tmp_path), main.Dist(), fake)
     b.export_hf(str(tmp_path / "hf"))
