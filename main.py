@@ -800,6 +800,8 @@ class TorchBackend:
 
     def load(self, path, check=lambda meta: None):
         state = torch.load(path, map_location=self.device, weights_only=False)
+        if state.get("backend") == "ttml":
+            raise ConfigError(f"{path} was written by the ttml backend; load it with --backend=ttml")
         check(state["meta"])  # e.g. the model shape, before the weights are touched
         self.raw.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -1075,10 +1077,11 @@ class TtmlBackend:
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)  # a kill at any moment leaves the previous checkpoint intact
 
-    def load(self, path):
+    def load(self, path, check=lambda meta: None):
         state = torch.load(path, map_location="cpu", weights_only=False)
         if state.get("backend") != "ttml":
             raise ConfigError(f"{path} was written by the torch backend; load it with --backend=torch")
+        check(state["meta"])
         params = self.model.parameters()
         for k, a in state["model"].items():
             if k not in params or list(params[k].shape()) != list(a.shape):
