@@ -304,7 +304,7 @@ def open_articles(cfg):
         if total is None and cfg.max_docs is None:
             raise ConfigError(f"the hub does not say how many articles {dump} has, so the validation tail cannot "
                               "be placed; set --max_docs")
-    n = min(total, cfg.max_docs) if total is not None and cfg.max_docs else (total or cfg.max_docs)
+    n = min(x for x in (total, cfg.max_docs) if x is not None)
 
     def texts():
         seen = 0
@@ -440,18 +440,20 @@ def prepare(cfg, log=print):
     writers = {s: ShardWriter(cfg.out_dir, s, cfg.shard_tokens) for s in ("train", "val")}
     from tqdm import tqdm
     bar = tqdm(total=n_docs, unit="art", desc="prepare", dynamic_ncols=True, mininterval=1.0)
-    t0, n_tok = time.time(), 0
+    t0, n_tok, seen = time.time(), 0, {"train": 0, "val": 0}
     for split, tokens in tokenize_in_order(article_batches(texts, n_train, n_docs), cfg.num_proc):
         writers[split].add(tokens)
         n_tok += len(tokens)
-        bar.update(int(np.count_nonzero(tokens == EOS_ID)))
+        docs = int(np.count_nonzero(tokens == EOS_ID))  # one EOS per article
+        seen[split] += docs
+        bar.update(docs)
         bar.set_postfix(tok=f"{n_tok:,}", tok_s=f"{n_tok / max(time.time() - t0, 1e-9):,.0f}", refresh=False)
     bar.close()
     for w in writers.values():
         w.flush()
     manifest = {"format_version": FORMAT_VERSION, "fingerprint": fp, "data": identity, "tokenizer": "gpt2",
-                "eos_id": EOS_ID, "vocab_size": VOCAB_SIZE, "dtype": "uint16", "num_docs": n_docs,
-                "num_docs_split": {"train": n_train, "val": n_val},
+                "eos_id": EOS_ID, "vocab_size": VOCAB_SIZE, "dtype": "uint16", "num_docs": sum(seen.values()),
+                "num_docs_split": seen,
                 "num_tokens": {s: sum(x["tokens"] for x in w.shards) for s, w in writers.items()},
                 "splits": {s: w.shards for s, w in writers.items()}}
     try:
@@ -460,8 +462,8 @@ def prepare(cfg, log=print):
         remove_shards(cfg.out_dir)  # nothing half-way: no shards without a manifest
         raise
     write_json_atomic(os.path.join(cfg.out_dir, "manifest.json"), manifest)  # last: it vouches for the shards
-    log(f"prepare: {n_docs:,} articles -> {n_tok:,} tokens in {time.time() - t0:.1f}s "
-        f"({n_tok / max(time.time() - t0, 1e-9):,.0f} tok/s), train {n_train:,} / val {n_val:,} articles")
+    log(f"prepare: {sum(seen.values()):,} articles -> {n_tok:,} tokens in {time.time() - t0:.1f}s "
+        f"({n_tok / max(time.time() - t0, 1e-9):,.0f} tok/s), train {seen['train']:,} / val {seen['val']:,} articles")
     return manifest
 
 
@@ -1277,7 +1279,9 @@ def train(cfg, manifest, backend, dist):
 
     bar = tqdm(total=cfg.steps, initial=step, unit="step", desc="train", disable=not dist.main, dynamic_ncols=True)
     if step == 0:
-        eval_and_save()
+        val_loss = eval_and_save()
+    elif step >= cfg.steps:  # resumed a finished run: nothing to train, nothing new to log
+        val_loss = evaluate(backend, val, dist)
     while step < cfg.steps:
         window = min(cfg.accumulation_steps, cfg.steps - step)  # the last window may be short
         t0 = time.perf_counter()
