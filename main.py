@@ -269,7 +269,6 @@ def fingerprint(identity):
 
 def open_articles(cfg):
     """-> (number of articles available, iterator of article texts): local parquet or the hub, streamed."""
-    import datasets
     if cfg.data_files:
         import pyarrow.parquet as pq
         files = resolve_data_files(cfg.data_files)
@@ -283,8 +282,13 @@ def open_articles(cfg):
                 raise ConfigError(f"--data_files: {f} has no 'text' column (columns: {pf.schema_arrow.names}); "
                                   "expected the wikimedia/wikipedia schema id, url, title, text")
             total += pf.metadata.num_rows
-        ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
+
+        def batches():  # pyarrow directly: what datasets' parquet streaming wraps, at half the time and memory
+            for f in files:
+                for b in pq.ParquetFile(f).iter_batches(batch_size=64, columns=["text"]):
+                    yield b.column(0).to_pylist()
     else:
+        import datasets
         dump = cfg.wiki_config
         m = re.fullmatch(r"(\d{8})\.([\w-]+)", dump)
         if not m or m.group(1) not in KNOWN_DUMPS:
@@ -304,12 +308,16 @@ def open_articles(cfg):
         if total is None and cfg.max_docs is None:
             raise ConfigError(f"the hub does not say how many articles {dump} has, so the validation tail cannot "
                               "be placed; set --max_docs")
+
+        def batches():
+            for b in ds.select_columns(["text"]).iter(batch_size=64):
+                yield b["text"]
     n = min(x for x in (total, cfg.max_docs) if x is not None)
 
     def texts():
         seen = 0
-        for batch in ds.select_columns(["text"]).iter(batch_size=64):
-            for t in batch["text"]:
+        for batch in batches():
+            for t in batch:
                 if seen == n:
                     return
                 yield t or ""
