@@ -587,9 +587,6 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(cfg.n_embd)))
         self.lm_head = nn.Linear(cfg.n_embd, PADDED_VOCAB, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
-        # GPUs: the padded matmul is faster and slicing its logits rides along the fp32 copy the loss makes anyway.
-        # CPUs: slicing the weight instead avoids copying (and zero-filling, in backward) B*T*50304 fp32 logits.
-        self.padded_matmul = True
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
@@ -608,11 +605,9 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
-        x = self.transformer.ln_f(x)
-        if self.padded_matmul:  # either way the padded vocab never wins nor takes softmax mass
-            logits = self.lm_head(x)[..., :VOCAB_SIZE]
-        else:
-            logits = F.linear(x, self.lm_head.weight[:VOCAB_SIZE])
+        # the matmul runs over the padded vocab (faster shapes, CPU and GPU alike); the padded columns are cut off
+        # before the loss and sampling, so they never win nor take softmax mass
+        logits = self.lm_head(self.transformer.ln_f(x))[..., :VOCAB_SIZE]
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits.float().view(-1, VOCAB_SIZE), targets.view(-1))
@@ -722,7 +717,6 @@ class TorchBackend:
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
         torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
         self.raw = GPT(cfg).to(self.device)
-        self.raw.padded_matmul = self.device.type == "cuda"
         if self.device.type == "cpu":
             keep_freed_memory()
         decay = [p for p in self.raw.parameters() if p.dim() >= 2]  # weight decay on matrices only
