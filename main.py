@@ -102,7 +102,7 @@ class TrainConfig:
 # What --smoke changes (only fields not given explicitly on the command line).
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data", "wiki_fixture.parquet")
 SMOKE_PRESET = dict(data_files=FIXTURE, out_dir="./smoke_out", n_layer=2, n_head=2, n_embd=128, seq_len=128,
-                    batch_size=8, steps=200, eval_every=50, eval_iters=8, warmup_steps=20, lr=2e-3, min_lr=2e-4,
+                    batch_size=8, steps=120, eval_every=40, eval_iters=8, warmup_steps=20, lr=2e-3, min_lr=2e-4,
                     sample_tokens=32, num_proc=1)
 
 

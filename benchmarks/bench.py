@@ -50,11 +50,12 @@ CONFIGS = {  # batch_size is per micro-step; accumulation_steps stays 1
 }
 DEFAULT_STEPS = {"tiny": 10, "mid": 6, "small": 2}  # measured steps per run (--steps overrides)
 DEFAULT_WARMUP = {"tiny": 3, "mid": 2, "small": 1}
-IDEAS = ("ref", "compile", "fused_adamw", "foreach_adamw", "full_vocab", "weight_slice", "bf16", "bf16+fused_adamw",
-         "threads=1", "threads=4", "omp_passive")  # '+' combines in-process changes
+IDEAS = ("ref", "compile", "fused_adamw", "foreach_adamw", "full_vocab", "weight_slice", "drop_logits", "bf16",
+         "bf16+fused_adamw", "no_mallopt", "threads=1", "threads=4", "omp_passive")  # '+' combines in-process ones
 PROCESS_IDEAS = {  # process-wide settings: A/B as separate worker processes, run in the order A B B A
     "threads=1": ({"threads": 1}, {}), "threads=4": ({"threads": 4}, {}),
     "omp_passive": ({}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "no_mallopt": ({"no_mallopt": True}, {}),
 }
 
 RESULTS = []
@@ -180,7 +181,28 @@ class Monitor:
 # Workers: each runs in a fresh subprocess and prints one JSON line
 
 
+WAIT_QUIET = {"max_s": 0.0, "threshold": 0.15}
+
+
+def wait_quiet():
+    """With --wait_quiet=S: wait (up to S seconds) until other processes use under 15% of the machine."""
+    if WAIT_QUIET["max_s"] <= 0:
+        return None
+    t0, ncpu, hz = time.perf_counter(), os.cpu_count() or 1, os.sysconf("SC_CLK_TCK")
+    while True:
+        b0 = _proc_stat()
+        time.sleep(1.0)
+        busy = (_proc_stat() - b0) / hz / ncpu
+        waited = time.perf_counter() - t0
+        if busy < WAIT_QUIET["threshold"] or waited > WAIT_QUIET["max_s"]:
+            if waited > 1.5:
+                log(f"wait_quiet: waited {waited:.0f}s, others now at {busy:.0%}")
+            return busy < WAIT_QUIET["threshold"]
+        time.sleep(2.0)
+
+
 def run_worker(spec, env=None, timeout=3600):
+    wait_quiet()
     cmd = [sys.executable, os.path.abspath(__file__), "--_worker=" + json.dumps(spec)]
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
@@ -230,15 +252,20 @@ def worker_train(spec):
     import main
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    if spec.get("no_mallopt"):
+        main.keep_freed_memory = lambda: None
     cfg = make_cfg(spec, device=spec["device"], dtype=spec.get("dtype", "auto"))
     rss0 = current_rss_mib()
     t = time.perf_counter()
+    cuda = spec["device"].startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)  # so the fwd/bwd vs optimizer split is honest
     if spec["impl"] == "ours":
-        be = main.TorchBackend(cfg, main.Dist())
+        be = build_ours(cfg, spec.get("variant", "")) if spec.get("variant") else main.TorchBackend(cfg, main.Dist())
         dtype, device, device_name = be.dtype, be.device, be.device_name
 
         def step(x, y):
             be.train_micro_step(x, y, 1.0)
+            sync()
             mid = time.perf_counter()
             return mid, be.optimizer_step(cfg.lr, cfg.beta1)
     else:
@@ -252,10 +279,10 @@ def worker_train(spec):
 
         def step(x, y):
             be.train_micro_step(x, y, 1.0)
+            sync()
             mid = time.perf_counter()
             return mid, be.optimizer_step()
     build_s = time.perf_counter() - t
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     warmup, steps = spec["warmup"], spec["steps"]
     batches = random_batches(cfg, warmup + steps)
     warm_s, step_s, opt_s, losses = [], [], [], []
@@ -302,6 +329,21 @@ def _forward_full_vocab(self, idx, targets=None):
     return logits[..., :main.VOCAB_SIZE], F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
 
 
+def _forward_padded_slice(self, idx, targets=None):
+    """main.GPT.forward as of 9b65acf/0ed8591: the padded (B, T, 50304) matmul, then logits[..., :50257]."""
+    import torch
+    import torch.nn.functional as F
+    import main
+    pos = torch.arange(idx.shape[1], device=idx.device)
+    x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+    for block in self.transformer.h:
+        x = block(x)
+    logits = self.lm_head(self.transformer.ln_f(x))[..., :main.VOCAB_SIZE]
+    if targets is None:
+        return logits, None
+    return logits, F.cross_entropy(logits.float().view(-1, main.VOCAB_SIZE), targets.view(-1))
+
+
 def _forward_weight_slice(self, idx, targets=None):
     """main.GPT.forward with the lm_head restricted to the 50257 real rows of the tied weight: logits come out
     contiguous at (B, T, 50257), so the padded columns are never computed, copied or back-propagated."""
@@ -318,12 +360,54 @@ def _forward_weight_slice(self, idx, targets=None):
     return logits, F.cross_entropy(logits.float().view(-1, main.VOCAB_SIZE), targets.view(-1))
 
 
-def worker_ab(spec):
-    """A = main.TorchBackend as is, B = one change; steps interleaved A B B A A B ... on the same batches."""
+def _train_micro_step_drop_logits(self, x, y, loss_scale, sync=True):
+    """main.TorchBackend.train_micro_step without keeping the returned logits alive through backward()."""
+    with self.autocast:
+        loss = self.model(self._tensor(x), self._tensor(y))[1]
+    self.scaler.scale(loss * loss_scale).backward()
+    self._loss += loss.detach() * loss_scale
+
+
+IN_PROCESS_PARTS = ("compile", "bf16", "fused_adamw", "foreach_adamw", "full_vocab", "padded_slice", "weight_slice",
+                    "drop_logits")
+
+
+def build_ours(cfg, variant):
+    """main.TorchBackend with the '+'-joined changes of `variant` applied ('' = as is)."""
     import types
     import torch
     import main
-    variant, name = spec["variant"], spec["config"]
+    parts = [p for p in variant.split("+") if p]
+    unknown = set(parts) - set(IN_PROCESS_PARTS)
+    assert not unknown, f"unknown idea {unknown}"
+    over = {}
+    if "compile" in parts:
+        over["compile"] = True
+    if "bf16" in parts:
+        over["dtype"] = "bfloat16"
+    b = main.TorchBackend(dataclasses_replace(cfg, **over), main.Dist())
+    for part in parts:
+        if part in ("fused_adamw", "foreach_adamw"):
+            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in b.optimizer.param_groups]
+            b.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                            **({"fused": True} if part == "fused_adamw" else {"foreach": True}))
+            b.scaler = torch.amp.GradScaler("cpu", enabled=False)
+        elif part == "full_vocab":
+            b.raw.forward = types.MethodType(_forward_full_vocab, b.raw)
+        elif part == "weight_slice":
+            b.raw.forward = types.MethodType(_forward_weight_slice, b.raw)
+        elif part == "padded_slice":
+            b.raw.forward = types.MethodType(_forward_padded_slice, b.raw)
+        elif part == "drop_logits":
+            b.train_micro_step = types.MethodType(_train_micro_step_drop_logits, b)
+    return b
+
+
+def worker_ab(spec):
+    """A = main.TorchBackend as is, B = one change; steps interleaved A B B A A B ... on the same batches."""
+    import torch
+    import main
+    variant = spec["variant"]
     cfg = make_cfg(spec, device="cpu", dtype="float32")
     lr, beta1 = spec.get("lr", 1e-3), cfg.beta1
     a = main.TorchBackend(cfg, main.Dist())
@@ -333,26 +417,7 @@ def worker_ab(spec):
         ref = RefTrainer(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.seq_len, lr=lr)
         b_micro, b_opt = (lambda x, y: ref.train_micro_step(x, y, 1.0)), (lambda: ref.optimizer_step())
     else:
-        parts = variant.split("+")
-        unknown = set(parts) - {
-            "compile", "bf16", "fused_adamw", "foreach_adamw", "full_vocab", "weight_slice"}
-        assert not unknown, f"unknown idea {unknown}"
-        over = {}
-        if "compile" in parts:
-            over["compile"] = True
-        if "bf16" in parts:
-            over["dtype"] = "bfloat16"
-        b = main.TorchBackend(dataclasses_replace(cfg, **over), main.Dist())
-        for part in parts:
-            if part in ("fused_adamw", "foreach_adamw"):
-                groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in b.optimizer.param_groups]
-                b.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                                **({"fused": True} if part == "fused_adamw" else {"foreach": True}))
-                b.scaler = torch.amp.GradScaler("cpu", enabled=False)
-            elif part == "full_vocab":
-                b.raw.forward = types.MethodType(_forward_full_vocab, b.raw)
-            elif part == "weight_slice":
-                b.raw.forward = types.MethodType(_forward_weight_slice, b.raw)
+        b = build_ours(cfg, variant)
         b_micro, b_opt = (lambda x, y: b.train_micro_step(x, y, 1.0)), (lambda: b.optimizer_step(lr, beta1))
     runners = {"A": ((lambda x, y: a.train_micro_step(x, y, 1.0)), (lambda: a.optimizer_step(lr, beta1))),
                "B": (b_micro, b_opt)}
@@ -489,6 +554,7 @@ def section_prepare(args, tmp, big, src, meta):
             out = os.path.join(tmp, f"prep_np{n}")
             shutil.rmtree(out, ignore_errors=True)
             cfg = main.TrainConfig(data_files=big, out_dir=out, prepare_only=True, num_proc=n)
+            wait_quiet()
             with Monitor() as mon:
                 manifest = main.prepare(cfg, log=log)
             tokens = sum(manifest["num_tokens"].values())
@@ -618,6 +684,25 @@ def section_train(args, peak):
     return table
 
 
+_MEM_BASE = {}
+
+
+def idea_memory(args, name, variant):
+    """Peak RSS of the variant alone in its own process (A/B processes hold two models), next to main as is."""
+    base = {"kind": "train", "config": name, "cfg": CONFIGS[name], "device": "cpu", "dtype": "float32",
+            "steps": 2, "warmup": 1}
+    if name not in _MEM_BASE:
+        _MEM_BASE[name] = run_worker({**base, "impl": "ours"}).get("peak_rss_mib")
+    r = run_worker({**base, "impl": "ref"} if variant == "ref" else {**base, "impl": "ours", "variant": variant})
+    emit({"section": "ideas_memory", "config": name, "variant": variant, "peak_rss_mib": r.get("peak_rss_mib"),
+          "main_as_is_peak_rss_mib": _MEM_BASE[name], "error": r.get("error")})
+    return {"B": r.get("peak_rss_mib"), "A": _MEM_BASE[name]}
+
+
+RUN_FIELDS = ("tok_s", "ms_per_micro_step", "ms_optimizer_step", "threads", "peak_rss_mib", "others_cpu", "loadavg_1m",
+              "error")
+
+
 def process_idea(args, name, variant):
     """A = main.TorchBackend in a fresh process as is, B = the same with a process-wide setting; A B B A."""
     spec_over, env = PROCESS_IDEAS[variant]
@@ -636,8 +721,7 @@ def process_idea(args, name, variant):
     row = {"section": "ideas", "config": name, "variant": variant, "A": "main.TorchBackend fp32 as is (own process)",
            "B": IDEA_DOC.get(variant.split("=")[0], variant), "A_tok_s": rnd(a), "B_tok_s": rnd(b),
            "speedup_B_over_A": rnd(b / a, 3) if ok else None,
-           "runs": {k: [{f: r.get(f) for f in ("tok_s", "ms_per_micro_step", "ms_optimizer_step", "threads",
-                                               "others_cpu", "loadavg_1m", "error")} for r in runs[k]] for k in "AB"}}
+           "runs": {k: [{f: r.get(f) for f in RUN_FIELDS} for r in runs[k]] for k in "AB"}}
     emit(row)
     return {"config": name, "variant": variant, "speedup": row["speedup_B_over_A"], "A_tok_s": row["A_tok_s"],
             "B_tok_s": row["B_tok_s"],
@@ -669,6 +753,8 @@ def section_ideas(args, tmp):
             row = {"section": "ideas", "config": name, "variant": variant, "A": "main.TorchBackend fp32 as is",
                    "B": " + ".join(IDEA_DOC.get(v.split("=")[0], v) for v in variant.split("+")), **r}
             emit(row)
+            if args.ideas_memory:
+                row["peak_rss_mib_own_process"] = idea_memory(args, name, variant)
             out.append({"config": name, "variant": variant, "speedup": r.get("speedup_B_over_A"),
                         "speedup_paired": r.get("speedup_paired_median"), "A_tok_s": r.get("A_tok_s"),
                         "B_tok_s": r.get("B_tok_s"), "others_cpu": r.get("others_cpu")})
@@ -685,11 +771,30 @@ IDEA_DOC = {
     "omp_passive": "env OMP_WAIT_POLICY=PASSIVE for the B process (libgomp threads sleep instead of spinning)",
     "full_vocab": "GPT.forward with cross_entropy over all 50304 padded logits (no [..., :50257] slice)",
     "weight_slice": "GPT.forward with F.linear(h, lm_head.weight[:50257]): contiguous 50257 logits, no slice copy",
+    "padded_slice": "GPT.forward with the padded 50304 matmul, then logits[..., :50257] (a copy forward, a "
+                    "zero-fill + copy backward)",
+    "no_mallopt": "main.keep_freed_memory disabled for the B process (glibc's default mmap/trim thresholds)",
     "bf16": "main.TorchBackend with cfg.dtype=bfloat16 (torch.autocast('cpu', bfloat16))",
+    "drop_logits": "train_micro_step takes only the loss (`loss = self.model(x, y)[1]`), so the (B, T, 50304) "
+                   "logits are not held through backward()",
 }
 
 
 # -----------------------------------------------------------------------------
+
+
+def main_py_identity():
+    """main.py changes while people work: say which one was measured (sha256 of the file, git HEAD, dirty)."""
+    import hashlib
+    path = os.path.join(REPO, "main.py")
+    out = {"sha256_12": hashlib.sha256(open(path, "rb").read()).hexdigest()[:12]}
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "main.py"], cwd=REPO, capture_output=True)
+        out.update(git_head=head.stdout.strip() or None, main_py_modified=dirty.returncode == 1)
+    except OSError:
+        pass
+    return out
 
 
 def main_cli():
@@ -704,7 +809,10 @@ def main_cli():
     p.add_argument("--concat", type=int, default=20, help="prepare input: the sample table repeated this many times")
     p.add_argument("--prepare_repeats", type=int, default=3)
     p.add_argument("--ideas", default=",".join(IDEAS), help="A/B variants: " + ",".join(IDEAS))
+    p.add_argument("--ideas_memory", type=int, default=1, help="ideas: also each variant's peak RSS alone (1/0)")
     p.add_argument("--peak_flops", type=float, default=None, help="peak FLOP/s for MFU (default: lscpu estimate)")
+    p.add_argument("--wait_quiet", type=float, default=0.0,
+                   help="before each measurement wait up to this many seconds for other processes to go idle")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -713,6 +821,7 @@ def main_cli():
         print(json.dumps(WORKERS[spec["kind"]](spec)), flush=True)
         return
     OUT_FILE = args.out
+    WAIT_QUIET["max_s"] = args.wait_quiet
     only = {"prepare", "rerun", "train", "ideas"} if args.only == "all" else set(args.only.split(","))
     args.configs = [c for c in args.configs.split(",") if c]
     CONFIGS["small"]["batch_size"] = args.small_batch
@@ -723,7 +832,8 @@ def main_cli():
     import torch
     peak = cpu_peak(args.peak_flops)
     t_start = time.perf_counter()
-    emit({"section": "machine", "python": platform.python_version(), "torch": torch.__version__,
+    emit({"section": "machine", "main_py": main_py_identity(), "python": platform.python_version(),
+          "torch": torch.__version__,
           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cuda": torch.cuda.is_available(),
           "loadavg": [rnd(x, 3) for x in os.getloadavg()], **{f"cpu_{k}": v for k, v in peak.items()}})
