@@ -18,12 +18,16 @@ line is {"summary": ...}. --out=FILE also writes them to FILE.
            run's peak RSS); warmup steps excluded; tok/s, ms per micro-step (accumulation 1, so optimizer included),
            MFU, peak memory. On CUDA too when torch.cuda.is_available().
   ideas    A/B pairs in one process, steps interleaved (A B B A A B ...) so a noisy neighbour hits both alike:
-           main's model as is vs one change (reference model, torch.compile, fused AdamW, thread count, loss over
-           the full padded vocab, a weight-sliced lm_head, bf16 autocast), on real fixture tokens so the losses
-           of A and B can be compared too.
+           main's model as is vs one change (reference model, torch.compile, fused/foreach AdamW, loss over the
+           full padded vocab, a weight-sliced lm_head, not holding the logits, bf16 autocast, combinations with
+           '+'), on real fixture tokens so the losses of A and B can be compared too; plus each variant's peak
+           RSS in a process of its own. Process-wide settings (thread count, OMP_WAIT_POLICY=PASSIVE, main's
+           mallopt switched off) run as separate processes in the order A B B A.
 
 Noise: the machine may be shared. Every measurement reports `others_cpu` (the share of all CPUs that other
-processes used meanwhile, from /proc/stat) and the load average; timings are medians over steps/repeats.
+processes used meanwhile, from /proc/stat) and the load average; timings are medians over steps/repeats, and
+--wait_quiet=S waits up to S seconds before each measurement for the others to go idle. Peak RSS of main's
+model moves by +-20% from run to run (glibc keeps freed memory, see main.keep_freed_memory).
 """
 import argparse
 import json
