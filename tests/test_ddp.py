@@ -1,14 +1,14 @@
 """Data parallel with torchrun on CPU (gloo): matches a single process with the same global batch; resume."""
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from conftest import FIXTURE, ROOT, cli_args, read_jsonl, run_main
+from conftest import ROOT, cli_args, read_jsonl, run_main
 
-pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and sys.platform == "win32", reason="no torchrun")
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
 DDP_ARGS = dict(steps=40, eval_every=20, lr=3e-3, warmup_steps=4, n_embd=64, export_hf="false", sample_tokens=4,
                 eval_iters=4, total_optim_steps=40)
 

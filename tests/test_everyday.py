@@ -1,5 +1,4 @@
 """Everyday use: sampling from a checkpoint, device and precision choice, MFU arithmetic, bounded prepare memory."""
-import os
 import subprocess
 import sys
 

@@ -1,5 +1,4 @@
 """The train loop end to end: schedule delivered to the optimizer, metrics, resume, NaN stop, smoke run."""
-import json
 import os
 import signal
 import subprocess
