@@ -50,18 +50,18 @@ class TrainConfig:
     num_proc: int = field(default_factory=lambda: os.cpu_count() or 1)  # tokenizer worker processes
     prepare_only: bool = False  # stop after writing the shards
     # model (GPT-2 small)
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads
+    n_embd: int = 768  # model width
+    dropout: float = 0.0  # dropout on embeddings, attention and residuals
     # batch: global batch tokens = seq_len * batch_size * accumulation_steps * data_parallel
-    seq_len: int = 1024
+    seq_len: int = 1024  # tokens per training window (and the context length)
     batch_size: int = 16  # sequences per micro-step (per rank)
     accumulation_steps: int = 1  # micro-steps per optimizer step
     steps: int = 5000  # training length in micro-steps
     # optimizer and speedrun schedule (functions of the optimizer step)
-    lr: float = 3e-4
-    min_lr: float = 0.0
+    lr: float = 3e-4  # peak learning rate
+    min_lr: float = 0.0  # learning rate at the end of the decay
     warmup_steps: int = 2000  # linear warmup (optimizer steps)
     hold_steps: int = 0  # flat at lr after warmup (optimizer steps)
     total_optim_steps: typing.Optional[int] = None  # end of the linear decay; None = ceil(steps / accumulation_steps)
@@ -69,17 +69,17 @@ class TrainConfig:
     beta1_start: typing.Optional[float] = None  # beta1 warmup: from beta1_start ...
     beta1_end: typing.Optional[float] = None  # ... to beta1_end (None = beta1) ...
     beta1_warmup_steps: int = 0  # ... over this many optimizer steps
-    beta2: float = 0.95
+    beta2: float = 0.95  # AdamW beta2
     weight_decay: float = 0.1  # on matrices only
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     # eval, sampling, checkpoints
     eval_every: int = 200  # micro-steps between evals (a multiple of accumulation_steps)
     eval_iters: int = 20  # fixed val batches per eval
-    sample_prompt: str = "The history of machine learning"
-    sample_tokens: int = 64
+    sample_prompt: str = "The history of machine learning"  # continued at the end of training
+    sample_tokens: int = 64  # tokens to generate per sample
     temperature: float = 0.0  # 0 = greedy
     top_k: typing.Optional[int] = None  # sample from the top_k tokens only (temperature > 0)
-    num_samples: int = 1
+    num_samples: int = 1  # samples printed
     sample_only: bool = False  # load out_dir/ckpt.pt, print samples, exit
     init_from: str = "scratch"  # scratch | resume (continue from out_dir/ckpt.pt)
     export_hf: bool = True  # write out_dir/hf/ (transformers GPT2LMHeadModel) at the end
@@ -90,7 +90,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     data_parallel: typing.Optional[int] = None  # data-parallel replicas; None = torchrun's WORLD_SIZE (torch) / 1 (ttml)
     peak_flops: typing.Optional[float] = None  # device peak FLOP/s for MFU; None = look the device up
-    seed: int = 1337
+    seed: int = 1337  # model init, batch order (with the rank), sampling
     ddp_wait_s: float = 3600.0  # how long non-zero ranks wait for rank 0 to prepare the data
     smoke: bool = False  # preset: tiny model on the repo's fixture, the whole pipeline in about a minute
 
@@ -145,7 +145,7 @@ def parse_config(argv):
         cfg, helps = TrainConfig(), _field_help()
         print(__doc__.strip().split("\n\n")[1] + "\n\nOptions (--field=value):")
         for f in dataclasses.fields(TrainConfig):
-            print(f"  --{f.name}={getattr(cfg, f.name)!r:<22} {helps.get(f.name, '')}")
+            print(f"  {f'--{f.name}={getattr(cfg, f.name)!r}':<38} {helps.get(f.name, '')}")
         raise SystemExit(0)
     given = {}
     for arg in argv:
