@@ -435,8 +435,7 @@ def prepare(cfg, log=print):
     if manifest is not None:
         log(f"prepare: reusing {sum(s['tokens'] for sp in manifest['splits'].values() for s in sp):,} tokens "
             f"in {cfg.out_dir} (fingerprint {fp})")
-        check_enough_tokens(manifest, cfg.seq_len)
-        return manifest
+        return manifest  # run() checks it against this run's seq_len, on every rank
     if why != "no manifest":
         log(f"prepare: rebuilding shards in {cfg.out_dir}: {why}")
     n_docs, texts = open_articles(cfg)
@@ -1441,8 +1440,7 @@ def run(cfg):
                   f"{gb:,} tokens = seq_len {cfg.seq_len} x batch_size {cfg.batch_size} x accumulation_steps "
                   f"{cfg.accumulation_steps} x data_parallel {dp}; {cfg.optim_steps} optimizer steps")
         train(cfg, manifest, backend, dist)
-        if dist.main:
-            plot_losses(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "loss_curve.png"), cfg)
+        if dist.main:  # the final eval already redrew loss_curve.png
             if cfg.export_hf:
                 backend.export_hf(os.path.join(cfg.out_dir, "hf"))
             print_samples(backend, cfg)

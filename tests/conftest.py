@@ -33,6 +33,22 @@ def run_main(args, env=None, timeout=600, **kw):
                           env=e, cwd=ROOT, timeout=timeout, **kw)
 
 
+def kill_9_when(args, ready, timeout=300):
+    """Start python main.py ARGS, SIGKILL its whole process group once ready() holds; True if it was still running
+    then (a run that finished first proves nothing)."""
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py")] + args, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.01)
+    was_running = proc.poll() is None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return was_running
+
+
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -2,9 +2,6 @@
 import hashlib
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -12,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import FIXTURE, ROOT, main, run_main, tiny_cfg
+from conftest import FIXTURE, kill_9_when, main, run_main, tiny_cfg
 
 
 def stream(out_dir, split):
@@ -119,16 +116,8 @@ def test_kill_9_mid_prepare_then_rerun_gives_identical_bytes(tmp_path):
     args = [f"--data_files={big}", "--prepare_only=true", "--num_proc=2", "--shard_tokens=40000"]
     assert run_main(args + [f"--out_dir={tmp_path / 'clean'}"]).returncode == 0
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), f"--out_dir={killed}"] + args,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:  # kill once a few shards are on disk
-        if killed.exists() and sum(n.endswith(".bin") for n in os.listdir(killed)) >= 3:
-            break
-        time.sleep(0.01)
-    was_running = proc.poll() is None
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    few_shards_on_disk = lambda: killed.exists() and sum(n.endswith(".bin") for n in os.listdir(killed)) >= 3
+    was_running = kill_9_when([f"--out_dir={killed}"] + args, few_shards_on_disk, timeout=120)
     assert was_running, "prepare finished before it could be killed"
     assert not (killed / "manifest.json").exists()
     assert run_main(args + [f"--out_dir={killed}"]).returncode == 0

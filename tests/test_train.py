@@ -1,15 +1,10 @@
 """The train loop end to end: schedule delivered to the optimizer, metrics, resume, NaN stop, smoke run."""
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, cli_args, main, read_jsonl, run_main, tiny_cfg
+from conftest import cli_args, kill_9_when, main, read_jsonl, run_main, tiny_cfg
 
 
 def run_train(cfg, backend=None):
@@ -92,21 +87,13 @@ def test_resume_after_kill_9_reproduces_the_uninterrupted_losses(tmp_path):
     full = tmp_path / "full"
     assert run_main(args + [f"--out_dir={full}"]).returncode == 0
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py")] + args + [f"--out_dir={cut}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline, ckpt_step = time.time() + 300, 0
-    while time.time() < deadline and proc.poll() is None:
-        if (cut / "ckpt.pt").exists():
-            try:
-                ckpt_step = torch.load(cut / "ckpt.pt", weights_only=False)["meta"]["step"]
-            except Exception:  # mid-replace on some filesystems; try again
-                pass
-            if ckpt_step >= 80:
-                break
-        time.sleep(0.05)
-    was_running = proc.poll() is None
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+
+    def checkpoint_at_80():
+        try:
+            return torch.load(cut / "ckpt.pt", weights_only=False)["meta"]["step"] >= 80
+        except Exception:  # not written yet, or mid-replace on some filesystems: look again
+            return False
+    was_running = kill_9_when(args + [f"--out_dir={cut}"], checkpoint_at_80)
     assert was_running, "the run finished before it could be killed"
     p = run_main(args + [f"--out_dir={cut}", "--init_from=resume"])
     assert p.returncode == 0, p.stderr[-2000:]
