@@ -17,6 +17,7 @@ Stages, in the order the data flows (and the order of this file):
 """
 import contextlib
 import dataclasses
+import errno
 import glob
 import hashlib
 import inspect
@@ -108,6 +109,31 @@ SMOKE_PRESET = dict(data_files=FIXTURE, out_dir="./smoke_out", n_layer=2, n_head
 
 class ConfigError(Exception):
     """Bad input: printed as one line naming the fix, exit code 2."""
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Every file main.py writes goes through here: write `path.tmp`, fsync, rename over `path`. A kill at any moment
+    leaves either the old file or the new one, never half of one; a full disk is one clear line and no temp file."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
+            raise ConfigError(f"no space left on device while writing {path}; free some space or point "
+                              "--out_dir at a bigger disk") from None
+        raise
+
+
+def write_json_atomic(path, obj):
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 def _field_help():
@@ -382,19 +408,12 @@ class ShardWriter:
             return
         name = f"{self.split}_{len(self.shards):06d}.bin"
         path = os.path.join(self.out_dir, name)
-        with open(path + ".tmp", "wb") as f:
+        with atomic_write(path) as f:
             self.buf[:self.fill].tofile(f)
-        os.replace(path + ".tmp", path)
         self.shards.append({"file": name, "tokens": int(self.fill)})
         self.fill = 0
 
 
-def write_json_atomic(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
 
 
 def load_manifest(out_dir, fp=None):
@@ -643,10 +662,28 @@ def peak_flops(device_name, dtype, override=None):
     return None
 
 
-def choose_device(requested, cuda_ok, mps_ok):
-    if requested != "auto":
-        return requested
-    return "cuda" if cuda_ok else "mps" if mps_ok else "cpu"
+def resolve_device(requested, local_rank=0):
+    """auto | cpu | cuda | cuda:N | mps -> an explicit device string, checked before any work. CUDA always gets
+    an index (cuda:LOCAL_RANK for a bare `cuda`): torch.cuda.set_device refuses a bare "cuda"."""
+    mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
+    m = re.fullmatch(r"(cpu|mps|cuda)(?::(\d+))?", requested)
+    if not m or (m.group(2) is not None and m.group(1) != "cuda"):
+        raise ConfigError(f"--device={requested}: expected auto, cpu, cuda, cuda:N or mps")
+    kind = m.group(1)
+    if kind == "mps" and not mps_ok:
+        raise ConfigError("--device=mps: this machine has no usable Apple MPS device; use --device=cpu or auto")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device={requested}: no CUDA GPU is visible to torch {torch.__version__} here (a CPU "
+                              "build, or no driver); install a CUDA build of torch, or use --device=cpu or auto")
+        index = int(m.group(2)) if m.group(2) is not None else local_rank
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device={requested}: cuda:{index} does not exist ({torch.cuda.device_count()} "
+                              "visible); check CUDA_VISIBLE_DEVICES or use --device=cuda")
+        return f"cuda:{index}"
+    return kind
 
 
 def choose_dtype(requested, device_type, bf16_ok):
@@ -702,11 +739,7 @@ class TorchBackend:
 
     def __init__(self, cfg, dist):
         self.cfg, self.dist = cfg, dist
-        mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-        device = choose_device(cfg.device, torch.cuda.is_available(), mps_ok)
-        if device == "cuda" and dist.world > 1:
-            device = f"cuda:{dist.local_rank}"
-        self.device = torch.device(device)
+        self.device = torch.device(resolve_device(cfg.device, dist.local_rank))  # run() resolved it; tests may not
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -764,7 +797,7 @@ class TorchBackend:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._loss.item()
         self._loss.zero_()
-        return loss
+        return loss, beta1
 
     def eval_loss(self, x, y):
         with self.autocast:
@@ -791,25 +824,24 @@ class TorchBackend:
                 "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
 
     def set_rng_state(self, s):
-        torch.set_rng_state(s["torch"])
+        torch.set_rng_state(s["torch"].cpu())  # generator states are CPU byte tensors, whatever the device
         if s["cuda"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(s["cuda"], self.device)
+            torch.cuda.set_rng_state(s["cuda"].cpu(), self.device)
 
     def save(self, path, meta):
         state = {"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "meta": meta}
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)  # a kill at any moment leaves the previous checkpoint intact
+        with atomic_write(path) as f:  # a kill at any moment leaves the previous checkpoint intact
+            torch.save(state, f)
 
-    def load(self, path, check=lambda meta: None):
-        state = torch.load(path, map_location=self.device, weights_only=False)
+    def load(self, state):
+        """Restore from read_checkpoint()'s dict (CPU tensors): load_state_dict copies the weights onto the
+        training device, and the optimizer's moments follow their parameters there."""
         if state.get("backend") == "ttml":
-            raise ConfigError(f"{path} was written by the ttml backend; load it with --backend=ttml")
-        check(state["meta"])  # e.g. the model shape, before the weights are touched
+            raise ConfigError("the checkpoint was written by the ttml backend; load it with --backend=ttml")
         self.raw.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        return state["meta"]
 
     def export_hf(self, out):
         """Save as a transformers GPT2LMHeadModel directory (config.json + model.safetensors)."""
@@ -1010,7 +1042,7 @@ class TtmlBackend:
         self._micro_steps += 1
 
     def optimizer_step(self, lr, beta1):
-        """beta1 is ignored: fixed when AdamW was built (self.fixed_beta1)."""
+        """beta1 is ignored: fixed when AdamW was built; the one applied (self.fixed_beta1) is returned."""
         params = self.model.parameters()
         if self.devices_per_process > 1:
             self.sync_grads(params)  # all-reduce, x 1/N: the devices' mean gradient (core/distributed/distributed.cpp)
@@ -1021,7 +1053,7 @@ class TtmlBackend:
         self.optimizer.zero_grad()
         loss = sum(scale * float(self._host(t).mean()) for t, scale in self._losses)  # the window's one host sync
         self._losses = []
-        return loss
+        return loss, self.fixed_beta1
 
     def eval_loss(self, x, y):
         loss = self._forward_loss(x, y)
@@ -1077,18 +1109,16 @@ class TtmlBackend:
                 opt[key] = v
         state = {"backend": "ttml", "model": {k: self._replica(t) for k, t in self.model.parameters().items()},
                  "optimizer": opt, "meta": meta}
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)  # a kill at any moment leaves the previous checkpoint intact
+        with atomic_write(path) as f:  # a kill at any moment leaves the previous checkpoint intact
+            torch.save(state, f)
 
-    def load(self, path, check=lambda meta: None):
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    def load(self, state):
         if state.get("backend") != "ttml":
-            raise ConfigError(f"{path} was written by the torch backend; load it with --backend=torch")
-        check(state["meta"])
+            raise ConfigError("the checkpoint was written by the torch backend; load it with --backend=torch")
         params = self.model.parameters()
         for k, a in state["model"].items():
             if k not in params or list(params[k].shape()) != list(a.shape):
-                raise ConfigError(f"{path}: parameter {k} {a.shape} does not fit this model; same n_layer, n_head, "
+                raise ConfigError(f"checkpoint parameter {k} {a.shape} does not fit this model; same n_layer, n_head, "
                                   "n_embd and seq_len as the run that wrote it?")
             self._assign(params[k], a)
         live = self.optimizer.get_state_dict()
@@ -1102,7 +1132,6 @@ class TtmlBackend:
             self.optimizer.set_state_dict(live)  # for the step count, which AdamW's bias correction uses
         except (TypeError, ValueError, RuntimeError) as e:
             print(f"resume: AdamW's step count was not restored ({e}); its bias correction restarts")
-        return state["meta"]
 
     def export_hf(self, out):
         print(f"export_hf: skipped, the Hugging Face export is torch-only; the ttml weights are in "
@@ -1214,9 +1243,8 @@ class Metrics:
             open(path, "w").close()
         elif enabled:  # resume: drop rows a killed run wrote after its last checkpoint
             rows = [r for r in read_jsonl(path) if r["step"] <= keep_until]
-            with open(path + ".tmp", "w") as f:
+            with atomic_write(path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
-            os.replace(path + ".tmp", path)
 
     def write(self, **row):
         if self.enabled:
@@ -1240,73 +1268,102 @@ def evaluate(backend, batches, dist):
     return total / count
 
 
-def train(cfg, manifest, backend, dist):
-    """Micro-steps in accumulation windows; one optimizer step (with its lr and beta1) at each window's end."""
+class Interrupted(Exception):
+    """Ctrl-C during training, after the checkpoint at the current optimizer-step boundary was written."""
+
+
+@contextlib.contextmanager
+def ctrl_c_flag():
+    """The first Ctrl-C only raises a flag, so the loop stops at the next optimizer-step boundary (never inside an
+    optimizer step, which would leave half-updated weights) and checkpoints there; a second Ctrl-C stops at once."""
+    import signal
+    flag = {"set": False}
+
+    def handler(signum, frame):
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+        print("\nCtrl-C: stopping at the end of this optimizer step to save a checkpoint (Ctrl-C again to abort)",
+              file=sys.stderr)
+    try:
+        prev = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread (e.g. called from a test runner thread): no handler to install
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, prev)
+
+
+def save_checkpoint(path, cfg, backend, batches, dist, optim_step, manifest):
+    """Every rank's RNG state (batch order and dropout) goes in, so a resumed run draws what an unbroken one would."""
+    rng = gather_objects({"batches": batches.rng.bit_generator.state, "backend": backend.rng_state()}, dist)
+    if dist.main:
+        backend.save(path, {"step": optim_step * cfg.accumulation_steps, "optim_step": optim_step, "rng": rng,
+                            "config": dataclasses.asdict(cfg), "fingerprint": manifest["fingerprint"],
+                            "model_shape": model_shape(cfg)})
+
+
+def train(cfg, manifest, backend, dist, state=None):
+    """The loop, in nanoGPT's shape: each iteration evaluates and checkpoints when due, then runs one accumulation
+    window of micro-steps and one optimizer step (its lr and beta1 are functions of the optimizer step `it`).
+    `state` is a checkpoint from read_checkpoint() to continue from. Returns the last val loss."""
     from tqdm import tqdm
-    train_stream = TokenStream(cfg.out_dir, manifest["splits"]["train"])
+    accum = cfg.accumulation_steps
+    n_iters, eval_interval = cfg.steps // accum, cfg.eval_every // accum
     rows = cfg.batch_size * backend.devices_per_process
+    batches = TrainBatches(TokenStream(cfg.out_dir, manifest["splits"]["train"]), cfg, dist.rank, rows)
     val = val_batches(TokenStream(cfg.out_dir, manifest["splits"]["val"]), cfg, rows, dist.world)
-    batches = TrainBatches(train_stream, cfg, dist.rank, rows)
-    ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
-    step = optim_step = 0
-    if cfg.init_from == "resume":
-        meta = resume(cfg, backend, ckpt, manifest)
-        step, optim_step = meta["step"], meta["optim_step"]
-        batches.rng.bit_generator.state = meta["rng"][dist.rank]["batches"]
-        backend.set_rng_state(meta["rng"][dist.rank]["backend"])
+    ckpt, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
+    start = 0
+    if state is not None:
+        start = state["meta"]["optim_step"]
+        batches.rng.bit_generator.state = state["meta"]["rng"][dist.rank]["batches"]
+        backend.set_rng_state(state["meta"]["rng"][dist.rank]["backend"])
         if dist.main:
-            print(f"resume: from {ckpt} at micro-step {step} (optimizer step {optim_step})")
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    metrics = Metrics(metrics_path, dist.main, keep_until=step if cfg.init_from == "resume" else None)
-    data_parallel = dist.world * backend.devices_per_process
-    tokens_per_step = cfg.seq_len * cfg.batch_size * data_parallel  # per micro-step, all replicas
+            print(f"resume: from {ckpt} at micro-step {start * accum} (optimizer step {start})")
+    metrics = Metrics(metrics_path, dist.main, keep_until=None if state is None else start * accum)
+    tokens_per_window = cfg.seq_len * rows * dist.world * accum
     peak = peak_flops(backend.device_name, backend.dtype, cfg.peak_flops)
     flops_per_token = model_flops_per_token(cfg)
-
-    def checkpoint():
-        rng = gather_objects({"batches": batches.rng.bit_generator.state, "backend": backend.rng_state()}, dist)
-        if dist.main:
-            backend.save(ckpt, {"step": step, "optim_step": optim_step, "rng": rng, "config": dataclasses.asdict(cfg),
-                                "fingerprint": manifest["fingerprint"], "model_shape": model_shape(cfg)})
-
-    def eval_and_save():
-        val_loss = evaluate(backend, val, dist)
-        metrics.write(kind="eval", step=step, val_loss=val_loss)
-        if dist.main:
-            plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss_curve.png"), cfg)
-            bar.write(f"step {step}: val loss {val_loss:.4f}")
-        checkpoint()
-        return val_loss
-
-    bar = tqdm(total=cfg.steps, initial=step, unit="step", desc="train", disable=not dist.main, dynamic_ncols=True)
-    if step == 0:
-        val_loss = eval_and_save()
-    elif step >= cfg.steps:  # resumed a finished run: nothing to train, nothing new to log
-        val_loss = evaluate(backend, val, dist)
-    while step < cfg.steps:
-        window = min(cfg.accumulation_steps, cfg.steps - step)  # the last window may be short
-        t0 = time.perf_counter()
-        for i in range(window):
-            x, y = batches.next()
-            backend.train_micro_step(x, y, 1.0 / window, sync=i == window - 1)
-        lr, beta1 = lr_at(optim_step, cfg), beta1_at(optim_step, cfg)
-        beta1 = getattr(backend, "fixed_beta1", beta1)  # ttml's AdamW cannot change beta1: log the one it uses
-        loss = backend.optimizer_step(lr, beta1)
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"loss is {loss} at micro-step {step + window} (optimizer step {optim_step}); "
-                                   f"the last good checkpoint is {ckpt}: lower lr, raise warmup_steps or use "
-                                   "dtype=float32, then --init_from=resume")
-        step, optim_step = step + window, optim_step + 1
-        dt = time.perf_counter() - t0
-        tok_s = window * tokens_per_step / dt
-        mfu = flops_per_token * tok_s / peak if peak else None
-        metrics.write(kind="train", step=step, optim_step=optim_step - 1, loss=loss, lr=lr, beta1=beta1,
-                      tok_per_s=tok_s, mfu=mfu)
-        bar.update(window)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
-                        mfu=f"{100 * mfu:.1f}%" if mfu else "?", refresh=False)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            val_loss = eval_and_save()
+    bar = tqdm(total=cfg.steps, initial=start * accum, unit="step", desc="train", disable=not dist.main,
+               dynamic_ncols=True)
+    val_loss = None
+    with ctrl_c_flag() as interrupted:
+        for it in range(start, n_iters + 1):
+            step, last = it * accum, it == n_iters
+            if last or it % eval_interval == 0:
+                val_loss = evaluate(backend, val, dist)
+                if it > start or state is None:  # a resumed run's first eval is already logged and checkpointed
+                    metrics.write(kind="eval", step=step, val_loss=val_loss)
+                    if dist.main:
+                        plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss_curve.png"), cfg)
+                        bar.write(f"step {step}: val loss {val_loss:.4f}")
+                    save_checkpoint(ckpt, cfg, backend, batches, dist, it, manifest)
+            if last:
+                break
+            if interrupted["set"] if dist.world == 1 else all_sum([float(interrupted["set"])], dist)[0]:
+                save_checkpoint(ckpt, cfg, backend, batches, dist, it, manifest)
+                raise Interrupted(f"interrupted at micro-step {step}; checkpoint saved to {ckpt}. Resume with "
+                                  "the same command (--init_from=resume)")
+            t0 = time.perf_counter()
+            for micro in range(accum):  # DDP all-reduces gradients on the window's last micro-step only
+                x, y = batches.next()
+                backend.train_micro_step(x, y, 1.0 / accum, sync=micro == accum - 1)
+            lr = lr_at(it, cfg)
+            loss, beta1 = backend.optimizer_step(lr, beta1_at(it, cfg))  # the window's mean loss: one host sync
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"loss is {loss} at micro-step {step + accum} (optimizer step {it}); the last "
+                                       f"good checkpoint is {ckpt}: lower lr, raise warmup_steps or use "
+                                       "dtype=float32, then --init_from=resume")
+            tok_s = tokens_per_window / (time.perf_counter() - t0)
+            mfu = flops_per_token * tok_s / peak if peak else None
+            metrics.write(kind="train", step=step + accum, optim_step=it, loss=loss, lr=lr, beta1=beta1,
+                          tok_per_s=tok_s, mfu=mfu)
+            bar.update(accum)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
+                            mfu=f"{100 * mfu:.1f}%" if mfu else "?", refresh=False)
     bar.close()
     return val_loss
 
@@ -1315,21 +1372,33 @@ def model_shape(cfg):
     return {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "seq_len")}
 
 
-def resume(cfg, backend, ckpt, manifest):
-    if not os.path.exists(ckpt):
-        raise ConfigError(f"--init_from=resume: no checkpoint at {ckpt}; start with --init_from=scratch")
+def read_checkpoint(path):
+    """The one reader of ckpt.pt (resume and --sample_only): read once, every tensor on the CPU. Model and optimizer
+    states are copied onto the training device by load_state_dict; RNG states must stay CPU byte tensors (a GPU
+    copy is what broke resume on CUDA)."""
+    if not os.path.exists(path):
+        raise ConfigError(f"no checkpoint at {path}; train first (or point --out_dir at a run)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        state["meta"]["model_shape"], state["meta"]["config"]  # noqa: B018 - a checkpoint without them is not ours
+    except Exception as e:  # truncated, empty, random bytes, another program's file
+        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:120]}); delete it and "
+                          "train from scratch, or restore a good copy") from None
+    return state
 
-    def check(meta):
-        if meta["model_shape"] != model_shape(cfg):
-            raise ConfigError(f"--init_from=resume: {ckpt} holds a model of shape {meta['model_shape']}, "
-                              f"this run asks for {model_shape(cfg)}")
-        if meta["fingerprint"] != manifest["fingerprint"]:
-            raise ConfigError(f"--init_from=resume: {ckpt} was trained on other data (fingerprint "
-                              f"{meta['fingerprint']}, now {manifest['fingerprint']}); use the same data config")
-        if len(meta["rng"]) != backend.dist.world:
-            raise ConfigError(f"--init_from=resume: {ckpt} was written by {len(meta['rng'])} ranks, "
-                              f"this run has {backend.dist.world}")
-    return backend.load(ckpt, check)
+
+def check_resumable(state, cfg, manifest, dist, path):
+    """A checkpoint continues this run only with the same model shape, data and number of ranks."""
+    meta = state["meta"]
+    if meta["model_shape"] != model_shape(cfg):
+        raise ConfigError(f"--init_from=resume: {path} holds a model of shape {meta['model_shape']}, "
+                          f"this run asks for {model_shape(cfg)}")
+    if meta["fingerprint"] != manifest["fingerprint"]:
+        raise ConfigError(f"--init_from=resume: {path} was trained on other data (fingerprint "
+                          f"{meta['fingerprint']}, now {manifest['fingerprint']}); use the same data config")
+    if len(meta["rng"]) != dist.world:
+        raise ConfigError(f"--init_from=resume: {path} was written by {len(meta['rng'])} ranks, "
+                          f"this run has {dist.world}")
 
 
 # -----------------------------------------------------------------------------
@@ -1391,10 +1460,9 @@ def plot_losses(metrics_path, png_path, cfg):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with open(png_path + ".tmp", "wb") as f:
+    with atomic_write(png_path) as f:
         fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    os.replace(png_path + ".tmp", png_path)
 
 
 # -----------------------------------------------------------------------------
@@ -1403,32 +1471,35 @@ def plot_losses(metrics_path, png_path, cfg):
 
 def sample_only(cfg):
     """Load out_dir/ckpt.pt (its own model shape) and print continuations of sample_prompt."""
-    ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
-    if not os.path.exists(ckpt):
-        raise ConfigError(f"--sample_only: no checkpoint at {ckpt}; train first or point --out_dir at a run")
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["meta"]["config"]
-    model_cfg = dataclasses.replace(cfg, **{k: saved[k] for k in ("n_layer", "n_head", "n_embd", "seq_len", "backend")})
-    backend = make_backend(dataclasses.replace(model_cfg, compile=False), Dist())
+    state = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    saved = state["meta"]["config"]
+    model_cfg = dataclasses.replace(cfg, compile="false", **{k: saved[k] for k in (*model_shape(cfg), "backend")})
+    backend = make_backend(model_cfg, Dist())
     try:
-        backend.load(ckpt)
+        backend.load(state)
         print_samples(backend, model_cfg)
     finally:
         backend.close()
 
 
 def run(cfg):
+    dist = init_distributed(cfg)
+    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device, dist.local_rank))  # before any work
     if cfg.sample_only:
         return sample_only(cfg)
-    dist = init_distributed(cfg)
-    if dist.main:
-        manifest = prepare(cfg)
-    else:
-        manifest = wait_for_manifest(cfg, dist)
+    manifest = prepare(cfg) if dist.main else wait_for_manifest(cfg, dist)
     check_enough_tokens(manifest, cfg.seq_len)
     if cfg.prepare_only:
         return
+    state = None
+    if cfg.init_from == "resume":
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        state = read_checkpoint(path)
+        check_resumable(state, cfg, manifest, dist, path)
     backend = make_backend(cfg, dist)
     try:
+        if state is not None:
+            backend.load(state)
         dp = dist.world * backend.devices_per_process
         if cfg.data_parallel is not None and cfg.data_parallel != dp:
             raise ConfigError(f"data_parallel={cfg.data_parallel} but this run has {dp} replicas "
@@ -1439,7 +1510,7 @@ def run(cfg):
             print(f"device: {backend.device_name} ({backend.dtype}); data_parallel {dp}; global batch "
                   f"{gb:,} tokens = seq_len {cfg.seq_len} x batch_size {cfg.batch_size} x accumulation_steps "
                   f"{cfg.accumulation_steps} x data_parallel {dp}; {cfg.optim_steps} optimizer steps")
-        train(cfg, manifest, backend, dist)
+        train(cfg, manifest, backend, dist, state)
         if dist.main:  # the final eval already redrew loss_curve.png
             if cfg.export_hf:
                 backend.export_hf(os.path.join(cfg.out_dir, "hf"))
@@ -1455,6 +1526,9 @@ def main(argv=None):
     except (ConfigError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        raise SystemExit(130)
     except torch.distributed.DistBackendError as e:  # a peer died or hung: say so instead of a bare traceback
         print(f"error: rank {os.environ.get('RANK', '?')} lost contact with the other ranks ({str(e)[:300]}); "
               "the first rank that failed printed the real cause above", file=sys.stderr)
