@@ -88,7 +88,7 @@ class TrainConfig:
     backend: str = "auto"  # auto | torch | ttml
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 on CUDA if supported, else fp16 + GradScaler; fp32 on CPU/MPS) | float32 | bfloat16 | float16
-    compile: bool = False  # torch.compile the model
+    compile: str = "auto"  # auto (on for CUDA on Linux) | true | false: torch.compile the training step
     data_parallel: typing.Optional[int] = None  # data-parallel replicas; None = torchrun's WORLD_SIZE (torch) / 1 (ttml)
     peak_flops: typing.Optional[float] = None  # device peak FLOP/s for MFU; None = look the device up
     seed: int = 1337  # model init, batch order (with the rank), sampling
@@ -213,6 +213,8 @@ def check_config(cfg):
         problems.append(f"init_from={cfg.init_from!r} must be scratch or resume")
     if cfg.backend not in ("auto", "torch", "ttml"):
         problems.append(f"backend={cfg.backend!r} must be auto, torch or ttml")
+    if cfg.compile not in ("auto", "true", "false"):
+        problems.append(f"compile={cfg.compile!r} must be auto, true or false")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         problems.append(f"dtype={cfg.dtype!r} must be auto, float32, bfloat16 or float16")
     if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.warmup_steps < 0 or cfg.hold_steps < 0 or cfg.beta1_warmup_steps < 0:
@@ -530,15 +532,31 @@ class TokenStream:
 
 
 class TrainBatches:
-    """Deterministic given (seed, rank); the generator state goes into checkpoints so resume continues exactly."""
+    """Deterministic given (seed, rank); the generator state goes into checkpoints so resume continues exactly.
+    One batch is drawn ahead (prefetch(), called while the device computes), so the host's memmap reads overlap
+    the step; state() is the generator state before that batch, i.e. the state an unbuffered sampler would have."""
 
     def __init__(self, stream, cfg, rank=0, rows=None):
         self.stream, self.cfg, self.rows = stream, cfg, rows or cfg.batch_size
         self.rng = np.random.default_rng([cfg.seed, rank])
+        self.ahead = None  # (generator state before the draw, (x, y))
+
+    def prefetch(self):
+        if self.ahead is None:
+            state = self.rng.bit_generator.state
+            starts = self.rng.integers(0, self.stream.n - self.cfg.seq_len, size=self.rows)
+            self.ahead = (state, self.stream.batch(starts, self.cfg.seq_len))
 
     def next(self):
-        starts = self.rng.integers(0, self.stream.n - self.cfg.seq_len, size=self.rows)
-        return self.stream.batch(starts, self.cfg.seq_len)
+        self.prefetch()
+        (_, batch), self.ahead = self.ahead, None
+        return batch
+
+    def state(self):
+        return self.rng.bit_generator.state if self.ahead is None else self.ahead[0]
+
+    def set_state(self, state):
+        self.rng.bit_generator.state, self.ahead = state, None
 
 
 def val_batches(stream, cfg, rows=None, replicas=1):
@@ -623,12 +641,57 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
-        # the matmul runs over the padded vocab (faster shapes, CPU and GPU alike); the padded columns are cut off
-        # before the loss and sampling, so they never win nor take softmax mass
-        logits = self.lm_head(self.transformer.ln_f(x))[..., :VOCAB_SIZE]
-        if targets is None:
-            return logits, None
-        return logits, F.cross_entropy(logits.float().view(-1, VOCAB_SIZE), targets.view(-1))
+        x = self.transformer.ln_f(x)
+        if targets is None:  # sampling and tests: the real vocabulary only, the padded columns cut off
+            return self.lm_head(x)[..., :VOCAB_SIZE], None
+        return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.view(-1))
+
+
+PAD_BIAS = {}  # (device, padded vocab) -> 0 for real tokens, -inf for the padding columns
+
+
+def linear_cross_entropy(x, weight, targets, chunk_rows=4096):
+    """mean CE(x @ weight.T, targets) over the padded vocabulary, with the padding columns kept out of the softmax,
+    and without the (B*T, 50304) logits ever existing whole: a GPT-2 small batch of 16 x 1024 has 1.6 GB of bf16
+    logits and 3.3 GB more as the fp32 copy a plain F.cross_entropy under autocast makes. Chunks of rows go
+    through matmul -> fp32 log-softmax -> gradient at once (the backward's two matmuls run in the forward, as in
+    Liger's fused linear cross-entropy), so only one chunk's logits and the gradients are ever held."""
+    key = (weight.device, weight.shape[0])
+    if key not in PAD_BIAS:
+        bias = torch.zeros(weight.shape[0], device=weight.device)
+        bias[VOCAB_SIZE:] = float("-inf")
+        PAD_BIAS[key] = bias
+    dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(x, weight, targets, PAD_BIAS[key], dt, need_grad, chunk_rows)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, targets, pad_bias, dt, need_grad, chunk_rows):
+        n = x.shape[0]
+        xc, wc = x.to(dt), weight.to(dt)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x, grad_w = [], torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
+        for i in range(0, n, chunk_rows):
+            xi, t = xc[i:i + chunk_rows], targets[i:i + chunk_rows, None]
+            z = (xi @ wc.t()).float() + pad_bias  # (rows, padded vocab) fp32; exp(-inf) = 0 for the padding
+            lse = torch.logsumexp(z, dim=1, keepdim=True)
+            loss = loss + (lse - z.gather(1, t)).sum()
+            if need_grad:  # d loss / d z = (softmax(z) - onehot(t)) / n
+                g = (torch.exp(z - lse).scatter_add(1, t, torch.full_like(t, -1, dtype=z.dtype)) / n).to(dt)
+                grad_x.append(g @ wc)
+                grad_w = grad_w + (g.t() @ xi).float()
+        if need_grad:
+            ctx.save_for_backward(torch.cat(grad_x), grad_w)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x, grad_w = ctx.saved_tensors
+        return ((grad_x * grad_out).to(ctx.dtypes[0]), (grad_w * grad_out).to(ctx.dtypes[1]),
+                None, None, None, None, None)
 
 
 def model_flops_per_token(cfg):
@@ -695,6 +758,14 @@ def choose_dtype(requested, device_type, bf16_ok):
     return "float32"
 
 
+def choose_compile(requested, device_type, platform=sys.platform):
+    """compile=auto: on for CUDA on Linux, where it pays (~1.5x) and works; off on the CPU (compile time outweighs a
+    short run) and MPS/Windows (unsupported). true/false force it."""
+    if requested != "auto":
+        return requested == "true"
+    return device_type == "cuda" and platform.startswith("linux")
+
+
 # -----------------------------------------------------------------------------
 # Backends. The train loop talks to a backend only through these methods; tokens cross the seam as numpy:
 #   train_micro_step(x, y, loss_scale, sync)   forward, loss * loss_scale, backward (grads add up)
@@ -759,17 +830,18 @@ class TorchBackend:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
         self.autocast = (torch.autocast(self.device.type, dtype=getattr(torch, self.dtype))
                          if self.dtype != "float32" else contextlib.nullcontext())
-        self.model = self.raw
-        if cfg.compile:
-            if sys.platform == "win32" or self.device.type == "mps":
-                print(f"compile: skipped, torch.compile is not supported on {sys.platform}/{self.device.type}")
-            else:
-                self.model = torch.compile(self.model)
-        if dist.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            self.model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # Only the training step is compiled: eval and sampling use the eager module, so no second graph (eval
+        # mode, other shapes) is ever compiled and the first step comes sooner.
+        want = self._compile_pending = choose_compile(cfg.compile, self.device.type)
+        self.model = self._wrap(torch.compile(self.raw) if want else self.raw)
         torch.manual_seed(cfg.seed + dist.rank)  # dropout differs per rank
         self._loss = torch.zeros((), device=self.device)  # window loss stays on the device: one sync per step
+
+    def _wrap(self, module):
+        if self.dist.world == 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def _tensor(self, a):
         t = torch.from_numpy(a.astype(np.int64))
@@ -778,6 +850,14 @@ class TorchBackend:
         return t.to(self.device)
 
     def train_micro_step(self, x, y, loss_scale, sync=True):
+        if self._compile_pending:  # torch.compile compiles at the first call: a failure there falls back to eager
+            self._compile_pending = False
+            try:
+                return self.train_micro_step(x, y, loss_scale, sync)
+            except Exception as e:  # no C compiler, an unsupported GPU or Python, an inductor bug
+                print(f"compile: failed ({type(e).__name__}: {str(e).splitlines()[0][:150]}); training eager")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.model = self._wrap(self.raw)
         # DDP all-reduces gradients only on the last micro-step of a window
         no_sync = self.model.no_sync() if self.dist.world > 1 and not sync else contextlib.nullcontext()
         with no_sync:
@@ -801,7 +881,7 @@ class TorchBackend:
 
     def eval_loss(self, x, y):
         with self.autocast:
-            _, loss = self.model(self._tensor(x), self._tensor(y))
+            _, loss = self.raw(self._tensor(x), self._tensor(y))
         return loss.item()
 
     def next_token_logits(self, ids):
@@ -815,8 +895,8 @@ class TorchBackend:
         return prev
 
     def set_train(self, flag):
-        prev = self.model.training
-        self.model.train(flag)
+        prev = self.raw.training
+        self.raw.train(flag)
         return prev
 
     def rng_state(self):
@@ -1298,7 +1378,7 @@ def ctrl_c_flag():
 
 def save_checkpoint(path, cfg, backend, batches, dist, optim_step, manifest):
     """Every rank's RNG state (batch order and dropout) goes in, so a resumed run draws what an unbroken one would."""
-    rng = gather_objects({"batches": batches.rng.bit_generator.state, "backend": backend.rng_state()}, dist)
+    rng = gather_objects({"batches": batches.state(), "backend": backend.rng_state()}, dist)
     if dist.main:
         backend.save(path, {"step": optim_step * cfg.accumulation_steps, "optim_step": optim_step, "rng": rng,
                             "config": dataclasses.asdict(cfg), "fingerprint": manifest["fingerprint"],
@@ -1319,7 +1399,7 @@ def train(cfg, manifest, backend, dist, state=None):
     start = 0
     if state is not None:
         start = state["meta"]["optim_step"]
-        batches.rng.bit_generator.state = state["meta"]["rng"][dist.rank]["batches"]
+        batches.set_state(state["meta"]["rng"][dist.rank]["batches"])
         backend.set_rng_state(state["meta"]["rng"][dist.rank]["backend"])
         if dist.main:
             print(f"resume: from {ckpt} at micro-step {start * accum} (optimizer step {start})")
@@ -1351,6 +1431,7 @@ def train(cfg, manifest, backend, dist, state=None):
             for micro in range(accum):  # DDP all-reduces gradients on the window's last micro-step only
                 x, y = batches.next()
                 backend.train_micro_step(x, y, 1.0 / accum, sync=micro == accum - 1)
+                batches.prefetch()  # the host reads the next batch while the device runs this one
             lr = lr_at(it, cfg)
             loss, beta1 = backend.optimizer_step(lr, beta1_at(it, cfg))  # the window's mean loss: one host sync
             if not math.isfinite(loss):

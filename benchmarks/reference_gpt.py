@@ -2,8 +2,8 @@
 
 Deliberately the most ordinary shape: nn.Linear projections, SDPA with is_causal, tanh GELU, pre-LayerNorm
 blocks, tied input/output embeddings, a vocabulary padded to 50304, logits over the whole padded vocabulary
-straight into F.cross_entropy, fp32, and torch.optim.AdamW with torch's default implementation (foreach on
-CUDA; on CPU, where torch picks no foreach by default, the per-tensor for-loop).
+straight into F.cross_entropy, bf16 autocast on CUDA (fp32 elsewhere), torch.compile when asked, and
+torch.optim.AdamW, fused on CUDA as nanoGPT's train.py does (torch's default implementation on the CPU).
 """
 import contextlib
 import math
@@ -76,24 +76,26 @@ class RefTrainer:
     """Same call shape as main.TorchBackend for the benchmark: train_micro_step(x, y, scale) / optimizer_step()."""
 
     def __init__(self, n_layer, n_head, n_embd, seq_len, lr=3e-4, weight_decay=0.1, grad_clip=1.0, seed=1337,
-                 device="cpu", autocast_dtype=None):
+                 device="cpu", autocast_dtype=None, compile=False):
         torch.manual_seed(seed)
         self.device = torch.device(device)
-        self.model = RefGPT(n_layer, n_head, n_embd, seq_len).to(self.device)
+        self.raw = RefGPT(n_layer, n_head, n_embd, seq_len).to(self.device)
+        self.model = torch.compile(self.raw) if compile else self.raw
         # fp32 by default; on CUDA the benchmark passes bfloat16 so it compares like with like (main.py's auto dtype)
         self.autocast = (torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype is not None
                          else contextlib.nullcontext())
-        params = list(self.model.parameters())
+        params = list(self.raw.parameters())
         self.optimizer = torch.optim.AdamW(
             [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-            lr=lr, betas=(0.9, 0.95))  # default implementation: foreach on CUDA, for-loop on CPU
+            lr=lr, betas=(0.9, 0.95), fused=self.device.type == "cuda")
         self.grad_clip = grad_clip
         self._loss = torch.zeros((), device=self.device)
 
     def train_micro_step(self, x, y, loss_scale=1.0):
         """x, y: uint16 numpy arrays (B, T), converted the same way main.TorchBackend does."""
-        x, y = (torch.from_numpy(a.astype(np.int64)).to(self.device) for a in (x, y))
+        x, y = (torch.from_numpy(a.astype(np.int64)).pin_memory().to(self.device, non_blocking=True)
+                if self.device.type == "cuda" else torch.from_numpy(a.astype(np.int64)) for a in (x, y))
         with self.autocast:
             loss = self.model(x, y)
         (loss * loss_scale).backward()
@@ -101,7 +103,7 @@ class RefTrainer:
 
     def optimizer_step(self):
         if self.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            nn.utils.clip_grad_norm_(self.raw.parameters(), self.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._loss.item()

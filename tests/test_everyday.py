@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from conftest import FIXTURE, ROOT, cli_args, main, read_jsonl, run_main, tiny_cfg
 
@@ -54,10 +55,13 @@ def test_context_is_cropped_to_seq_len_when_sampling(tmp_path):
     assert len(main.generate(b, list(range(10)), cfg, None)) == 50
 
 
-@pytest.mark.parametrize("cuda,mps,want", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
-def test_device_auto_prefers_cuda_then_mps_then_cpu(cuda, mps, want):
-    assert main.choose_device("auto", cuda, mps) == want
-    assert main.choose_device("cpu", cuda, mps) == "cpu"
+@pytest.mark.parametrize("cuda,mps,want", [(True, True, "cuda:0"), (False, True, "mps"), (False, False, "cpu")])
+def test_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, want):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: int(cuda))
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert main.resolve_device("auto") == want
+    assert main.resolve_device("cpu") == "cpu"
 
 
 def test_precision_bf16_on_modern_gpus_fp16_with_scaler_on_older_fp32_elsewhere():

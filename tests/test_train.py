@@ -73,8 +73,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
 
     def poisoned(lr, beta1):
         calls.append(1)
-        loss = real(lr, beta1)
-        return float("nan") if len(calls) == 6 else loss
+        loss, beta1 = real(lr, beta1)
+        return (float("nan") if len(calls) == 6 else loss), beta1
     b.optimizer_step = poisoned
     with pytest.raises(main.TrainingDiverged, match="loss is nan at micro-step 6"):
         run_train(cfg, b)
@@ -110,9 +110,9 @@ def test_resume_rejects_another_model_shape_or_missing_checkpoint(tmp_path):
     run_train(cfg)
     other = tiny_cfg(tmp_path, steps=8, eval_every=4, n_layer=3, init_from="resume")
     with pytest.raises(main.ConfigError, match="shape"):
-        run_train(other)
+        main.run(other)
     with pytest.raises(main.ConfigError, match="no checkpoint"):
-        run_train(tiny_cfg(tmp_path / "fresh", init_from="resume"))
+        main.run(tiny_cfg(tmp_path / "fresh", init_from="resume"))
 
 
 def test_smoke_runs_the_whole_pipeline_offline(tmp_path):
