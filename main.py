@@ -623,6 +623,9 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(cfg.n_embd)))
         self.lm_head = nn.Linear(cfg.n_embd, PADDED_VOCAB, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
+        # added to the padded logits: 0 for real tokens, -inf for the padding columns, which so take no softmax mass
+        self.register_buffer("pad_bias", torch.zeros(PADDED_VOCAB).index_fill_(0, torch.arange(VOCAB_SIZE, PADDED_VOCAB),
+                             float("-inf")), persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
@@ -644,26 +647,21 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:  # sampling and tests: the real vocabulary only, the padded columns cut off
             return self.lm_head(x)[..., :VOCAB_SIZE], None
-        return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.view(-1))
+        if torch.compiler.is_compiling():  # inductor fuses matmul -> fp32 log-softmax -> loss: no fp32 copy exists
+            logits = self.lm_head(x).view(B * T, -1).float() + self.pad_bias
+            return None, F.cross_entropy(logits, targets.view(-1))
+        return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.view(-1), self.pad_bias)
 
 
-PAD_BIAS = {}  # (device, padded vocab) -> 0 for real tokens, -inf for the padding columns
-
-
-def linear_cross_entropy(x, weight, targets, chunk_rows=4096):
-    """mean CE(x @ weight.T, targets) over the padded vocabulary, with the padding columns kept out of the softmax,
-    and without the (B*T, 50304) logits ever existing whole: a GPT-2 small batch of 16 x 1024 has 1.6 GB of bf16
+def linear_cross_entropy(x, weight, targets, pad_bias, chunk_rows=4096):
+    """The eager loss (CPU, MPS, compile=false, eval): mean CE(x @ weight.T, targets) over the padded vocabulary,
+    with the padding columns kept out of the softmax, and without the (B*T, 50304) logits ever existing whole: a GPT-2 small batch of 16 x 1024 has 1.6 GB of bf16
     logits and 3.3 GB more as the fp32 copy a plain F.cross_entropy under autocast makes. Chunks of rows go
     through matmul -> fp32 log-softmax -> gradient at once (the backward's two matmuls run in the forward, as in
     Liger's fused linear cross-entropy), so only one chunk's logits and the gradients are ever held."""
-    key = (weight.device, weight.shape[0])
-    if key not in PAD_BIAS:
-        bias = torch.zeros(weight.shape[0], device=weight.device)
-        bias[VOCAB_SIZE:] = float("-inf")
-        PAD_BIAS[key] = bias
     dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(x, weight, targets, PAD_BIAS[key], dt, need_grad, chunk_rows)
+    return _LinearCrossEntropy.apply(x, weight, targets, pad_bias, dt, need_grad, chunk_rows)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
