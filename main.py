@@ -958,20 +958,19 @@ def _is_tt_train(mod):
 
 
 def import_ttml():
-    """TT-Train's ttml, as (module, None), or (None, one-line reason). Where tt-train keeps its Python module moved
-    between versions, so every known place under $TT_METAL_HOME goes on sys.path: the `ttml` package
-    (tt-train/sources/ttml, as examples/python/transformers/training.py adds it) and the nanobind extension `_ttml`
-    (tt-train/build/sources/ttml in older builds, build/tt-train/sources/ttml in newer ones). Old builds have only
-    `_ttml`, which their tests import as `import _ttml as ttml`. A pip or .pth install needs no TT_METAL_HOME."""
+    """TT-Train's ttml and tt-metal's ttnn, as ((ttml, ttnn), None), or (None, one-line reason). With TT_METAL_HOME
+    set, two places go on sys.path: first the seed's documented $TT_METAL_HOME/tt-train/build/sources/ttml, where a
+    build leaves the nanobind module `_ttml` (NB_MODULE(_ttml), nanobind/__init__.cpp @eed09f2); then the `ttml`
+    package's sources, tt-train/sources/ttml, as examples/python/transformers/training_ddp.py @578b4d2 adds them.
+    Every version of that package finds its own _ttml (ttml/__init__.py @0126f1b looks in build/tt-train/sources/
+    ttml). A pip or .pth install needs no TT_METAL_HOME. ttnn supplies Layout/DataType where ttml lacks them and the
+    slice that sampling runs on the device."""
     import importlib
     home = os.environ.get("TT_METAL_HOME")
     expected = os.path.join(home or "$TT_METAL_HOME", "tt-train", "build", "sources", "ttml")
     if home:
-        for parts in (("build", "tt-train", "sources", "ttml"), ("tt-train", "build", "sources", "ttml"),
-                      ("tt-train", "sources", "ttml")):
-            path = os.path.join(home, *parts)
-            if os.path.isdir(path) and path not in sys.path:
-                sys.path.insert(0, path)
+        sys.path[:0] = [p for p in (expected, os.path.join(home, "tt-train", "sources", "ttml"))
+                        if os.path.isdir(p) and p not in sys.path]
         importlib.invalidate_caches()
     impostor, errors = None, []
     for name in ("ttml", "_ttml"):
@@ -980,9 +979,13 @@ def import_ttml():
         except Exception as e:  # ImportError, or the package's own setup failing (ttnn missing, a .so not loading)
             errors.append(f"import {name}: {e}")
             continue
-        if _is_tt_train(mod):
-            return mod, None
-        impostor = impostor or mod
+        if not _is_tt_train(mod):
+            impostor = impostor or mod
+            continue
+        try:
+            return (mod, importlib.import_module("ttnn")), None
+        except Exception as e:
+            return None, f"TT-Train imports but tt-metal's ttnn does not ({e}); activate tt-metal's python_env"
     if impostor is not None:
         return None, (f"the importable 'ttml' ({getattr(impostor, '__file__', '?')}) is not TT-Train (no "
                       "autograd.AutoContext: PyPI's unrelated tensor-train package?); pip uninstall ttml and build "
@@ -990,18 +993,17 @@ def import_ttml():
     if not home:
         return None, ("TT_METAL_HOME is not set and no TT-Train ttml is installed; build tt-metal with tt-train and "
                       f"export TT_METAL_HOME so that {expected} exists")
-    return None, (f"cannot import TT-Train's ttml ({errors[0]}); build tt-metal with tt-train so that {expected} "
-                  "(or build/tt-train/sources/ttml) exists, or fix TT_METAL_HOME")
+    return None, f"cannot import TT-Train's ttml ({errors[0]}); build tt-metal with tt-train so that {expected} exists"
 
 
 def make_backend(cfg, dist):
     """backend=auto: ttml when TT-Train imports, else PyTorch; says which in one line."""
     if cfg.backend in ("auto", "ttml"):
-        ttml, why = import_ttml()
-        if ttml is not None:
+        modules, why = import_ttml()
+        if modules is not None:
             if dist.main:
                 print("backend: ttml (TT-Train)")
-            return TtmlBackend(cfg, dist, ttml)
+            return TtmlBackend(cfg, dist, *modules)
         if cfg.backend == "ttml":
             raise ConfigError(f"backend=ttml: {why}")
         if dist.main:
@@ -1010,14 +1012,13 @@ def make_backend(cfg, dist):
 
 
 class TtmlBackend:
-    """Tenstorrent TT-Train (ttml): tt-train's own C++ GPT-2 on a [1, N] device mesh, in bfloat16. Written against
-    tt-train's Python API (../shared/ttml_api.md); each step follows sources/examples/python/transformers/
-    trainer.py and training_ddp.py unless a comment names another tt-train file. Only checked against a recording
-    stand-in (tests/fake_ttml.py): nothing here has run on Tenstorrent hardware yet."""
-    name = "ttml"
+    """Tenstorrent TT-Train (ttml): tt-train's own C++ GPT-2 on a [1, N] device mesh, in bfloat16. Each step follows
+    tt-train's sources/examples/python/transformers/trainer.py and training_ddp.py unless a comment names another
+    tt-metal file (paths under tt-train/sources/ttml/ unless they start with examples/; @commit where the API
+    changed). Only checked against a stand-in (tests/fake_ttml.py): nothing here has run on Tenstorrent hardware."""
     dtype = "bfloat16"  # ttml keeps weights and activations in bf16; there is no fp32/fp16 switch to offer
 
-    def __init__(self, cfg, dist, ttml):
+    def __init__(self, cfg, dist, ttml, ttnn):
         if dist.world > 1:
             raise ConfigError("backend=ttml drives all its devices from one process: launch without torchrun and "
                               "set --data_parallel=N for a [1, N] device mesh")
@@ -1025,7 +1026,12 @@ class TtmlBackend:
             raise ConfigError(f"backend=ttml: seq_len={cfg.seq_len} and n_embd={cfg.n_embd} must be multiples of 32")
         if cfg.dtype not in ("auto", "bfloat16"):
             raise ConfigError(f"backend=ttml trains in bfloat16; dtype={cfg.dtype} is torch-only (use --dtype=auto)")
-        self.cfg, self.dist, self.ttml = cfg, dist, ttml
+        self.cfg, self.ttml, self.ttnn = cfg, ttml, ttnn
+        # ttml's own Layout where it has one (nanobind/__init__.cpp @1012007 exports it); later bindings leave both
+        # enums to ttnn (@eed09f2), some packages re-export them and others do not (ttml/__init__.py @6a66fb2), and
+        # ttml's own Python spells them ttnn.Layout / ttnn.DataType (examples/nano_gpt/train_nanogpt.py @7251832)
+        self.Layout = getattr(ttml, "Layout", None) or ttnn.Layout
+        self.DataType = getattr(ttml.autograd, "DataType", None) or ttnn.DataType
         n = self.devices_per_process = cfg.data_parallel or 1
         self.device_name = f"Tenstorrent 1x{n} mesh (ttml)"
         self.ctx = ttml.autograd.AutoContext.get_instance()
@@ -1037,20 +1043,17 @@ class TtmlBackend:
         else:
             self.ctx.open_device()  # as examples/nano_gpt/train_nanogpt.py
         try:
-            self._build(cfg, dist, ttml, n)
+            self._build(cfg, ttml, n)
         except BaseException:
             self.ctx.close_device()
             raise
 
-    def _build(self, cfg, dist, ttml, n):
+    def _build(self, cfg, ttml, n):
         self.ctx.set_seed(cfg.seed)
         self.mapper = self.composer = None
-        if n > 1:  # batches are sharded along dim 0 (batch_size rows per device); readbacks concatenate along dim 0
-            device = self.ctx.get_device()
-            self.mapper = ttml.core.distributed.shard_tensor_to_mesh_mapper(device, 0)
-            self.composer = ttml.core.distributed.concat_mesh_to_tensor_composer(device, 0)
-            dist_api = ttml.core.distributed  # synchronize_parameters was renamed synchronize_gradients (nb_core.cpp)
-            self.sync_grads = getattr(dist_api, "synchronize_gradients", None) or dist_api.synchronize_parameters
+        if n > 1:
+            self._setup_data_parallel(ttml)
+        self._replicas_checked = n == 1  # see _check_replicas_agree
         g = ttml.models.gpt2.GPT2TransformerConfig()
         g.num_heads, g.embedding_dim, g.num_blocks = cfg.n_head, cfg.n_embd, cfg.n_layer
         g.vocab_size = (VOCAB_SIZE + 31) // 32 * 32  # tile multiple (ttml/common/model_factory.py); never a target
@@ -1060,38 +1063,81 @@ class TtmlBackend:
         g.weight_tying = ttml.models.WeightTyingType.Enabled  # wte is the lm_head, as in the torch GPT
         g.positional_embedding_type = ttml.models.gpt2.PositionalEmbeddingType.Trainable  # learned wpe, as GPT-2
         self.model = ttml.models.gpt2.create_gpt2_model(g)
-        # AdamW fixes beta1 when it is built (no setter in nanobind/nb_optimizers.cpp): no beta1 warmup here, and
-        # train() logs this value instead of the schedule's. Weight decay reaches every parameter, biases and norms too.
-        self.fixed_beta1 = cfg.beta1 if cfg.beta1_end is None else cfg.beta1_end
-        if cfg.beta1_start is not None and dist.main:
+        # AdamW fixes beta1 when it is built (no setter in nanobind/nb_optimizers.cpp @04087d1): no beta1 warmup here,
+        # and optimizer_step reports this value. Weight decay reaches every parameter, biases and norms too.
+        self.beta1 = cfg.beta1 if cfg.beta1_end is None else cfg.beta1_end
+        if cfg.beta1_start is not None:
             print(f"beta1: warmup from {cfg.beta1_start} is unavailable on this ttml build (AdamW fixes beta1 when "
-                  f"built); training uses fixed beta1 = {self.fixed_beta1}")
-        adamw = ttml.optimizers.AdamWConfig.make(float(cfg.lr), float(self.fixed_beta1), float(cfg.beta2), 1e-8,
+                  f"built); training uses fixed beta1 = {self.beta1}")
+        adamw = ttml.optimizers.AdamWConfig.make(float(cfg.lr), float(self.beta1), float(cfg.beta2), 1e-8,
                                                  float(cfg.weight_decay))
         self.optimizer = ttml.optimizers.AdamW(self.model.parameters(), adamw)
+        # clip_grad_norm is bound from nanobind/nb_core.cpp @01b9eef on; @b9dd067 lacks it, and builds as old as
+        # nanobind/__init__.cpp @1012007 have no core submodule at all
         self.clip = getattr(getattr(ttml, "core", None), "clip_grad_norm", None) if cfg.grad_clip > 0 else None
-        if cfg.grad_clip > 0 and self.clip is None and dist.main:
+        if cfg.grad_clip > 0 and self.clip is None:
             print("grad_clip: this ttml build has no core.clip_grad_norm; training without gradient clipping")
         T = cfg.seq_len  # one causal mask for every forward, built as trainer.py does: [1, 1, T, T], bf16, tiled
         mask = np.tril(np.ones((T, T), dtype=np.float32)).reshape(1, 1, T, T)
-        self.mask = ttml.autograd.Tensor.from_numpy(mask, ttml.Layout.TILE, ttml.autograd.DataType.BFLOAT16)
+        self.mask = ttml.autograd.Tensor.from_numpy(mask, self.Layout.TILE, self.DataType.BFLOAT16)
         self.model.train()
         self._grad_enabled, self._training, self._closed = True, True, False
         self._losses, self._micro_steps = [], 0  # the window's (loss tensor, scale): read back once per optimizer step
 
+    def _setup_data_parallel(self, ttml):
+        """Batches are sharded along dim 0 (batch_size rows per device), readbacks concatenated along dim 0, and
+        gradients averaged over the devices before every step."""
+        device, dist_api = self.ctx.get_device(), ttml.core.distributed
+        self.mapper = dist_api.shard_tensor_to_mesh_mapper(device, 0)
+        self.composer = dist_api.concat_mesh_to_tensor_composer(device, 0)
+        # Without a parallelism context synchronize_gradients returns at once (core/distributed/distributed.cpp
+        # @01c8afe). On a [1, N] mesh DDP takes the long axis (autograd/auto_context.cpp @013f857). Builds from before
+        # the context (nanobind/nb_autograd.cpp @2e72286 binds no initialize_parallelism_context) always average.
+        if hasattr(self.ctx, "initialize_parallelism_context"):
+            self.ctx.initialize_parallelism_context(ttml.autograd.DistributedConfig(enable_ddp=True, enable_tp=False))
+        # synchronize_parameters is the earlier name (examples/python/transformers/training_ddp.py @578b4d2)
+        self._sync = getattr(dist_api, "synchronize_gradients", None) or dist_api.synchronize_parameters
+        self._sync_takes_axes = True
+
+    def _sync_gradients(self, params):
+        """The devices' mean gradient. Newer bindings name the mesh axes to average over (nanobind/nb_core.cpp
+        @01b9eef, which averages over them with or without a context); the [1, N] mesh spreads the devices over
+        axis 1. Older bindings take the parameters alone (nb_core.cpp @b9dd067), and nanobind says so with a
+        TypeError."""
+        if self._sync_takes_axes:
+            try:
+                return self._sync(params, [1])
+            except TypeError:
+                self._sync_takes_axes = False
+        self._sync(params)
+
+    def _check_replicas_agree(self):
+        """After the first step every device must hold the same weights and AdamW moments, or the gradient sync did
+        nothing and each device trains on its own shard. The first moment is the sharp test: it is (1 - beta1) x
+        each device's own gradient whatever the lr, while a warmup lr can move bf16 weights by less than one ulp."""
+        self._replicas_checked = True
+        name, weight = min(self.model.parameters().items(), key=lambda kv: np.prod(kv[1].shape()))  # cheapest read
+        moments = [v[name] for v in self.optimizer.get_state_dict().values() if hasattr(v, "items") and name in v]
+        for t in [weight] + moments:
+            first, *rest = np.split(self._host(t), self.devices_per_process)
+            if not all(np.allclose(c, first, rtol=1e-2, atol=0) for c in rest):
+                raise ConfigError(f"data_parallel={self.devices_per_process}: the devices' copies of {name} differ "
+                                  "after the first optimizer step, so this ttml build's gradient sync did not average "
+                                  "them; run with --data_parallel=1 or use a tt-train build whose DDP works")
+
     def _tokens(self, x, y=None):
         """uint16 (B, T) numpy -> uint32 row-major tensors: inputs [B, 1, 1, T], targets [B, T] (only 32-bit numpy
-        crosses, nanobind/nb_util.cpp); on a mesh each device gets B / N rows."""
-        ttml = self.ttml
-        args = (ttml.Layout.ROW_MAJOR, ttml.autograd.DataType.UINT32) + (() if self.mapper is None else (self.mapper,))
+        crosses, nanobind/nb_util.cpp @28fa477); on a mesh each device gets B / N rows."""
+        args = (self.Layout.ROW_MAJOR, self.DataType.UINT32) + (() if self.mapper is None else (self.mapper,))
         B, T = x.shape
-        tx = ttml.autograd.Tensor.from_numpy(np.ascontiguousarray(x, dtype=np.uint32).reshape(B, 1, 1, T), *args)
-        ty = None if y is None else ttml.autograd.Tensor.from_numpy(np.ascontiguousarray(y, dtype=np.uint32), *args)
+        Tensor = self.ttml.autograd.Tensor
+        tx = Tensor.from_numpy(np.ascontiguousarray(x, dtype=np.uint32).reshape(B, 1, 1, T), *args)
+        ty = None if y is None else Tensor.from_numpy(np.ascontiguousarray(y, dtype=np.uint32), *args)
         return tx, ty
 
     def _host(self, t):
         """A tensor as float32 numpy (bf16 would need ml_dtypes); on a mesh, every device's part along dim 0."""
-        f32 = self.ttml.autograd.DataType.FLOAT32
+        f32 = self.DataType.FLOAT32
         return t.to_numpy(new_type=f32) if self.composer is None else t.to_numpy(new_type=f32, composer=self.composer)
 
     def _replica(self, t):
@@ -1101,9 +1147,8 @@ class TtmlBackend:
 
     def _assign(self, dst, array):
         """Overwrite a device tensor in place with host values, as train_nanogpt.py restores its checkpoints."""
-        ttml = self.ttml
-        src = ttml.autograd.Tensor.from_numpy(np.ascontiguousarray(array, dtype=np.float32), ttml.Layout.TILE,
-                                              dst.dtype())
+        src = self.ttml.autograd.Tensor.from_numpy(np.ascontiguousarray(array, dtype=np.float32), self.Layout.TILE,
+                                                   dst.dtype())
         dst.assign(src)
 
     def _forward_loss(self, x, y):
@@ -1120,18 +1165,20 @@ class TtmlBackend:
         self._micro_steps += 1
 
     def optimizer_step(self, lr, beta1):
-        """beta1 is ignored: fixed when AdamW was built; the one applied (self.fixed_beta1) is returned."""
+        """beta1 is ignored: fixed when AdamW was built; the one applied (self.beta1) is returned."""
         params = self.model.parameters()
         if self.devices_per_process > 1:
-            self.sync_grads(params)  # all-reduce, x 1/N: the devices' mean gradient (core/distributed/distributed.cpp)
+            self._sync_gradients(params)
         if self.clip is not None:
             self.clip(params, float(self.cfg.grad_clip), 2.0, False)  # L2 norm, no error on inf (train_nanogpt.py)
         self.optimizer.set_lr(float(lr))
         self.optimizer.step()
         self.optimizer.zero_grad()
+        if not self._replicas_checked:
+            self._check_replicas_agree()
         loss = sum(scale * float(self._host(t).mean()) for t, scale in self._losses)  # the window's one host sync
         self._losses = []
-        return loss, self.fixed_beta1
+        return loss, self.beta1
 
     def eval_loss(self, x, y):
         loss = self._forward_loss(x, y)
@@ -1140,19 +1187,22 @@ class TtmlBackend:
 
     def next_token_logits(self, ids):
         """The model takes exactly seq_len tokens: right-pad the prompt (the causal mask keeps the padding out of
-        earlier positions) and read the last real position. The whole [T, V] logits block comes back to the host,
-        as ttml has no slicing op of its own; older builds return log-softmax, which ranks and samples the same."""
+        earlier positions) and cut the last real position out on the device, so [V] floats come back per token
+        instead of [T, V] (ttnn.slice, then a ttml tensor around it, as examples/nano_gpt/nanogpt_full_cpp_example.py
+        @c8e35bd does). Older builds return log-softmax, which ranks and samples the same."""
         T, n = self.cfg.seq_len, self.devices_per_process
         ids = np.asarray(ids)[-T:]
         row = np.full(T, EOS_ID, dtype=np.uint32)
         row[:len(ids)] = ids
         tx, _ = self._tokens(np.tile(row, (n, 1)))  # one copy per device on a mesh
-        logits = self._host(self.model(tx, self.mask))  # [n, 1, T, padded vocab]
+        logits = self.model(tx, self.mask)  # [1, 1, T, padded vocab] on each device
+        V, t = logits.shape()[-1], len(ids) - 1
+        last = self.ttnn.slice(logits.get_value(), [0, 0, t, 0], [1, 1, t + 1, V])
         self.ctx.reset_graph()
-        return logits[0, 0, len(ids) - 1, :VOCAB_SIZE]
+        return self._host(self.ttml.autograd.Tensor(last, False))[0, 0, 0, :VOCAB_SIZE]
 
     def set_grad_enabled(self, flag):
-        # the previous mode is tracked here: get_gradient_mode is missing from some bindings (nb_autograd.cpp)
+        # the previous mode is tracked here: get_gradient_mode is missing from some bindings (nb_autograd.cpp @2e72286)
         prev, self._grad_enabled = self._grad_enabled, bool(flag)
         mode = self.ttml.autograd.GradMode
         self.ctx.set_gradient_mode(mode.ENABLED if flag else mode.DISABLED)
@@ -1178,9 +1228,9 @@ class TtmlBackend:
 
     def save(self, path, meta):
         """Weights and AdamW's moments as float32 numpy (as train_nanogpt.py pickles weights), written with
-        torch.save so ckpt.pt opens the same way for both backends (--sample_only reads it with torch.load)."""
+        torch.save so ckpt.pt opens the same way for both backends (read_checkpoint reads it with torch.load)."""
         opt = {}
-        for key, v in self.optimizer.get_state_dict().items():  # moments (NamedParameters) and the step count
+        for key, v in self.optimizer.get_state_dict().items():  # moments (NamedParameters), the step count, lr
             if hasattr(v, "items"):
                 opt[key] = {k: self._replica(t) for k, t in v.items()}
             elif isinstance(v, (bool, int, float, str)):
@@ -1191,6 +1241,8 @@ class TtmlBackend:
             torch.save(state, f)
 
     def load(self, state):
+        """A read_checkpoint() dict onto the device: weights and moments are overwritten in place, then the step
+        count goes through set_state_dict, which AdamW's bias correction reads."""
         if state.get("backend") != "ttml":
             raise ConfigError("the checkpoint was written by the torch backend; load it with --backend=torch")
         params = self.model.parameters()
@@ -1201,15 +1253,23 @@ class TtmlBackend:
             self._assign(params[k], a)
         live = self.optimizer.get_state_dict()
         for key, v in state["optimizer"].items():
-            if isinstance(v, dict):  # the moments are the optimizer's own tensors: overwrite them in place
+            if isinstance(v, dict):
                 for k, a in v.items():
                     self._assign(live[key][k], a)
             else:
                 live[key] = v
+        # AdamW reads "steps" as size_t (optimizers/adamw.cpp @4ca8c04), but nanobind hands a Python int that fits
+        # an `int` to the first alternative that takes it, and serialization/msgpack_file.hpp @433653b lists int
+        # before size_t. So the count restores only where get_value_type widens integers (serialization/
+        # serializable.hpp @04b3405); no Python value gets it through on older builds.
         try:
-            self.optimizer.set_state_dict(live)  # for the step count, which AdamW's bias correction uses
-        except (TypeError, ValueError, RuntimeError) as e:
-            print(f"resume: AdamW's step count was not restored ({e}); its bias correction restarts")
+            self.optimizer.set_state_dict(live)
+        except (TypeError, ValueError, RuntimeError):  # nanobind's RuntimeError for std::bad_variant_access
+            pass
+        steps = state["optimizer"].get("steps")
+        if steps is not None and self.optimizer.get_state_dict().get("steps") != steps:
+            print(f"load: this ttml build cannot restore AdamW's step count ({steps}), so a resumed run's bias "
+                  "correction restarts from step 1 (see the README)")
 
     def export_hf(self, out):
         print(f"export_hf: skipped, the Hugging Face export is torch-only; the ttml weights are in "

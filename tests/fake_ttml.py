@@ -1,15 +1,30 @@
-"""FakeTtml: a small RECORDING STAND-IN for TT-Train's `ttml` module, for the contract tests of main.py's glue.
+"""A small STAND-IN for TT-Train's `ttml` module and the two things main.py takes from tt-metal's `ttnn`.
 
-It mirrors only the names main.TtmlBackend calls, spelled as tt-train's nanobind bindings spell them (digested in
-shared/ttml_api.md; every name it exposes must be in shared/ttml_names.txt, which a test checks). It records each call
-in order and does no real math: training losses count 1, 2, 3, ..., eval losses are EVAL_LOSS, the "logits" put all
-their weight on token id + 1, and step() nudges weights and moments by fixed amounts so checkpoints have something
-to round-trip. It also enforces a few documented rules of the real thing: 32-bit numpy only into from_numpy,
-backward's retain_graph passed explicitly, a device opened lazily as 1x1 on first use (after which open_device
-fails), and the model accepting exactly max_sequence_length tokens.
+It offers only the names main.TtmlBackend calls, spelled as tt-train's nanobind bindings spell them (digested in
+shared/ttml_api.md; every ttml name it exposes must be in tests/data/ttml_names.txt, which a test checks). Instead of
+recording calls it models the behaviour the glue depends on, with toy numbers:
 
-Tests that pass against it show our glue calls that API in the intended order with the intended arguments. They are
-NOT evidence that the backend works on Tenstorrent hardware, nor that the real ttml behaves like this stand-in.
+  * every device tensor holds one array per device of the open mesh: sharded along dim 0 when a mapper is given,
+    otherwise one copy each; reading a mesh tensor back needs the concat composer;
+  * backward adds, on each device, loss_scale x (the mean token id of that device's shard) to every weight's
+    gradient, so the devices' gradients differ whenever their shards do;
+  * synchronize_gradients averages them over the devices only as core/distributed/distributed.cpp @01c8afe does:
+    with explicit cluster axes (nanobind/nb_core.cpp @01b9eef), or with none once initialize_parallelism_context ran
+    (DDP on the long axis of a [1, N] mesh, autograd/auto_context.cpp @013f857); otherwise it returns at once;
+  * step() moves each device's weights by its own gradient (first moment 0.9 m + 0.1 g, then w -= lr x m) and logs
+    the backward passes since zero_grad and the lr, so tests can check each accumulation window;
+  * training losses count 1, 2, 3, ...; eval losses are EVAL_LOSS; the "logits" put all their weight on id + 1;
+  * a few documented rules of the real thing: 32-bit numpy only into from_numpy, backward's retain_graph passed
+    explicitly and never with gradients off, reset_graph after each backward, a device opened lazily as 1x1 on first
+    use (after which open_device fails), the model taking exactly max_sequence_length tokens.
+
+Build variants (make_fake_tt_train's arguments) stand for tt-train versions: Layout/DataType in ttml or only in ttnn
+(ttml/__init__.py @6a66fb2), synchronize_gradients with or without the axes overload (nb_core.cpp @b9dd067), no
+parallelism context at all (nb_autograd.cpp @2e72286, where the sync always averages), and an AdamW that cannot take
+a Python int for its step count (serializable.hpp before @04b3405).
+
+Tests that pass against it show our glue drives that behaviour as intended. They are NOT evidence that the backend
+works on Tenstorrent hardware, nor that the real ttml behaves like this stand-in.
 """
 import types
 
@@ -19,17 +34,17 @@ EVAL_LOSS = 4.0
 VOCAB = 50257  # GPT-2's; the fake logits wrap token ids around it
 
 
-def make_fake_ttml():
-    """A fresh stand-in `ttml` module. Its calls are recorded as tuples in `module._log`; `module._state` holds the
-    open mesh size, the gradient mode and the training-loss counter."""
-    log = []
-    st = types.SimpleNamespace(devices=None, grad=None, losses=0)
+def make_fake_tt_train(enums_in_ttml=True, sync_takes_axes=True, parallelism_context=True, int_steps_ok=True):
+    """A fresh (ttml, ttnn) pair. ttml._state holds what tests inspect: devices (mesh size), grad (mode), steps (one
+    dict per optimizer step: backwards, lr), pctx (the parallelism config or None) and log (a few notable calls)."""
+    st = types.SimpleNamespace(devices=None, grad=None, losses=0, backwards=0, graph_live=False, pctx=None,
+                               model=None, steps=[], log=[])
     mesh_device = object()
 
     def ensure_device():
         if st.devices is None:  # auto_context.cpp: get_device() opens a 1x1 device when none is open
             st.devices = 1
-            log.append(("lazy_open_1x1",))
+            st.log.append(("lazy_open_1x1",))
 
     class Layout:
         ROW_MAJOR = "Layout.ROW_MAJOR"
@@ -48,52 +63,74 @@ def make_fake_ttml():
 
     class ReduceType:
         MEAN = "ReduceType.MEAN"
-        SUM = "ReduceType.SUM"
+
+    class DeviceTensor:
+        """Stands for a ttnn.Tensor: one array per device (a callable defers building big logits until read)."""
+
+        def __init__(self, parts, dtype, sharded=False):
+            self._parts, self.dtype, self.sharded = parts, dtype, sharded
+
+        @property
+        def parts(self):
+            if callable(self._parts):
+                self._parts = self._parts()
+            return self._parts
+
+    def ttnn_slice(tensor, starts, ends):
+        index = tuple(slice(s, e) for s, e in zip(starts, ends))
+        return DeviceTensor(lambda: [p[index] for p in tensor.parts], tensor.dtype, tensor.sharded)
 
     class Tensor:
-        """Holds the global (all devices') value; `_sharded` says whether dim 0 is split over the mesh."""
-
-        def __init__(self, value, dtype, sharded=False, scale=1.0):
-            self._value, self._dtype, self._sharded = value, dtype, sharded
-            self._scale = scale  # product of the float factors mul() applied: what backward() differentiates
-
-        def _data(self):
-            return self._value() if callable(self._value) else self._value
+        def __init__(self, value, requires_grad=True):
+            self._value, self._grad = value, None
+            self._scale, self._signal = 1.0, None  # what backward differentiates: loss_scale, per-device shard mean
 
         @staticmethod
         def from_numpy(numpy_tensor, layout=Layout.TILE, new_type=None, mapper=None):
             a = np.asarray(numpy_tensor)
             if a.dtype not in (np.float32, np.int32, np.uint32):  # nb_util.cpp takes 32-bit numpy only
                 raise TypeError(f"Unsupported precision: {a.dtype}")
+            assert layout in (Layout.ROW_MAJOR, Layout.TILE) and new_type in (None, *vars(DataType).values())
             ensure_device()
             if mapper is not None:
                 assert mapper == ("shard", 0) and a.shape[0] % st.devices == 0, (mapper, a.shape)
-            log.append(("from_numpy", a.shape, layout, new_type, mapper is not None))
-            dtype = new_type or {np.dtype(np.float32): DataType.FLOAT32}.get(a.dtype, DataType.UINT32)
-            return Tensor(a.copy(), dtype, sharded=mapper is not None)
+                parts = np.split(a.copy(), st.devices)
+            else:
+                parts = [a.copy() for _ in range(st.devices)]
+            st.log.append(("from_numpy", a.shape, layout, new_type, mapper is not None))
+            dtype = new_type or (DataType.FLOAT32 if a.dtype == np.float32 else DataType.UINT32)
+            return Tensor(DeviceTensor(parts, dtype, sharded=mapper is not None))
 
         def to_numpy(self, new_type=None, composer=None):
-            v = self._data()
-            if st.devices and st.devices > 1:
-                if composer != ("concat", 0):  # the stand-in's rule: a mesh tensor is read through a composer
-                    raise RuntimeError("reading a tensor on a mesh needs concat_mesh_to_tensor_composer")
-                if not self._sharded:  # replicated: one copy per device, concatenated
-                    v = np.concatenate([v] * st.devices)
-            log.append(("to_numpy", new_type))
+            parts = self._value.parts
+            if len(parts) > 1 and composer != ("concat", 0):  # the stand-in's rule for mesh readbacks
+                raise RuntimeError("reading a tensor on a mesh needs concat_mesh_to_tensor_composer")
+            v = np.concatenate(parts) if composer else parts[0]
+            st.log.append(("to_numpy", v.shape, new_type))
             return v.astype(np.float32) if new_type == DataType.FLOAT32 else v.copy()
 
+        def get_value(self):
+            return self._value
+
         def backward(self, retain_graph):
-            log.append(("backward", retain_graph, st.grad, self._scale))
+            assert st.grad == GradMode.ENABLED and not retain_graph, (st.grad, retain_graph)
+            for p in st.model._params.values():
+                p._grad = [g + self._scale * s for g, s in zip(p._grad, self._signal)]
+            st.backwards += 1
+            st.graph_live = True
 
         def dtype(self):
-            return self._dtype
+            return self._value.dtype
 
         def shape(self):
-            return list(self._data().shape)
+            return list(self._value.parts[0].shape)
 
         def assign(self, other):
             assert other.shape() == self.shape(), (other.shape(), self.shape())
-            self._value = other._data().astype(np.float32)
+            self._value = DeviceTensor([p.astype(np.float32) for p in other._value.parts], self._value.dtype)
+
+    def device_zeros(shape):
+        return Tensor(DeviceTensor([np.zeros(shape, np.float32) for _ in range(st.devices)], DataType.BFLOAT16))
 
     class NamedParameters:
         def __init__(self, d=None):
@@ -120,6 +157,10 @@ def make_fake_ttml():
         def __len__(self):
             return len(self._d)
 
+    class DistributedConfig:
+        def __init__(self, enable_ddp=False, enable_tp=False):
+            self.enable_ddp, self.enable_tp = enable_ddp, enable_tp
+
     class AutoContext:
         _instance = None
 
@@ -133,25 +174,30 @@ def make_fake_ttml():
             if st.devices is not None:
                 raise RuntimeError("a device is already open (ttml opens 1x1 on first use: open the mesh first)")
             st.devices = 1 if mesh_shape is None else mesh_shape[0] * mesh_shape[1]
-            log.append(("open_device", mesh_shape))
+            st.log.append(("open_device", mesh_shape))
 
         def close_device(self):
-            log.append(("close_device",))
-            st.devices = None
+            st.log.append(("close_device",))
+            st.devices = st.pctx = None
 
         def get_device(self):
             ensure_device()
             return mesh_device
 
         def set_seed(self, seed):
-            log.append(("set_seed", seed))
+            st.log.append(("set_seed", seed))
 
         def reset_graph(self):
-            log.append(("reset_graph",))
+            st.graph_live = False
 
         def set_gradient_mode(self, mode):
             st.grad = mode
-            log.append(("set_gradient_mode", mode))
+
+        def initialize_parallelism_context(self, config):
+            ensure_device()  # auto_context.cpp @013f857: one parallelism on a line mesh, on its long axis
+            if st.pctx is not None or config.enable_ddp + config.enable_tp != 1:
+                raise RuntimeError("ParallelismContext is already initialized, or not exactly one parallelism")
+            st.pctx = config
 
     class RunnerType:
         Default = "RunnerType.Default"
@@ -162,7 +208,6 @@ def make_fake_ttml():
 
     class PositionalEmbeddingType:
         Trainable = "PositionalEmbeddingType.Trainable"
-        Fixed = "PositionalEmbeddingType.Fixed"
 
     class GPT2TransformerConfig:
         __slots__ = ("num_heads", "embedding_dim", "num_blocks", "vocab_size", "max_sequence_length",
@@ -177,60 +222,71 @@ def make_fake_ttml():
     class ModuleBase:
         def __call__(self, x, mask):
             T = self._cfg.max_sequence_length
-            assert x._dtype == DataType.UINT32 and x.shape()[1:] == [1, 1, T], x.shape()
-            assert mask.shape() == [1, 1, T, T] and mask._dtype == DataType.BFLOAT16
-            ids = x._data().reshape(x.shape()[0], T)
-            log.append(("forward", ids.shape[0], st.grad, self._training))
+            assert x.dtype() == DataType.UINT32 and x.shape()[1:] == [1, 1, T], x.shape()
+            assert mask.shape() == [1, 1, T, T] and mask.dtype() == DataType.BFLOAT16
+            assert not (st.graph_live and st.grad == GradMode.ENABLED), "reset_graph() after backward, first"
+            ids = [p.reshape(p.shape[0], T) for p in x._value.parts]
+            st.log.append(("forward", sum(len(i) for i in ids), st.grad, self._training))
 
-            def logits():  # [B, 1, T, padded vocab]: all weight on (id + 1) mod VOCAB
-                out = np.zeros((ids.shape[0], 1, T, self._cfg.vocab_size), np.float32)
-                b, t = np.indices(ids.shape)
-                out[b, 0, t, (ids.astype(np.int64) + 1) % VOCAB] = 1.0
+            def logits():  # [B, 1, T, padded vocab] per device: all weight on (id + 1) mod VOCAB
+                out = []
+                for i in ids:
+                    o = np.zeros((i.shape[0], 1, T, self._cfg.vocab_size), np.float32)
+                    b, t = np.indices(i.shape)
+                    o[b, 0, t, (i.astype(np.int64) + 1) % VOCAB] = 1.0
+                    out.append(o)
                 return out
-            return Tensor(logits, DataType.BFLOAT16, sharded=x._sharded)
+            y = Tensor(DeviceTensor(logits, DataType.BFLOAT16, x._value.sharded))
+            y._signal = [float(i.mean()) for i in ids]
+            return y
 
         def parameters(self):
-            return self._params
+            return NamedParameters(self._params)
 
         def train(self):
             self._training = True
-            log.append(("train",))
 
         def eval(self):
             self._training = False
-            log.append(("eval",))
 
     class GPT2Transformer(ModuleBase):
         def __init__(self, config):
+            ensure_device()
             self._cfg, self._training = config, True
             rng = np.random.default_rng(0)
             shapes = {"transformer/fc/weight": (1, 1, 8, 4), "transformer/ln_fc/gamma": (1, 1, 1, 4)}
-            self._params = NamedParameters({k: Tensor(rng.standard_normal(s).astype(np.float32), DataType.BFLOAT16)
-                                            for k, s in shapes.items()})
+            self._params = {}
+            for k, s in shapes.items():
+                w = rng.standard_normal(s).astype(np.float32)
+                self._params[k] = p = Tensor(DeviceTensor([w.copy() for _ in range(st.devices)], DataType.BFLOAT16))
+                p._grad = [np.zeros(s, np.float32) for _ in range(st.devices)]
 
     def create_gpt2_model(config):
-        log.append(("create_gpt2_model", {k: getattr(config, k) for k in GPT2TransformerConfig.__slots__}))
-        return GPT2Transformer(config)
+        st.log.append(("create_gpt2_model", {k: getattr(config, k) for k in GPT2TransformerConfig.__slots__}))
+        st.model = GPT2Transformer(config)
+        return st.model
 
     def cross_entropy_loss(prediction, target, reduce=ReduceType.MEAN):
-        assert target._dtype == DataType.UINT32 and len(target.shape()) == 2
+        assert target.dtype() == DataType.UINT32 and len(target.shape()) == 2 and reduce == ReduceType.MEAN
         if st.grad == GradMode.ENABLED:
             st.losses += 1
             value = float(st.losses)
         else:
             value = EVAL_LOSS
-        log.append(("cross_entropy_loss", reduce, value))
-        n = st.devices if prediction._sharded else 1  # one loss per device, each its shard's mean
-        return Tensor(np.full((n, 1, 1, 1), value, np.float32), DataType.BFLOAT16, sharded=prediction._sharded)
+        parts = [np.full((1, 1, 1, 1), value, np.float32) for _ in prediction._value.parts]  # each shard's mean
+        loss = Tensor(DeviceTensor(parts, DataType.BFLOAT16, prediction._value.sharded))
+        loss._signal = prediction._signal
+        return loss
 
     def mul(a, b):
-        log.append(("mul", b))
-        return Tensor(a._data() * b, a._dtype, a._sharded, a._scale * b)
+        out = Tensor(DeviceTensor([p * b for p in a._value.parts], a.dtype(), a._value.sharded))
+        out._scale, out._signal = a._scale * b, a._signal
+        return out
 
     class AdamWConfig:
         @staticmethod
         def make(lr, beta1, beta2, epsilon, weight_decay, amsgrad=False, stochastic_rounding=False):
-            log.append(("AdamWConfig.make", lr, beta1, beta2, epsilon, weight_decay))
+            st.log.append(("AdamWConfig.make", lr, beta1, beta2, epsilon, weight_decay))
             return types.SimpleNamespace(lr=lr, beta1=beta1)
 
     class OptimizerBase:
@@ -239,41 +295,42 @@ def make_fake_ttml():
 
         def set_lr(self, lr):
             self._lr = lr
-            log.append(("set_lr", lr))
 
         def step(self):
             self._steps += 1
-            for k, p in self._params.items():  # a recognisable change, not AdamW
-                p._value = p._data() - 0.5
-                self._m1[k]._value = self._m1[k]._data() + 1.0
-            log.append(("step",))
+            for k, p in self._params.items():
+                m = self._m1[k]
+                m._value = DeviceTensor([0.9 * a + 0.1 * g for a, g in zip(m._value.parts, p._grad)], m.dtype())
+                p._value = DeviceTensor([w - self._lr * a for w, a in zip(p._value.parts, m._value.parts)], p.dtype())
+            st.steps.append({"backwards": st.backwards, "lr": self._lr})
 
         def zero_grad(self):
-            log.append(("zero_grad",))
+            for p in self._params.values():
+                p._grad = [np.zeros_like(g) for g in p._grad]
+            st.backwards = 0
 
-        def get_state_dict(self):  # the keys and kinds of optimizers/adamw.cpp's state dict
-            return {"first_moment": NamedParameters(self._m1), "second_moment": NamedParameters(self._m2),
-                    "kahan_compensation": NamedParameters(), "steps": self._steps}
+        def get_state_dict(self):  # the keys and kinds of optimizers/adamw.cpp @013b217's state dict
+            return {"steps": self._steps, "lr": self._lr, "exp_avg": NamedParameters(self._m1),
+                    "exp_avg_sq": NamedParameters(self._m2), "amsgrad": False}
 
         def set_state_dict(self, dict):
-            self._m1, self._m2 = dict["first_moment"]._d, dict["second_moment"]._d
-            self._steps = dict["steps"]
-            log.append(("set_state_dict", self._steps))
+            if not int_steps_ok:  # a Python int arrives as `int`; old get_value_type wants exactly size_t
+                raise RuntimeError("std::bad_variant_access")
+            self._steps, self._lr = dict["steps"], dict["lr"]
+            self._m1, self._m2 = dict["exp_avg"]._d, dict["exp_avg_sq"]._d
 
     class AdamW(OptimizerBase):
         def __init__(self, parameters, config):
-            self._params, self._lr, self._steps = parameters, config.lr, 0
-            zeros = lambda: {k: Tensor(np.zeros(p.shape(), np.float32), DataType.BFLOAT16)
-                             for k, p in parameters.items()}
-            self._m1, self._m2 = zeros(), zeros()
-            log.append(("AdamW", len(parameters)))
+            self._params, self._lr, self._steps = dict(parameters.items()), config.lr, 0
+            self._m1 = {k: device_zeros(p.shape()) for k, p in parameters.items()}
+            self._m2 = {k: device_zeros(p.shape()) for k, p in parameters.items()}
 
     def clip_grad_norm(parameters, max_norm, p_norm_type=2.0, error_if_nonfinite=False):
-        log.append(("clip_grad_norm", max_norm, p_norm_type, error_if_nonfinite))
-        return Tensor(np.ones((1, 1, 1, 1), np.float32), DataType.BFLOAT16)
+        st.log.append(("clip_grad_norm", max_norm, p_norm_type, error_if_nonfinite))
+        return Tensor(DeviceTensor([np.ones((1, 1, 1, 1), np.float32)], DataType.BFLOAT16))
 
     def enable_fabric(num_devices):
-        log.append(("enable_fabric", num_devices))
+        st.log.append(("enable_fabric", num_devices))
 
     def shard_tensor_to_mesh_mapper(device, dim, cluster_axis=None):
         assert device is mesh_device
@@ -283,13 +340,40 @@ def make_fake_ttml():
         assert mesh_device_ is mesh_device
         return ("concat", dim)
 
-    def synchronize_gradients(parameters):
-        log.append(("synchronize_gradients", len(parameters)))
+    def average_gradients(parameters):
+        for p in parameters.values():
+            mean = sum(p._grad) / len(p._grad)
+            p._grad = [mean.copy() for _ in p._grad]
+        st.log.append(("gradients_averaged",))
+
+    def synchronize_gradients(parameters, cluster_axes=None):
+        if cluster_axes is not None:  # nb_core.cpp @01b9eef: average over the named axes of the [1, N] mesh
+            if 1 in cluster_axes:
+                average_gradients(parameters)
+        elif st.pctx is not None and st.pctx.enable_ddp:  # distributed.cpp @01c8afe: the context's DDP axis
+            average_gradients(parameters)
+
+    def synchronize_gradients_parameters_only(parameters):  # nb_core.cpp @b9dd067's signature
+        synchronize_gradients(parameters)
+
+    def synchronize_gradients_always(parameters):  # before the parallelism context existed
+        average_gradients(parameters)
+
+    if not parallelism_context:
+        del AutoContext.initialize_parallelism_context
+        sync = synchronize_gradients_always
+    else:
+        sync = synchronize_gradients if sync_takes_axes else synchronize_gradients_parameters_only
+
+    ttnn = types.ModuleType("ttnn", "Stand-in for the two parts of tt-metal's ttnn that main.py uses.")
+    ttnn.Layout, ttnn.DataType, ttnn.Tensor, ttnn.slice = Layout, DataType, DeviceTensor, ttnn_slice
 
     ns = types.SimpleNamespace
-    ttml = types.ModuleType("ttml", "Recording stand-in for TT-Train's ttml (tests/fake_ttml.py); not the real thing.")
-    ttml.Layout, ttml.NamedParameters = Layout, NamedParameters
-    ttml.autograd = ns(AutoContext=AutoContext, Tensor=Tensor, DataType=DataType, GradMode=GradMode)
+    ttml = types.ModuleType("ttml", "Stand-in for TT-Train's ttml (tests/fake_ttml.py); not the real thing.")
+    ttml.NamedParameters = NamedParameters
+    ttml.autograd = ns(AutoContext=AutoContext, Tensor=Tensor, GradMode=GradMode, DistributedConfig=DistributedConfig)
+    if enums_in_ttml:  # some builds re-export ttnn's enums, others define neither (ttml/__init__.py @6a66fb2)
+        ttml.Layout, ttml.autograd.DataType = Layout, DataType
     ttml.models = ns(RunnerType=RunnerType, WeightTyingType=WeightTyingType,
                      gpt2=ns(GPT2TransformerConfig=GPT2TransformerConfig, GPT2Transformer=GPT2Transformer,
                              PositionalEmbeddingType=PositionalEmbeddingType, create_gpt2_model=create_gpt2_model))
@@ -299,9 +383,9 @@ def make_fake_ttml():
     ttml.core = ns(clip_grad_norm=clip_grad_norm,
                    distributed=ns(enable_fabric=enable_fabric, shard_tensor_to_mesh_mapper=shard_tensor_to_mesh_mapper,
                                   concat_mesh_to_tensor_composer=concat_mesh_to_tensor_composer,
-                                  synchronize_gradients=synchronize_gradients))
-    ttml._log, ttml._state = log, st
-    return ttml
+                                  synchronize_gradients=sync))
+    ttml._state = st
+    return ttml, ttnn
 
 
 _DUNDERS = {"__call__", "__getitem__", "__contains__", "__iter__", "__len__"}
