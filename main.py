@@ -25,10 +25,16 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 import typing
 from dataclasses import dataclass, field
+
+try:
+    import fcntl  # the out_dir lock; POSIX only
+except ImportError:  # Windows: runs without the lock
+    fcntl = None
 
 import numpy as np
 import torch
@@ -65,7 +71,7 @@ class TrainConfig:
     min_lr: float = 0.0  # learning rate at the end of the decay
     warmup_steps: int = 2000  # linear warmup (optimizer steps)
     hold_steps: int = 0  # flat at lr after warmup (optimizer steps)
-    total_optim_steps: typing.Optional[int] = None  # end of the linear decay; None = ceil(steps / accumulation_steps)
+    total_optim_steps: typing.Optional[int] = None  # end of the linear decay; None = steps / accumulation_steps
     beta1: float = 0.9  # AdamW beta1 when no beta1 warmup is set
     beta1_start: typing.Optional[float] = None  # beta1 warmup: from beta1_start ...
     beta1_end: typing.Optional[float] = None  # ... to beta1_end (None = beta1) ...
@@ -82,7 +88,8 @@ class TrainConfig:
     top_k: typing.Optional[int] = None  # sample from the top_k tokens only (temperature > 0)
     num_samples: int = 1  # samples printed
     sample_only: bool = False  # load out_dir/ckpt.pt, print samples, exit
-    init_from: str = "scratch"  # scratch | resume (continue from out_dir/ckpt.pt)
+    init_from: str = "auto"  # auto (continue out_dir/ckpt.pt if it is this run's, else start) | scratch | resume
+    overwrite: bool = False  # let init_from=scratch replace an existing run in out_dir
     export_hf: bool = True  # write out_dir/hf/ (transformers GPT2LMHeadModel) at the end
     # system
     backend: str = "auto"  # auto | torch | ttml
@@ -97,7 +104,7 @@ class TrainConfig:
 
     @property
     def optim_steps(self):
-        return self.total_optim_steps or math.ceil(self.steps / self.accumulation_steps)
+        return self.total_optim_steps or self.steps // self.accumulation_steps
 
 
 # What --smoke changes (only fields not given explicitly on the command line).
@@ -125,10 +132,15 @@ def atomic_write(path, mode="wb"):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
-            raise ConfigError(f"no space left on device while writing {path}; free some space or point "
-                              "--out_dir at a bigger disk") from None
+        raise_if_disk_full(e, path)
         raise
+
+
+def raise_if_disk_full(e, path):
+    """A full disk is one line naming the file (torch.save reports it as a RuntimeError quoting errno 28)."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
+        raise ConfigError(f"no space left on device while writing {path}; free some space or point --out_dir at "
+                          "a bigger disk") from None
 
 
 def write_json_atomic(path, obj):
@@ -209,8 +221,22 @@ def check_config(cfg):
     if cfg.eval_every > 0 and cfg.accumulation_steps > 0 and cfg.eval_every % cfg.accumulation_steps:
         problems.append(f"eval_every={cfg.eval_every} must be a multiple of accumulation_steps="
                         f"{cfg.accumulation_steps} (evals and checkpoints happen between optimizer steps)")
-    if cfg.init_from not in ("scratch", "resume"):
-        problems.append(f"init_from={cfg.init_from!r} must be scratch or resume")
+    if cfg.init_from not in ("auto", "scratch", "resume"):
+        problems.append(f"init_from={cfg.init_from!r} must be auto, scratch or resume")
+    if cfg.steps > 0 and cfg.accumulation_steps > 0 and cfg.steps % cfg.accumulation_steps:
+        problems.append(f"steps={cfg.steps} must be a multiple of accumulation_steps={cfg.accumulation_steps} "
+                        "(training ends on an optimizer step)")
+    if not cfg.out_dir.strip():
+        problems.append("out_dir is empty; name a directory, e.g. --out_dir=./wiki_memmap_gpt2")
+    if not 0 <= cfg.seed < 2**32:
+        problems.append(f"seed={cfg.seed} must be in [0, 2**32)")
+    for name in ("dropout", "beta1", "beta2", "beta1_start", "beta1_end"):
+        v = getattr(cfg, name)
+        if v is not None and not 0.0 <= v < 1.0:
+            problems.append(f"{name}={v} must be in [0, 1)")
+    for name in ("lr", "min_lr", "temperature", "weight_decay", "grad_clip"):
+        if not math.isfinite(getattr(cfg, name)):
+            problems.append(f"{name}={getattr(cfg, name)} must be a finite number")
     if cfg.backend not in ("auto", "torch", "ttml"):
         problems.append(f"backend={cfg.backend!r} must be auto, torch or ttml")
     if cfg.compile not in ("auto", "true", "false"):
@@ -1380,21 +1406,34 @@ class Metrics:
         if enabled and keep_until is None:
             open(path, "w").close()
         elif enabled:  # resume: drop rows a killed run wrote after its last checkpoint
-            rows = [r for r in read_jsonl(path) if r["step"] <= keep_until]
+            rows = [r for r in read_jsonl(path) if r.get("step", 0) <= keep_until]
             with atomic_write(path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
 
     def write(self, **row):
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as e:
+                raise_if_disk_full(e, self.path)
+                raise
 
 
 def read_jsonl(path):
+    """The rows of a .jsonl file; a partial last line (what a kill or a full disk leaves) is dropped."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ConfigError(f"{path}: line {i + 1} is not JSON; move the file away to start a fresh log") from None
+    return rows
 
 
 def evaluate(backend, batches, dist):
@@ -1440,6 +1479,7 @@ def save_checkpoint(path, cfg, backend, batches, dist, optim_step, manifest):
     if dist.main:
         backend.save(path, {"step": optim_step * cfg.accumulation_steps, "optim_step": optim_step, "rng": rng,
                             "config": dataclasses.asdict(cfg), "fingerprint": manifest["fingerprint"],
+                            "content_hash": manifest.get("content_hash"),
                             "model_shape": model_shape(cfg)})
 
 
@@ -1473,6 +1513,9 @@ def train(cfg, manifest, backend, dist, state=None):
             step, last = it * accum, it == n_iters
             if last or it % eval_interval == 0:
                 val_loss = evaluate(backend, val, dist)
+                if last and it == start and state is not None and dist.main:
+                    print(f"the run in {cfg.out_dir} has finished all {cfg.steps} steps: val loss {val_loss:.4f} "
+                          "(raise --steps to train on)")
                 if it > start or state is None:  # a resumed run's first eval is already logged and checkpointed
                     metrics.write(kind="eval", step=step, val_loss=val_loss)
                     if dist.main:
@@ -1526,18 +1569,72 @@ def read_checkpoint(path):
     return state
 
 
-def check_resumable(state, cfg, manifest, dist, path):
-    """A checkpoint continues this run only with the same model shape, data and number of ranks."""
-    meta = state["meta"]
+def resume_problem(meta, cfg, dist, manifest=None):
+    """Why a checkpoint cannot continue this run, or None: another model shape, other data, another rank count.
+    Before prepare the data config is compared (so a resume never rebuilds shards it cannot use); after it, the
+    tokens themselves (the shards' content hash), so a moved or touched dump still resumes."""
     if meta["model_shape"] != model_shape(cfg):
-        raise ConfigError(f"--init_from=resume: {path} holds a model of shape {meta['model_shape']}, "
-                          f"this run asks for {model_shape(cfg)}")
-    if meta["fingerprint"] != manifest["fingerprint"]:
-        raise ConfigError(f"--init_from=resume: {path} was trained on other data (fingerprint "
-                          f"{meta['fingerprint']}, now {manifest['fingerprint']}); use the same data config")
+        return f"it holds a model of shape {meta['model_shape']}, this run asks for {model_shape(cfg)}"
+    if manifest is None and meta["fingerprint"] != fingerprint(data_identity(cfg)):
+        return "it was trained on another data config (data_files/wiki_config, max_docs, shard_tokens, val_fraction)"
+    if manifest is not None and meta.get("content_hash") != manifest.get("content_hash"):
+        return "it was trained on other tokens than the shards in out_dir now hold"
     if len(meta["rng"]) != dist.world:
-        raise ConfigError(f"--init_from=resume: {path} was written by {len(meta['rng'])} ranks, "
-                          f"this run has {dist.world}")
+        return f"it was written by {len(meta['rng'])} ranks, this run has {dist.world}"
+    return None
+
+
+def choose_start(cfg, dist):
+    """The checkpoint to continue (read once, on the CPU), or None to start from scratch. A run is never silently
+    destroyed: auto continues this run's checkpoint and refuses another run's; scratch over a run needs --overwrite."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        if cfg.init_from == "resume":
+            raise ConfigError(f"--init_from=resume: no checkpoint at {path}; start with --init_from=scratch")
+        return None
+    if cfg.init_from == "scratch":
+        if not cfg.overwrite:
+            raise ConfigError(f"{cfg.out_dir} holds a run (ckpt.pt) that --init_from=scratch would replace; add "
+                              "--overwrite=true to replace it, use another --out_dir, or drop --init_from to continue it")
+        if dist.main:  # the old run's outputs go with it; the new run writes its own
+            for name in ("hf", "loss_curve.png", "metrics.jsonl", "ckpt.pt"):
+                shutil.rmtree(os.path.join(cfg.out_dir, name), ignore_errors=True)
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    os.remove(os.path.join(cfg.out_dir, name))
+        return None
+    state = read_checkpoint(path)
+    why = resume_problem(state["meta"], cfg, dist)
+    if why:
+        raise ConfigError(f"{path} cannot continue this run: {why}; use another --out_dir, or replace it with "
+                          "--init_from=scratch --overwrite=true")
+    if dist.main:
+        print(f"init_from={cfg.init_from}: continuing the run in {cfg.out_dir} from micro-step "
+              f"{state['meta']['step']} (--init_from=scratch --overwrite=true starts over)")
+    return state
+
+
+def claim_out_dir(out_dir):
+    """Make out_dir, check that it is a writable directory, and hold its advisory lock while this process lives: a
+    second main.py on the same out_dir is refused at once, naming the holder. The kernel drops a flock when its
+    holder exits, however it exits, so a lock left by a dead process never blocks."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(os.path.join(out_dir, ".lock"), "a+")
+    except OSError as e:  # a file, under a file, read-only, no permission
+        raise ConfigError(f"--out_dir={out_dir} is not a writable directory ({e.strerror}); point --out_dir "
+                          "elsewhere") from None
+    if fcntl is not None:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise ConfigError(f"{out_dir} is in use by another main.py (pid {f.read().strip() or '?'}); wait for it "
+                              "to finish, or use another --out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 # -----------------------------------------------------------------------------
@@ -1566,7 +1663,7 @@ def generate(backend, prompt_ids, cfg, rng):
 def print_samples(backend, cfg):
     enc = get_tokenizer()
     rng = np.random.default_rng(cfg.seed)
-    prompt = enc.encode_ordinary(cfg.sample_prompt)
+    prompt = enc.encode_ordinary(cfg.sample_prompt) or [EOS_ID]  # an empty prompt: start as a new article does
     for i in range(cfg.num_samples):
         text = enc.decode(generate(backend, prompt, cfg, rng))
         print(f"--- sample {i + 1}/{cfg.num_samples} ({'greedy' if cfg.temperature == 0 else 'sampled'}) ---\n{text}")
@@ -1626,15 +1723,16 @@ def run(cfg):
     cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device, dist.local_rank))  # before any work
     if cfg.sample_only:
         return sample_only(cfg)
+    lock = claim_out_dir(cfg.out_dir) if dist.main else None  # noqa: F841 - held until this process exits
+    state = None if cfg.prepare_only else choose_start(cfg, dist)
     manifest = prepare(cfg) if dist.main else wait_for_manifest(cfg, dist)
     check_enough_tokens(manifest, cfg.seq_len)
     if cfg.prepare_only:
         return
-    state = None
-    if cfg.init_from == "resume":
-        path = os.path.join(cfg.out_dir, "ckpt.pt")
-        state = read_checkpoint(path)
-        check_resumable(state, cfg, manifest, dist, path)
+    if state is not None and resume_problem(state["meta"], cfg, dist, manifest):
+        raise ConfigError(f"{cfg.out_dir}/ckpt.pt cannot continue this run: "
+                          f"{resume_problem(state['meta'], cfg, dist, manifest)}; use another --out_dir")
+    finished = state is not None and state["meta"]["optim_step"] >= cfg.steps // cfg.accumulation_steps
     backend = make_backend(cfg, dist)
     try:
         if state is not None:
@@ -1651,8 +1749,9 @@ def run(cfg):
                   f"{cfg.accumulation_steps} x data_parallel {dp}; {cfg.optim_steps} optimizer steps")
         train(cfg, manifest, backend, dist, state)
         if dist.main:  # the final eval already redrew loss_curve.png
-            if cfg.export_hf:
-                backend.export_hf(os.path.join(cfg.out_dir, "hf"))
+            hf = os.path.join(cfg.out_dir, "hf")
+            if cfg.export_hf and not (finished and os.path.isdir(hf)):  # a finished run's export is already there
+                backend.export_hf(hf)
             print_samples(backend, cfg)
     finally:
         backend.close()

@@ -24,10 +24,10 @@ def test_wiki_dump_env_var_sets_the_default(monkeypatch):
 
 
 def test_overrides_are_typed_from_the_dataclass():
-    c = main.parse_config(["--max_docs=1000", "--n_layer=2", "--lr=0.001", "--prepare_only=true", "--compile",
+    c = main.parse_config(["--max_docs=1000", "--n_layer=2", "--lr=0.001", "--prepare_only=true", "--compile=true",
                            "--data_files=a.parquet", "--top_k=None", "--beta1_start=0.85"])
     assert c.max_docs == 1000 and isinstance(c.max_docs, int)
-    assert c.n_layer == 2 and c.lr == 1e-3 and c.prepare_only is True and c.compile is True
+    assert c.n_layer == 2 and c.lr == 1e-3 and c.prepare_only is True and c.compile == "true"
     assert c.data_files == "a.parquet" and c.top_k is None and c.beta1_start == 0.85
     assert main.parse_config(["--prepare_only=false"]).prepare_only is False
 
@@ -40,7 +40,14 @@ def test_overrides_are_typed_from_the_dataclass():
     (["lr=3"], ["unknown option"]),
     (["--eval_every=3", "--accumulation_steps=2"], ["multiple of accumulation_steps"]),
     (["--n_embd=100", "--n_head=3"], ["divisible"]),
-    (["--init_from=best"], ["scratch or resume"]),
+    (["--init_from=best"], ["auto, scratch or resume"]),
+    (["--compile=yes"], ["auto, true or false"]),
+    (["--steps=7", "--accumulation_steps=2", "--eval_every=2"], ["steps=7 must be a multiple"]),
+    (["--out_dir="], ["out_dir is empty"]),
+    (["--seed=-1"], ["seed=-1"]), (["--seed=4294967296"], ["seed=4294967296"]),
+    (["--dropout=1.5"], ["dropout=1.5 must be in [0, 1)"]), (["--beta2=2"], ["beta2=2.0"]),
+    (["--beta1_start=1.5", "--beta1_warmup_steps=5"], ["beta1_start=1.5"]),
+    (["--lr=nan"], ["lr=nan must be a finite"]), (["--temperature=inf"], ["temperature=inf"]),
 ])
 def test_bad_command_lines_are_one_clear_error(argv, words):
     with pytest.raises(main.ConfigError) as e:

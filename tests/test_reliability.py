@@ -1,0 +1,136 @@
+"""Nothing the user has is lost, and no input or fault ends in a traceback: reruns, overwrite, corrupt checkpoints,
+bad out_dirs, a full disk, a partial metrics line, Ctrl-C, and two processes on one out_dir."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, cli_args, main, read_jsonl, run_main
+
+RUN = dict(steps=8, eval_every=4, export_hf="false")
+
+
+def one_line_error(p, *words):
+    err = p.stderr.strip()
+    return p.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1 and all(w in err for w in words)
+
+
+def digest(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished")
+    p = run_main(cli_args(out, **RUN))
+    assert p.returncode == 0, p.stderr[-2000:]
+    return out
+
+
+def test_rerunning_a_finished_run_reports_and_keeps_everything(finished):
+    before = digest(finished / "ckpt.pt"), read_jsonl(finished / "metrics.jsonl")
+    p = run_main(cli_args(finished, **RUN))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "init_from=auto: continuing the run" in p.stdout and "has finished all 8 steps" in p.stdout
+    assert (digest(finished / "ckpt.pt"), read_jsonl(finished / "metrics.jsonl")) == before
+
+
+def test_auto_continues_a_run_with_more_steps(finished, tmp_path):
+    out = tmp_path / "more"
+    os.makedirs(out)
+    for name in ("ckpt.pt", "metrics.jsonl"):
+        (out / name).write_bytes((finished / name).read_bytes())
+    p = run_main(cli_args(out, **{**RUN, "steps": 12}))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "eval"] == [0, 4, 8, 12]
+
+
+def test_scratch_over_a_run_needs_overwrite_and_other_shapes_are_refused(finished, tmp_path):
+    p = run_main(cli_args(finished, **RUN, init_from="scratch"))
+    assert one_line_error(p, "--overwrite=true", "--out_dir")
+    p = run_main(cli_args(finished, **{**RUN, "n_layer": 3}))
+    assert one_line_error(p, "cannot continue this run", "shape", "--overwrite=true")
+
+
+def test_overwrite_replaces_the_run(finished, tmp_path):
+    out = tmp_path / "over"
+    os.makedirs(out)
+    for name in ("ckpt.pt", "metrics.jsonl"):
+        (out / name).write_bytes((finished / name).read_bytes())
+    p = run_main(cli_args(out, **{**RUN, "steps": 4, "n_layer": 1}, init_from="scratch", overwrite="true"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert max(r["step"] for r in read_jsonl(out / "metrics.jsonl")) == 4
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[:len(b) // 2], lambda b: b"", lambda b: os.urandom(4096)])
+def test_a_damaged_checkpoint_is_one_line_for_resume_and_sample_only(finished, tmp_path, damage):
+    out = tmp_path / "damaged"
+    os.makedirs(out)
+    (out / "ckpt.pt").write_bytes(damage((finished / "ckpt.pt").read_bytes()))
+    for extra in ({"init_from": "resume"}, {"sample_only": "true"}):
+        p = run_main(cli_args(out, **RUN, **extra))
+        assert one_line_error(p, "not a readable checkpoint"), p.stderr[-500:]
+
+
+def test_bad_out_dirs_are_one_line_before_any_work(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "below"):
+        assert one_line_error(run_main(cli_args(out, **RUN)), "not a writable directory")
+    assert one_line_error(run_main(cli_args("", **RUN)), "out_dir is empty")
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    target = tmp_path / "x.json"
+    with pytest.raises(main.ConfigError, match="no space left on device while writing .*x.json"):
+        main.write_json_atomic(str(target), {"a": 1})
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_partial_last_metrics_line_is_dropped_on_resume_and_an_empty_prompt_samples(tmp_path):
+    assert run_main(cli_args(tmp_path, **RUN)).returncode == 0
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')
+    p = run_main(cli_args(tmp_path, **{**RUN, "steps": 12}))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "eval"] == [0, 4, 8, 12]
+    p = run_main(cli_args(tmp_path, **RUN, sample_only="true", sample_prompt=""))
+    assert p.returncode == 0 and "--- sample 1/1" in p.stdout, p.stderr[-2000:]
+
+
+def test_ctrl_c_checkpoints_at_a_step_boundary_and_the_resumed_run_ends_where_an_unbroken_one_ends(tmp_path):
+    args = cli_args(tmp_path, steps=120, eval_every=60, sample_tokens=2, export_hf="false")
+    full = tmp_path / "full"
+    assert run_main(args + [f"--out_dir={full}"]).returncode == 0
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py")] + args + [f"--out_dir={cut}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = cut / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and len(read_jsonl(metrics)) >= 20):
+        pass
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "checkpoint saved" in err and "Resume with the same command" in err
+    p = run_main(args + [f"--out_dir={cut}"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    last = lambda d: [r["val_loss"] for r in read_jsonl(d / "metrics.jsonl") if r["kind"] == "eval"][-1]  # noqa
+    assert last(cut) == pytest.approx(last(full), abs=1e-6)
+
+
+def test_a_second_process_on_an_out_dir_in_use_is_refused_naming_the_holder(tmp_path):
+    held = main.claim_out_dir(str(tmp_path))  # this test process holds the run's lock
+    try:
+        p = run_main(cli_args(tmp_path, **RUN))
+        assert one_line_error(p, "in use by another main.py", f"pid {os.getpid()}")
+    finally:
+        held.close()
+    (tmp_path / ".lock").write_text("999999\n")  # left by a process that died: no flock is held, so no block
+    assert run_main(cli_args(tmp_path, **RUN)).returncode == 0
