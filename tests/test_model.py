@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import main, tiny_cfg
 
@@ -36,6 +37,37 @@ def test_padded_vocab_never_wins_and_embeddings_are_tied(tmp_path):
     assert b.raw.transformer.wte.weight.shape[0] % 64 == 0
     logits, _ = b.raw(torch.zeros(1, 5, dtype=torch.long))
     assert logits.shape[-1] == main.VOCAB_SIZE
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_padded_columns_take_no_probability_mass_in_the_loss(tmp_path, compiled):
+    """The loss runs over the padded vocabulary (faster shapes), so the padding must be kept out of the softmax:
+    the loss equals cross-entropy over the real 50257 columns, and no gradient reaches the padding rows."""
+    b = backend(tmp_path)
+    with torch.no_grad():  # make the padding columns tempting: they would win every softmax if they took part
+        b.raw.lm_head.weight[main.VOCAB_SIZE:] = 10 * b.raw.lm_head.weight[:1]
+    x, y = (torch.from_numpy(a.astype(np.int64)) for a in random_batch(2, 32, seed=3))
+    model = torch.compile(b.raw) if compiled else b.raw
+    _, loss = model(x, y)
+    logits, _ = b.raw(x)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits.view(-1, main.VOCAB_SIZE), y.view(-1)).item(), rel=1e-5)
+    loss.backward()
+    assert b.raw.lm_head.weight.grad[main.VOCAB_SIZE:].abs().max().item() == 0.0
+
+
+def test_fp16_with_grad_scaler_skips_a_step_with_inf_gradients_and_backs_off(tmp_path):
+    b = backend(tmp_path, dtype="float16")
+    assert b.scaler.is_enabled()
+    x, y = random_batch(2, 32, seed=4)
+    b.train_micro_step(x, y, 1.0)
+    loss, _ = b.optimizer_step(1e-3, 0.9)
+    assert np.isfinite(loss)
+    before, scale = [p.detach().clone() for p in b.raw.parameters()], b.scaler.get_scale()
+    b.train_micro_step(x, y, 1.0)
+    next(b.raw.parameters()).grad[0, 0] = float("inf")  # an fp16 overflow
+    b.optimizer_step(1e-3, 0.9)
+    assert all(torch.equal(p, q) for p, q in zip(b.raw.parameters(), before))  # the step was skipped
+    assert b.scaler.get_scale() == scale / 2
 
 
 def test_gpt2_init_scales_residual_projections(tmp_path):
@@ -82,8 +114,9 @@ def test_lr_with_hold_and_explicit_total():
     assert main.lr_at(0, sched(warmup_steps=0)) == 1.0  # no warmup
 
 
-def test_total_optim_steps_defaults_to_ceil_of_micro_steps_over_accumulation():
-    assert main.TrainConfig(steps=10, accumulation_steps=3).optim_steps == 4
+def test_total_optim_steps_defaults_to_micro_steps_over_accumulation():
+    assert main.TrainConfig(steps=12, accumulation_steps=3).optim_steps == 4
+    assert main.TrainConfig(steps=12, accumulation_steps=3, total_optim_steps=9).optim_steps == 9
 
 
 def test_beta1_warmup_and_default():
