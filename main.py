@@ -16,16 +16,20 @@ Stages, in the order the data flows (and the order of this file):
   5. outputs  metrics.jsonl, loss_curve.png, ckpt.pt (resume with --init_from=resume), hf/ export, a greedy sample
 """
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import errno
 import glob
 import hashlib
+import importlib
 import inspect
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import typing
@@ -40,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # Config: every knob in one dataclass; `--field=value` overrides typed from the annotations
@@ -793,13 +798,13 @@ def choose_compile(requested, device_type, platform=sys.platform):
 # -----------------------------------------------------------------------------
 # Backends. The train loop talks to a backend only through these methods; tokens cross the seam as numpy:
 #   train_micro_step(x, y, loss_scale, sync)   forward, loss * loss_scale, backward (grads add up)
-#   optimizer_step(lr, beta1) -> float         clip, set lr/beta1, step, zero grads; the window's mean loss
+#   optimizer_step(lr, beta1) -> (loss, beta1)  clip, set lr/beta1, step, zero grads; the window's mean loss and
+#                                               the beta1 actually applied (ttml's AdamW fixes it when built)
 #   eval_loss(x, y) -> float, next_token_logits(ids) -> np.ndarray   (called inside no_grad())
 #   set_grad_enabled(flag) / set_train(flag) -> previous value        (what no_grad() switches)
-#   rng_state() / set_rng_state(s), save(path, meta) / load(path, check) -> meta (check(meta) runs before any
-#   state is loaded), export_hf(dir), close()
-# and attributes name, device_name, dtype, dist, and devices_per_process (replicas fed by this process: 1 for
-# torch, where torchrun runs one process per device; the mesh size for ttml, which shards one batch over devices).
+#   rng_state() / set_rng_state(s), save(path, meta), load(state) (read_checkpoint's dict), export_hf(dir), close()
+# and attributes device_name, dtype, and devices_per_process (replicas fed by this process: 1 for torch, where
+# torchrun runs one process per device; the mesh size for ttml, which shards one batch over devices).
 
 
 @dataclass
@@ -817,8 +822,6 @@ class Dist:
 def keep_freed_memory():
     """glibc hands every freed block over 32 MB (logits, their grads) back to the OS, so each step page-faults it
     in again: a third of CPU step time went to the kernel. Raise the mmap/trim thresholds to 1 GiB instead."""
-    import ctypes
-    import ctypes.util
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -829,11 +832,10 @@ def keep_freed_memory():
 
 
 class TorchBackend:
-    name = "torch"
     devices_per_process = 1
 
     def __init__(self, cfg, dist):
-        self.cfg, self.dist = cfg, dist
+        self.cfg, self.world = cfg, dist.world
         self.device = torch.device(resolve_device(cfg.device, dist.local_rank))  # run() resolved it; tests may not
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -862,7 +864,7 @@ class TorchBackend:
         self._loss = torch.zeros((), device=self.device)  # window loss stays on the device: one sync per step
 
     def _wrap(self, module):
-        if self.dist.world == 1:
+        if self.world == 1:
             return module
         from torch.nn.parallel import DistributedDataParallel as DDP
         return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -883,7 +885,7 @@ class TorchBackend:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.model = self._wrap(self.raw)
         # DDP all-reduces gradients only on the last micro-step of a window
-        no_sync = self.model.no_sync() if self.dist.world > 1 and not sync else contextlib.nullcontext()
+        no_sync = self.model.no_sync() if self.world > 1 and not sync else contextlib.nullcontext()
         with no_sync:
             with self.autocast:
                 _, loss = self.model(self._tensor(x), self._tensor(y))
@@ -968,7 +970,6 @@ class TorchBackend:
         assert not unexpected and all("attn.bias" in k or k == "lm_head.weight" for k in missing), (missing, unexpected)
         hf.tie_weights()
         tmp = out.rstrip("/") + ".tmp"
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
         hf.save_pretrained(tmp)
         shutil.rmtree(out, ignore_errors=True)
@@ -991,7 +992,6 @@ def import_ttml():
     Every version of that package finds its own _ttml (ttml/__init__.py @0126f1b looks in build/tt-train/sources/
     ttml). A pip or .pth install needs no TT_METAL_HOME. ttnn supplies Layout/DataType where ttml lacks them and the
     slice that sampling runs on the device."""
-    import importlib
     home = os.environ.get("TT_METAL_HOME")
     expected = os.path.join(home or "$TT_METAL_HOME", "tt-train", "build", "sources", "ttml")
     if home:
@@ -1453,7 +1453,6 @@ class Interrupted(Exception):
 def ctrl_c_flag():
     """The first Ctrl-C only raises a flag, so the loop stops at the next optimizer-step boundary (never inside an
     optimizer step, which would leave half-updated weights) and checkpoints there; a second Ctrl-C stops at once."""
-    import signal
     flag = {"set": False}
 
     def handler(signum, frame):
@@ -1487,7 +1486,6 @@ def train(cfg, manifest, backend, dist, state=None):
     """The loop, in nanoGPT's shape: each iteration evaluates and checkpoints when due, then runs one accumulation
     window of micro-steps and one optimizer step (its lr and beta1 are functions of the optimizer step `it`).
     `state` is a checkpoint from read_checkpoint() to continue from. Returns the last val loss."""
-    from tqdm import tqdm
     accum = cfg.accumulation_steps
     n_iters, eval_interval = cfg.steps // accum, cfg.eval_every // accum
     rows = cfg.batch_size * backend.devices_per_process
@@ -1647,7 +1645,7 @@ def generate(backend, prompt_ids, cfg, rng):
     ids = list(prompt_ids)
     with no_grad(backend):
         for _ in range(cfg.sample_tokens):
-            logits = backend.next_token_logits(np.array(ids[-cfg.seq_len:], dtype=np.int64))[:VOCAB_SIZE]
+            logits = backend.next_token_logits(np.array(ids[-cfg.seq_len:], dtype=np.int64))  # real vocab only
             if cfg.temperature == 0:
                 nxt = int(np.argmax(logits))
             else:

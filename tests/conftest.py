@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import main  # noqa: E402
 
-FIXTURE = os.path.join(ROOT, "tests", "data", "wiki_fixture.parquet")
+FIXTURE, read_jsonl = main.FIXTURE, main.read_jsonl
 TINY = dict(n_layer=2, n_head=2, n_embd=32, seq_len=32, batch_size=4, eval_iters=2, num_proc=1,
             device="cpu", sample_tokens=8, backend="torch")
 
@@ -47,11 +47,6 @@ def kill_9_when(args, ready, timeout=300):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     return was_running
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 @pytest.fixture(scope="session")
