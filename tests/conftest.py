@@ -49,6 +49,13 @@ def kill_9_when(args, ready, timeout=300):
     return was_running
 
 
+def digest(out_dir):
+    """sha256 of every file in out_dir, by name: two prepares agree byte for byte and file for file."""
+    import hashlib
+    return {n: hashlib.sha256(open(os.path.join(out_dir, n), "rb").read()).hexdigest()
+            for n in sorted(os.listdir(out_dir)) if os.path.isfile(os.path.join(out_dir, n))}
+
+
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -1,5 +1,4 @@
 """The shard pipeline: token parity, manifest schema, the val split, idempotence, crash safety, bad input."""
-import hashlib
 import json
 import os
 import time
@@ -9,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import FIXTURE, kill_9_when, main, run_main, tiny_cfg
+from conftest import FIXTURE, digest, kill_9_when, main, run_main, tiny_cfg
 
 
 def stream(out_dir, split):
@@ -24,10 +23,6 @@ def split_docs(tokens):
     bounds = np.flatnonzero(tokens == main.EOS_ID).tolist() + [len(tokens)]
     return [tokens[a + 1:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
 
-
-def digest(out_dir):
-    return {n: hashlib.sha256(open(os.path.join(out_dir, n), "rb").read()).hexdigest()
-            for n in sorted(os.listdir(out_dir)) if os.path.isfile(os.path.join(out_dir, n))}
 
 
 @pytest.fixture(scope="module")

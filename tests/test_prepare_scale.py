@@ -2,7 +2,6 @@
 20220301 dumps, and data safety (old shards kept until a rebuild is complete, only recorded files deleted, an
 identity that survives touch/move/copy)."""
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -14,14 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import FIXTURE, ROOT, main, run_main, tiny_cfg
+from conftest import FIXTURE, ROOT, digest, main, run_main, tiny_cfg
 
 quiet = dict(log=lambda *a: None)
-
-
-def digest(out_dir):
-    return {n: hashlib.sha256(open(os.path.join(out_dir, n), "rb").read()).hexdigest()
-            for n in sorted(os.listdir(out_dir)) if os.path.isfile(os.path.join(out_dir, n))}
 
 
 @pytest.fixture(scope="module")
