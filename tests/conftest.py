@@ -1,4 +1,5 @@
 """Shared helpers: the shipped fixture, tiny configs, running main.py in a subprocess."""
+import hashlib
 import json
 import os
 import subprocess
@@ -47,6 +48,12 @@ def kill_9_when(args, ready, timeout=300):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     return was_running
+
+
+def digest(out_dir):
+    """sha256 of every file in out_dir, by name: two prepares agree byte for byte and file for file."""
+    return {n: hashlib.sha256(open(os.path.join(out_dir, n), "rb").read()).hexdigest()
+            for n in sorted(os.listdir(out_dir)) if os.path.isfile(os.path.join(out_dir, n))}
 
 
 @pytest.fixture(scope="session")

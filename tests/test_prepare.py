@@ -1,5 +1,4 @@
 """The shard pipeline: token parity, manifest schema, the val split, idempotence, crash safety, bad input."""
-import hashlib
 import json
 import os
 import time
@@ -9,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import FIXTURE, kill_9_when, main, run_main, tiny_cfg
+from conftest import FIXTURE, digest, kill_9_when, main, run_main, tiny_cfg
 
 
 def stream(out_dir, split):
@@ -24,10 +23,6 @@ def split_docs(tokens):
     bounds = np.flatnonzero(tokens == main.EOS_ID).tolist() + [len(tokens)]
     return [tokens[a + 1:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
 
-
-def digest(out_dir):
-    return {n: hashlib.sha256(open(os.path.join(out_dir, n), "rb").read()).hexdigest()
-            for n in sorted(os.listdir(out_dir)) if os.path.isfile(os.path.join(out_dir, n))}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +48,9 @@ def test_manifest_schema_lists_shards_in_order_with_sizes(prepared):
     assert m["data"]["shard_tokens"] == 20000 and m["data"]["val_fraction"] == cfg.val_fraction
     assert len(m["fingerprint"]) == 16
     train = m["splits"]["train"]
-    assert [s["file"] for s in train] == [f"train_{i:06d}.bin" for i in range(len(train))]
+    tag = m["fingerprint"][:8]  # shard names carry the data fingerprint, so a rebuild never overwrites a valid set
+    assert [s["file"] for s in train] == [f"train_{tag}_{i:06d}.bin" for i in range(len(train))]
+    assert len(m["content_hash"]) == 64 and all(len(s["sha256"]) == 64 for s in train)
     assert len(train) > 3 and all(s["tokens"] == 20000 for s in train[:-1]) and 0 < train[-1]["tokens"] <= 20000
     for split in ("train", "val"):
         for s in m["splits"][split]:
@@ -95,13 +92,13 @@ def test_changed_max_docs_rebuilds_and_removes_stale_shards(tmp_path):
 @pytest.mark.parametrize("damage", ["truncate_shard", "delete_shard", "corrupt_manifest"])
 def test_damaged_output_is_detected_and_rebuilt_with_a_notice(tmp_path, damage):
     cfg = tiny_cfg(tmp_path, shard_tokens=50000)
-    main.prepare(cfg, log=lambda *a: None)
+    m = main.prepare(cfg, log=lambda *a: None)
     clean = digest(tmp_path)
     if damage == "truncate_shard":
-        with open(tmp_path / "train_000001.bin", "r+b") as f:
+        with open(tmp_path / m["splits"]["train"][1]["file"], "r+b") as f:
             f.truncate(1000)
     elif damage == "delete_shard":
-        os.remove(tmp_path / "val_000000.bin")
+        os.remove(tmp_path / m["splits"]["val"][0]["file"])
     else:
         (tmp_path / "manifest.json").write_text('{"format_version": 1, "splits": ')
     notes = []
@@ -137,8 +134,8 @@ def assert_fails_cleanly(args, out_dir, *words):
     assert not [n for n in leftover if n.endswith((".bin", ".json", ".tmp"))], leftover
 
 
-def test_retired_or_unknown_dump_is_one_clear_error(tmp_path):
-    assert_fails_cleanly(["--wiki_config=20220301.en"], tmp_path / "o", "20231101.en", "20220301")
+def test_unknown_dump_is_one_clear_error_naming_both_families(tmp_path):
+    assert_fails_cleanly(["--wiki_config=20220301.xx"], tmp_path / "o", "20231101.en", "20220301", "unknown")
     p = run_main(["--prepare_only=true", f"--out_dir={tmp_path / 'o3'}"], env={"WIKI_DUMP": "en"})
     assert p.returncode == 2 and "unknown Wikipedia dump 'en'" in p.stderr
 

@@ -1,0 +1,317 @@
+"""Prepare at scale: resume after kill -9 / Ctrl-C / reader errors, workers that read their own input, the seed's
+20220301 dumps, and data safety (old shards kept until a rebuild is complete, only recorded files deleted, an
+identity that survives touch/move/copy)."""
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import FIXTURE, ROOT, digest, main, run_main, tiny_cfg
+
+quiet = dict(log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def dump(tmp_path_factory):
+    """A dump-shaped input: 3 parquet files of 80 articles each, in row groups of 16."""
+    d = tmp_path_factory.mktemp("dump")
+    tbl = pq.read_table(FIXTURE)
+    for i in range(3):
+        pq.write_table(pa.concat_tables([tbl, tbl.slice(i * 20, 20)]), d / f"train-{i:05d}-of-00003.parquet",
+                       row_group_size=16)
+    return str(d / "*.parquet")
+
+
+def args_for(data_files, out_dir, **kw):
+    kw = {"data_files": data_files, "out_dir": out_dir, "prepare_only": "true", "num_proc": 2,
+          "shard_tokens": 40000, **kw}
+    return [f"--{k}={v}" for k, v in kw.items()]
+
+
+@pytest.fixture(scope="module")
+def clean(dump, tmp_path_factory):
+    """An unbroken prepare of `dump`, to compare every interrupted one with."""
+    out = tmp_path_factory.mktemp("clean")
+    p = run_main(args_for(dump, out))
+    assert p.returncode == 0, p.stderr[-2000:]
+    return out, digest(out), json.load(open(out / "manifest.json"))
+
+
+# A wrapper that runs main.py and SIGKILLs it (no clean-up of any kind) at the nth call of module.attr whose first
+# argument contains `match`, just before or just after that call.
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import main
+owner, attr, match, when, nth = {owner}, {attr!r}, {match!r}, {when!r}, {nth}
+real, calls = getattr(owner, attr), [0]
+def wrapped(*a, **k):
+    hit = match in str(a[0]) if a else True
+    calls[0] += hit
+    if hit and when == "before" and calls[0] == nth: os.kill(os.getpid(), signal.SIGKILL)
+    out = real(*a, **k)
+    if hit and when == "after" and calls[0] == nth: os.kill(os.getpid(), signal.SIGKILL)
+    return out
+setattr(owner, attr, wrapped)
+main.main(sys.argv[1:])
+"""
+
+
+def run_killed(args, owner, attr, match, when, nth):
+    code = KILLER.format(root=ROOT, owner=owner, attr=attr, match=match, when=when, nth=nth)
+    p = subprocess.run([sys.executable, "-c", code] + args, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr[-2000:])
+
+
+def progress(out_dir):
+    return json.load(open(os.path.join(out_dir, main.PROGRESS)))
+
+
+@pytest.mark.parametrize("point", ["between a shard's rename and its progress record", "after a progress record",
+                                   "inside a shard write (temp file left)", "at the train/val boundary"])
+def test_kill_9_then_rerun_gives_identical_bytes_and_resumes(dump, clean, tmp_path, point):
+    clean_dir, clean_digest, m = clean
+    n_train = len(m["splits"]["train"])
+    owner, attr, match, when, nth = {  # progress record #1 is written before any shard; #k+1 follows shard k
+        "between a shard's rename and its progress record": ("main", "write_json_atomic", main.PROGRESS, "before", 4),
+        "after a progress record": ("main", "write_json_atomic", main.PROGRESS, "after", 8),
+        "inside a shard write (temp file left)": ("os", "replace", ".bin.tmp", "before", 6),
+        "at the train/val boundary": ("main", "write_json_atomic", main.PROGRESS, "before", n_train + 1),
+    }[point]
+    run_killed(args_for(dump, tmp_path), owner, attr, match, when, nth)
+    assert not (tmp_path / "manifest.json").exists()
+    done = len(progress(tmp_path)["splits"]["train"])
+    assert done >= 2
+    if attr == "write_json_atomic" and when == "before":  # the shard is on disk, its record is not
+        assert os.path.exists(tmp_path / main.shard_name("train", m["fingerprint"][:8], done))
+    p = run_main(args_for(dump, tmp_path))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"resuming after {done} train" in p.stdout  # less work: it starts after the finished shards
+    assert digest(tmp_path) == clean_digest
+
+
+def test_reader_error_mid_stream_keeps_finished_shards_and_rerun_continues(dump, clean, tmp_path, monkeypatch):
+    clean_dir, clean_digest, _ = clean
+    cfg = tiny_cfg(tmp_path, data_files=dump, shard_tokens=40000, num_proc=1)
+    real, calls = main.read_rows, []
+
+    def flaky(*a):
+        calls.append(a)
+        if len(calls) == 9:
+            raise OSError("connection reset by peer")
+        return real(*a)
+    monkeypatch.setattr(main, "read_rows", flaky)
+    with pytest.raises(main.ConfigError, match="rerun continues"):
+        main.prepare(cfg, **quiet)
+    monkeypatch.setattr(main, "read_rows", real)
+    assert len(progress(tmp_path)["splits"]["train"]) >= 2
+    notes = []
+    main.prepare(cfg, log=notes.append)
+    assert "resuming after" in notes[0] and digest(tmp_path) == clean_digest
+
+
+@pytest.mark.parametrize("num_proc", [1, 2, 3])
+def test_same_bytes_whatever_the_number_of_workers(dump, clean, tmp_path, num_proc):
+    main.prepare(tiny_cfg(tmp_path, data_files=dump, shard_tokens=40000, num_proc=num_proc), **quiet)
+    assert digest(tmp_path) == clean[1]
+
+
+# --- the hub: 20220301 (legacy-datasets/wikipedia) and 20231101 (wikimedia/wikipedia), mocked ---------------------
+
+@pytest.fixture
+def fake_hub(dump, monkeypatch):
+    """datasets.load_dataset streams the local dump instead of the hub, and records what it was asked for."""
+    import datasets
+    real, calls = datasets.load_dataset, []
+
+    def load_dataset(*a, **k):
+        calls.append((a, k))
+        return real("parquet", data_files=dump, split="train", streaming=True)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(main, "hub_num_articles", lambda files: 240)
+    return calls
+
+
+@pytest.mark.parametrize("dump_name,files", [
+    *[(f"20220301.{lang}", f"hf://datasets/legacy-datasets/wikipedia/data/20220301.{lang}/*.parquet")
+      for lang in ("en", "de", "fr", "frr", "it", "simple")],
+    ("20231101.en", "hf://datasets/wikimedia/wikipedia/20231101.en/*.parquet")])
+def test_hub_dump_paths(fake_hub, tmp_path, dump_name, files):
+    m = main.prepare(tiny_cfg(tmp_path, data_files=None, wiki_config=dump_name, max_docs=30), **quiet)
+    assert fake_hub == [(("parquet",), {"data_files": files, "split": "train", "streaming": True})]
+    assert m["num_docs"] == 30 and m["data"]["wiki_config"] == dump_name
+
+
+def test_hub_stream_gives_the_local_bytes_and_resumes_from_its_state_dict(fake_hub, dump, clean, tmp_path,
+                                                                          monkeypatch):
+    local = clean[2]
+    cfg = tiny_cfg(tmp_path, data_files=None, wiki_config="20220301.en", shard_tokens=40000, num_proc=1)
+    monkeypatch.setattr(main, "TASK_ARTICLES", 24)  # several stream batches per file
+    real, calls = main.tokenize_task, []
+
+    def flaky(task):
+        calls.append(1)
+        if len(calls) == 7:
+            raise ConnectionError("the hub went away")
+        return real(task)
+    monkeypatch.setattr(main, "tokenize_task", flaky)
+    with pytest.raises(main.ConfigError, match="rerun continues"):
+        main.prepare(cfg, **quiet)
+    assert progress(tmp_path)["next"]["stream"] is not None
+    monkeypatch.setattr(main, "tokenize_task", real)
+    notes = []
+    m = main.prepare(cfg, log=notes.append)
+    assert "resuming after" in notes[0]
+    assert m["content_hash"] == local["content_hash"]  # the same tokens as the local prepare of the same articles
+
+
+def test_unknown_dump_and_offline_hub_are_one_line(tmp_path):
+    for dump_name, words in [("20220301.xx", ["unknown", "20231101.en", "20220301"]), ("20220301.en", ["hub"])]:
+        p = run_main(args_for("", tmp_path / dump_name, wiki_config=dump_name)[1:])
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert all(w in p.stderr.strip().splitlines()[-1] for w in words), p.stderr
+
+
+# --- data safety ------------------------------------------------------------------------------------------------
+
+def damaged_copy(src, dst):
+    """src rewritten in row groups of 16, with bytes in the middle scrambled: reading fails part-way through."""
+    pq.write_table(pq.read_table(src), dst, row_group_size=16)
+    data = bytearray(open(dst, "rb").read())
+    mid = pq.ParquetFile(dst).metadata.row_group(2).column(3).data_page_offset
+    for i in range(mid + 200, mid + 2200):
+        data[i] = (data[i] * 7 + 13) % 256
+    open(dst, "wb").write(data)
+
+
+def test_failed_rebuild_keeps_the_old_set_usable(tmp_path):
+    cfg = tiny_cfg(tmp_path / "o", shard_tokens=20000)
+    m = main.prepare(cfg, **quiet)
+    before = digest(cfg.out_dir)
+    damaged_copy(FIXTURE, tmp_path / "damaged.parquet")
+    with pytest.raises(main.ConfigError, match="reading the input failed"):
+        main.prepare(tiny_cfg(cfg.out_dir, data_files=str(tmp_path / "damaged.parquet"), shard_tokens=20000), **quiet)
+    after = digest(cfg.out_dir)
+    assert {n: after[n] for n in before} == before  # every old file, byte for byte
+    assert main.load_manifest(cfg.out_dir, m["fingerprint"])[0] == m
+    notes = []
+    assert main.prepare(cfg, log=notes.append) == m and "reusing" in notes[0]
+
+
+def test_kill_9_after_the_switch_still_deletes_the_old_set(dump, tmp_path):
+    old = main.prepare(tiny_cfg(tmp_path, data_files=dump, shard_tokens=40000), **quiet)
+    run_killed(args_for(dump, tmp_path, max_docs=100), "main", "finish_switch", "", "before", 1)
+    p = run_main(args_for(dump, tmp_path, max_docs=100))
+    assert p.returncode == 0 and "reusing" in p.stdout, p.stderr[-2000:]
+    new = json.load(open(tmp_path / "manifest.json"))
+    assert new["num_docs"] == 100
+    assert set(os.listdir(tmp_path)) == set(main.listed_shards(new)) | {"manifest.json"}
+    assert not set(main.listed_shards(old)) & set(os.listdir(tmp_path))
+
+
+def test_touch_move_or_copy_of_the_source_does_not_rebuild(tmp_path):
+    src = tmp_path / "a" / "wiki.parquet"
+    src.parent.mkdir()
+    shutil.copy(FIXTURE, src)
+    out = tmp_path / "o"
+    m = main.prepare(tiny_cfg(out, data_files=str(src)), **quiet)
+    os.utime(src, (1, 1))  # touch
+    moved = tmp_path / "b" / "wiki.parquet"
+    moved.parent.mkdir()
+    shutil.move(src, moved)
+    for path in (moved, shutil.copy(moved, tmp_path / "wiki.parquet")):
+        notes = []
+        assert main.prepare(tiny_cfg(out, data_files=str(path)), log=notes.append) == m and "reusing" in notes[0]
+    tbl = pq.read_table(moved)  # a real change of the content is still caught
+    pq.write_table(tbl.set_column(3, "text", pa.array(["changed"] + tbl.column("text").to_pylist()[1:])), moved)
+    notes = []
+    assert main.prepare(tiny_cfg(out, data_files=str(moved)), log=notes.append)["fingerprint"] != m["fingerprint"]
+    assert "rebuilding" in notes[0]
+
+
+def test_cleanup_deletes_only_files_main_py_recorded(dump, tmp_path):
+    strays = ["manifest.json.bak", "train_000000.bin", "val_000001.bin", "train_deadbeef_000000.bin", "notes.txt"]
+    for n in strays:
+        (tmp_path / n).write_bytes(b"mine")
+    old = main.prepare(tiny_cfg(tmp_path, data_files=dump, shard_tokens=40000), **quiet)
+    new = main.prepare(tiny_cfg(tmp_path, data_files=dump, shard_tokens=40000, max_docs=50), **quiet)
+    assert set(os.listdir(tmp_path)) == set(strays) | set(main.listed_shards(new)) | {"manifest.json"}
+    assert all((tmp_path / n).read_bytes() == b"mine" for n in strays)
+    assert old["fingerprint"] != new["fingerprint"]
+
+
+# --- processes ----------------------------------------------------------------------------------------------------
+
+def children(pid):
+    """Live (non-zombie) processes whose parent is pid."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid and stat[0] != "Z":
+                out.append(int(d))
+    return out
+
+
+def alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def big_dump(tmp_path):
+    big = tmp_path / "x10.parquet"
+    pq.write_table(pa.concat_tables([pq.read_table(FIXTURE)] * 10), big, row_group_size=16)
+    return str(big)
+
+
+def wait_for(cond, proc=None, timeout=120):
+    """Poll cond() until it holds, the deadline passes, or proc (if given) has exited."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline and (proc is None or proc.poll() is None) and not cond():
+        time.sleep(0.01)
+    return cond()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_exit_when_main_is_killed(tmp_path):
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py")] + args_for(big_dump(tmp_path), tmp_path / "o"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert wait_for(lambda: len(children(proc.pid)) >= 2, proc), "no pool workers seen"
+        workers = children(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)  # the parent only, as the OOM killer would
+        proc.wait()
+        assert wait_for(lambda: not any(alive(w) for w in workers), timeout=30), "orphaned workers still running"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_ctrl_c_during_prepare_is_one_line_and_the_rerun_continues(tmp_path):
+    data, out = big_dump(tmp_path), tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py")] + args_for(data, out),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    shards = lambda: out.exists() and sum(n.endswith(".bin") for n in os.listdir(out)) >= 3
+    assert wait_for(shards, proc), "prepare finished before Ctrl-C"
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group, workers included
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (130, 2) and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(("stopped:", "error:")), err[-2000:]
+    p = run_main(args_for(data, out))
+    assert p.returncode == 0 and "resuming after" in p.stdout, p.stderr[-2000:]
+    main.prepare(tiny_cfg(tmp_path / "clean", data_files=data, shard_tokens=40000, num_proc=2), **quiet)
+    assert digest(out) == digest(tmp_path / "clean")
