@@ -106,6 +106,5 @@ class RefTrainer:
             nn.utils.clip_grad_norm_(self.raw.parameters(), self.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss.item()
-        self._loss.zero_()
+        loss, self._loss = self._loss.item(), torch.zeros((), device=self.device)  # one host sync per step
         return loss

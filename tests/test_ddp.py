@@ -51,7 +51,7 @@ def test_only_rank_0_writes_outputs_and_prints(two_ranks):
     assert p.stdout.count("device: cpu") == 1
     names = sorted(os.listdir(out))
     shards = [s["file"] for split in ("train", "val") for s in json.load(open(out / "manifest.json"))["splits"][split]]
-    assert names == sorted(["ckpt.pt", "loss_curve.png", "manifest.json", "metrics.jsonl", *shards])
+    assert names == sorted([".lock", "ckpt.pt", "loss_curve.png", "manifest.json", "metrics.jsonl", *shards])
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
     assert steps == list(range(1, 41))  # one writer: no duplicated rows
 

@@ -39,11 +39,15 @@ def test_rerunning_a_finished_run_reports_and_keeps_everything(finished):
     assert (digest(finished / "ckpt.pt"), read_jsonl(finished / "metrics.jsonl")) == before
 
 
-def test_auto_continues_a_run_with_more_steps(finished, tmp_path):
-    out = tmp_path / "more"
+def copy_of(run, out):
     os.makedirs(out)
     for name in ("ckpt.pt", "metrics.jsonl"):
-        (out / name).write_bytes((finished / name).read_bytes())
+        (out / name).write_bytes((run / name).read_bytes())
+    return out
+
+
+def test_auto_continues_a_run_with_more_steps(finished, tmp_path):
+    out = copy_of(finished, tmp_path / "more")
     p = run_main(cli_args(out, **{**RUN, "steps": 12}))
     assert p.returncode == 0, p.stderr[-2000:]
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "eval"] == [0, 4, 8, 12]
@@ -57,10 +61,7 @@ def test_scratch_over_a_run_needs_overwrite_and_other_shapes_are_refused(finishe
 
 
 def test_overwrite_replaces_the_run(finished, tmp_path):
-    out = tmp_path / "over"
-    os.makedirs(out)
-    for name in ("ckpt.pt", "metrics.jsonl"):
-        (out / name).write_bytes((finished / name).read_bytes())
+    out = copy_of(finished, tmp_path / "over")
     p = run_main(cli_args(out, **{**RUN, "steps": 4, "n_layer": 1}, init_from="scratch", overwrite="true"))
     assert p.returncode == 0, p.stderr[-2000:]
     assert max(r["step"] for r in read_jsonl(out / "metrics.jsonl")) == 4
