@@ -1056,6 +1056,7 @@ class TtmlBackend:
     tt-train's sources/examples/python/transformers/trainer.py and training_ddp.py unless a comment names another
     tt-metal file (paths under tt-train/sources/ttml/ unless they start with examples/; @commit where the API
     changed). Only checked against a stand-in (tests/fake_ttml.py): nothing here has run on Tenstorrent hardware."""
+    name = "ttml"
     dtype = "bfloat16"  # ttml keeps weights and activations in bf16; there is no fp32/fp16 switch to offer
 
     def __init__(self, cfg, dist, ttml, ttnn):
