@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -113,7 +114,7 @@ class TrainConfig:
     data_parallel: typing.Optional[int] = None  # data-parallel replicas; None = torchrun's WORLD_SIZE (torch) / 1 (ttml)
     peak_flops: typing.Optional[float] = None  # device peak FLOP/s for MFU; None = look the device up
     seed: int = 1337  # model init, batch order (with the rank), sampling
-    ddp_wait_s: float = 3600.0  # how long non-zero ranks wait for rank 0 to prepare the data
+    ddp_wait_s: float = 600.0  # how long a rank waits for its node's manifest while no process is preparing it
     smoke: bool = False  # preset: tiny model on the repo's fixture, the whole pipeline in about a minute
 
     @property
@@ -1008,10 +1009,16 @@ def choose_compile(requested, device_type, platform=sys.platform):
 
 @dataclass
 class Dist:
-    """Where this process sits in a data-parallel run (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)."""
+    """Where this process sits in a data-parallel run (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, GROUP_RANK)."""
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    node: int = 0  # torchrun's node rank
+    writer: typing.Optional[bool] = None  # writes out_dir's checkpoint: one process per distinct out_dir; None = rank 0
+
+    def __post_init__(self):
+        if self.writer is None:
+            self.writer = self.main
 
     @property
     def main(self):
@@ -1578,7 +1585,8 @@ def init_distributed(cfg):
         return Dist()
     import datetime
     import torch.distributed as tdist
-    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
+                int(os.environ.get("GROUP_RANK", "0")))
     cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     tdist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     return dist
@@ -1594,6 +1602,19 @@ def all_sum(values, dist):
     return t.tolist()
 
 
+def on_every_rank(dist, fn):
+    """fn() on this rank; a ConfigError on any rank is raised on every rank, naming its node, so no rank is left
+    waiting in a collective for one that stopped."""
+    try:
+        result, problem = fn(), None
+    except ConfigError as e:
+        result, problem = None, f"node {dist.node}: {e}" if dist.world > 1 else str(e)
+    problems = [p for p in gather_objects(problem, dist) if p]
+    if problems:
+        raise ConfigError(problems[0])
+    return result
+
+
 def gather_objects(obj, dist):
     if dist.world == 1:
         return [obj]
@@ -1603,17 +1624,54 @@ def gather_objects(obj, dist):
     return out
 
 
+PREPARE_LOCK = ".prepare.lock"  # held while a process prepares out_dir (the run lock is .lock)
+
+
+def prepare_on_node(cfg, dist):
+    """Local rank 0 of every node prepares (or reuses) the shards in its own out_dir, so node-local disks work;
+    the node's other ranks wait for that manifest. Nodes sharing one out_dir take turns under the prepare lock:
+    the first builds, the others then reuse what it wrote."""
+    if dist.local_rank != 0:
+        return wait_for_manifest(cfg, dist)
+    lock = try_lock(cfg.out_dir, PREPARE_LOCK)
+    while lock is None:  # another node is preparing this out_dir; its lock goes when it finishes or dies
+        time.sleep(0.2)
+        lock = try_lock(cfg.out_dir, PREPARE_LOCK)
+    with lock:
+        return prepare(cfg)
+
+
 def wait_for_manifest(cfg, dist):
-    """Ranks other than 0 wait until rank 0 has written a manifest for this data config."""
-    fp, t0 = fingerprint(data_identity(cfg)), time.time()
+    """Wait until out_dir holds a valid manifest for this data config. A prepare can take hours, so the clock runs
+    only while no live process holds the prepare lock: ddp_wait_s bounds the wait for a prepare that never comes."""
+    fp, t0, path = fingerprint(data_identity(cfg)), time.time(), os.path.join(cfg.out_dir, "manifest.json")
     while True:
-        manifest, _ = load_manifest(cfg.out_dir, fp)
+        manifest, why = load_manifest(cfg.out_dir, fp)
         if manifest is not None:
             return manifest
+        probe = try_lock(cfg.out_dir, PREPARE_LOCK)
+        if probe is None:
+            t0 = time.time()
+        else:
+            probe.close()
         if time.time() - t0 > cfg.ddp_wait_s:
-            raise ConfigError(f"rank {dist.rank}: no valid manifest in {cfg.out_dir} after {cfg.ddp_wait_s:.0f}s; "
-                              "did rank 0 fail in prepare? (raise --ddp_wait_s for very large dumps)")
-        time.sleep(1.0)
+            raise ConfigError(f"rank {dist.rank} on node {dist.node}: no valid {path} ({why}) after "
+                              f"{cfg.ddp_wait_s:.0f}s, and nothing is preparing it; local rank 0 of node "
+                              f"{dist.node} writes it: did it fail? (--ddp_wait_s sets this wait)")
+        time.sleep(0.2)
+
+
+def check_same_data(manifest, dist):
+    """Every node must train on the same tokens. The content hash is the tokens themselves where prepare recorded
+    one; else the fingerprint (the data config) stands in. One line naming the nodes that differ from node 0's."""
+    seen = gather_objects((dist.node, manifest["fingerprint"], manifest.get("content_hash")), dist)
+    key = 2 if all(s[2] for s in seen) else 1
+    odd = sorted({s[0] for s in seen if s[key] != seen[0][key]})
+    if odd:
+        what = "content hash" if key == 2 else "data fingerprint"
+        raise ConfigError(f"the nodes prepared different data: node(s) {', '.join(map(str, odd))} have {what} "
+                          f"{next(s[key] for s in seen if s[0] == odd[0])}, node {seen[0][0]} has {seen[0][key]}; "
+                          "give every node the same data files and data options")
 
 
 def git_commit():
@@ -1743,7 +1801,7 @@ def save_checkpoint(path, cfg, backend, batches, dist, optim_step, manifest, wan
     """Every rank's RNG state (batch order and dropout) goes in, so a resumed run draws what an unbroken one would;
     the W&B run id, so a resumed run logs to the same W&B run."""
     rng = gather_objects({"batches": batches.state(), "backend": backend.rng_state()}, dist)
-    if dist.main:
+    if dist.writer:
         backend.save(path, {"step": optim_step * cfg.accumulation_steps, "optim_step": optim_step, "rng": rng,
                             "config": dataclasses.asdict(cfg), "fingerprint": manifest["fingerprint"],
                             "content_hash": manifest.get("content_hash"),
@@ -1865,7 +1923,7 @@ def choose_start(cfg, dist):
         if not cfg.overwrite:
             raise ConfigError(f"{cfg.out_dir} holds a run (ckpt.pt) that --init_from=scratch would replace; add "
                               "--overwrite=true to replace it, use another --out_dir, or drop --init_from to continue it")
-        if dist.main:  # the old run's outputs go with it; the new run writes its own
+        if dist.local_rank == 0:  # the old run's outputs go with it, on every node; the new run writes its own
             for name in ("hf", "loss_curve.png", "metrics.jsonl", "ckpt.pt"):
                 shutil.rmtree(os.path.join(cfg.out_dir, name), ignore_errors=True)
                 with contextlib.suppress(FileNotFoundError, IsADirectoryError):
@@ -1882,13 +1940,23 @@ def choose_start(cfg, dist):
     return state
 
 
-def claim_out_dir(out_dir):
-    """Make out_dir, check that it is a writable directory, and hold its advisory lock while this process lives: a
-    second main.py on the same out_dir is refused at once, naming the holder. The kernel drops a flock when its
-    holder exits, however it exits, so a lock left by a dead process never blocks."""
+def check_same_start(state, dist):
+    """Each node reads its own ckpt.pt, so they must agree on where training continues (a kill between two nodes'
+    checkpoint writes leaves them one eval apart). One line naming what each node has."""
+    seen = gather_objects((dist.node, None if state is None else state["meta"]["step"]), dist)
+    if len({step for _, step in seen}) > 1:
+        starts = ", ".join(f"node {n}: " + ("no checkpoint" if step is None else f"micro-step {step}")
+                           for n, step in sorted(set(seen), key=str))
+        raise ConfigError(f"the nodes' checkpoints disagree ({starts}); copy the newest ckpt.pt into every node's "
+                          "out_dir, or start over with --init_from=scratch --overwrite=true")
+
+
+def try_lock(out_dir, name):
+    """Make out_dir and open out_dir/name with its advisory lock taken, or None while another process holds it.
+    The kernel drops a flock when its holder exits, however it exits, so a lock left by a dead process never blocks."""
     try:
         os.makedirs(out_dir, exist_ok=True)
-        f = open(os.path.join(out_dir, ".lock"), "a+")
+        f = open(os.path.join(out_dir, name), "a+")
     except OSError as e:  # a file, under a file, read-only, no permission
         raise ConfigError(f"--out_dir={out_dir} is not a writable directory ({e.strerror}); point --out_dir "
                           "elsewhere") from None
@@ -1896,14 +1964,40 @@ def claim_out_dir(out_dir):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            raise ConfigError(f"{out_dir} is in use by another main.py (pid {f.read().strip() or '?'}); wait for it "
-                              "to finish, or use another --out_dir") from None
+            f.close()
+            return None
+    return f
+
+
+def claim_out_dir(out_dir, job=""):
+    """Hold out_dir's run lock while this process lives: a second main.py on the same out_dir is refused at once,
+    naming the holder. `job` is a token shared by the ranks of one torchrun job: a lock that this job already holds
+    (another node, on shared storage) gives None rather than a refusal."""
+    f = try_lock(out_dir, ".lock")
+    if f is None:
+        with open(os.path.join(out_dir, ".lock")) as held:
+            pid, host, holder_job = (held.read().split() + ["?"] * 3)[:3]
+        if job and holder_job == job:
+            return None
+        raise ConfigError(f"{out_dir} is in use by another main.py (pid {pid} on {host}); wait for it to finish, or "
+                          "use another --out_dir")
     f.seek(0)
     f.truncate()
-    f.write(f"{os.getpid()}\n")
+    f.write(f"{os.getpid()} {socket.gethostname()} {job or '-'}\n")
     f.flush()
     return f
+
+
+def claim_run(cfg, dist):
+    """The run lock, taken before any work: global rank 0 claims its out_dir, then local rank 0 of every other
+    node claims its own, unless this job already holds it (shared storage). Returns the lock held (or None) and
+    the Dist with `writer` set, so each distinct out_dir gets exactly one checkpoint writer."""
+    job = gather_objects(os.urandom(8).hex(), dist)[0]  # rank 0's token names this job in the lock file
+    first = on_every_rank(dist, lambda: claim_out_dir(cfg.out_dir, job) if dist.main else None)
+    other_node = dist.local_rank == 0 and not dist.main
+    later = on_every_rank(dist, lambda: claim_out_dir(cfg.out_dir, job) if other_node else None)
+    lock = first or later
+    return lock, dataclasses.replace(dist, writer=lock is not None)
 
 
 # -----------------------------------------------------------------------------
@@ -2047,9 +2141,11 @@ def run(cfg):
     cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device, dist.local_rank))  # before any work
     if cfg.sample_only:
         return sample_only(cfg)
-    lock = claim_out_dir(cfg.out_dir) if dist.main else None  # noqa: F841 - held until this process exits
-    state = None if cfg.prepare_only else choose_start(cfg, dist)
-    manifest = prepare(cfg) if dist.main else wait_for_manifest(cfg, dist)
+    lock, dist = claim_run(cfg, dist)  # noqa: F841 - the lock is held until this process exits
+    state = None if cfg.prepare_only else on_every_rank(dist, lambda: choose_start(cfg, dist))
+    check_same_start(state, dist)
+    manifest = prepare_on_node(cfg, dist)
+    check_same_data(manifest, dist)
     check_enough_tokens(manifest, cfg.seq_len)
     if cfg.prepare_only:
         return
@@ -2085,6 +2181,18 @@ def run(cfg):
         backend.close()
 
 
+def lost_peer(e):
+    """The one line for a collective that failed because another rank died or never answered, or None if `e` is
+    something else. NCCL and the c10d store raise DistError; gloo raises a plain RuntimeError naming gloo."""
+    if not (isinstance(e, torch.distributed.DistError) or "gloo" in str(e)):
+        return None
+    rank, world, node = (os.environ.get(k, "?") for k in ("RANK", "WORLD_SIZE", "GROUP_RANK"))
+    peer = f"rank {1 - int(rank)}" if world == "2" else "another rank"  # with two ranks, it can only be the other
+    detail = re.sub(r"^\[[^\]]*\] ", "", str(e).strip()).split(". ")[0] or type(e).__name__  # gloo's source path off
+    return (f"rank {rank} on node {node} lost contact with {peer}, which died or stopped answering ({detail[:200]}); "
+            "if that rank failed on its own, it printed the cause")
+
+
 def main(argv=None):
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
@@ -2095,9 +2203,11 @@ def main(argv=None):
     except Interrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         raise SystemExit(130)
-    except torch.distributed.DistBackendError as e:  # a peer died or hung: say so instead of a bare traceback
-        print(f"error: rank {os.environ.get('RANK', '?')} lost contact with the other ranks ({str(e)[:300]}); "
-              "the first rank that failed printed the real cause above", file=sys.stderr)
+    except RuntimeError as e:  # a peer died or hung: say so in one line instead of a traceback
+        line = lost_peer(e)
+        if line is None:
+            raise
+        print(f"\nerror: {line}", file=sys.stderr)  # on a line of its own, after any progress bar
         raise SystemExit(3)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
