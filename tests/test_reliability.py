@@ -94,7 +94,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "fsync", full)
     target = tmp_path / "x.json"
-    with pytest.raises(main.ConfigError, match="no space left on device while writing .*x.json"):
+    with pytest.raises(main.UserError, match="no space left on device while writing .*x.json"):
         main.write_json_atomic(str(target), {"a": 1})
     assert os.listdir(tmp_path) == []
 

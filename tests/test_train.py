@@ -111,9 +111,9 @@ def test_resume_rejects_another_model_shape_or_missing_checkpoint(tmp_path):
     cfg = tiny_cfg(tmp_path, steps=4, eval_every=4)
     run_train(cfg)
     other = tiny_cfg(tmp_path, steps=8, eval_every=4, n_layer=3, init_from="resume")
-    with pytest.raises(main.ConfigError, match="shape"):
+    with pytest.raises(main.UserError, match="shape"):
         main.run(other)
-    with pytest.raises(main.ConfigError, match="no checkpoint"):
+    with pytest.raises(main.UserError, match="no checkpoint"):
         main.run(tiny_cfg(tmp_path / "fresh", init_from="resume"))
 
 

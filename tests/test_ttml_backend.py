@@ -272,7 +272,7 @@ def test_a_gradient_sync_that_does_nothing_stops_the_run_at_the_first_step(tmp_p
     fake = make_fake_tt_train()
     fake[0].core.distributed.synchronize_gradients = lambda *args: None  # a build whose sync is a silent no-op
     cfg = ttml_cfg(tmp_path, data_parallel=2, steps=4, eval_every=4)
-    with pytest.raises(main.ConfigError, match="differ after the first optimizer step") as e:
+    with pytest.raises(main.UserError, match="differ after the first optimizer step") as e:
         train_with(cfg, fake)
     assert "\n" not in str(e.value) and len(state_of(fake).steps) == 1
 
@@ -322,7 +322,7 @@ def test_checkpoint_round_trips_weights_and_moments_and_says_when_the_step_count
 
 def test_loading_a_torch_checkpoint_says_which_backend_wrote_it(fake, tmp_path):
     b = backend_on(ttml_cfg(tmp_path), fake)
-    with pytest.raises(main.ConfigError, match="torch backend"):
+    with pytest.raises(main.UserError, match="torch backend"):
         b.load({"model": {}, "optimizer": {}, "scaler": {}, "meta": {}})
 
 
@@ -334,13 +334,13 @@ def test_loading_a_torch_checkpoint_says_which_backend_wrote_it(fake, tmp_path):
                                          (dict(n_embd=48, n_head=2), "multiples of 32"),
                                          (dict(dtype="float32"), "bfloat16")])
 def test_rejects_what_ttml_cannot_run_before_opening_a_device(fake, tmp_path, kw, message):
-    with pytest.raises(main.ConfigError, match=message):
+    with pytest.raises(main.UserError, match=message):
         backend_on(ttml_cfg(tmp_path, **kw), fake)
     assert not logged(fake, "open_device")
 
 
 def test_refuses_torchrun_and_closes_the_device_when_setup_fails(fake, tmp_path):
-    with pytest.raises(main.ConfigError, match="without torchrun"):
+    with pytest.raises(main.UserError, match="without torchrun"):
         backend_on(ttml_cfg(tmp_path), fake, main.Dist(rank=0, world=2))
     fake[0].models.gpt2.create_gpt2_model = None  # setup fails after the device is open
     with pytest.raises(TypeError):
@@ -387,7 +387,7 @@ def test_impostor_ttml_package_is_named_as_not_tt_train(isolated_imports, tmp_pa
     isolated_imports.syspath_prepend(str(tmp_path / "site"))
     isolated_imports.setitem(sys.modules, "_ttml", None)
     isolated_imports.setenv("TT_METAL_HOME", str(tmp_path / "tt-metal"))
-    with pytest.raises(main.ConfigError, match="is not TT-Train") as e:
+    with pytest.raises(main.UserError, match="is not TT-Train") as e:
         main.make_backend(ttml_cfg(tmp_path), main.Dist())
     assert "pip uninstall ttml" in str(e.value) and "\n" not in str(e.value)
 
@@ -395,7 +395,7 @@ def test_impostor_ttml_package_is_named_as_not_tt_train(isolated_imports, tmp_pa
 def test_missing_tt_metal_home_is_one_clear_error_naming_the_path(isolated_imports, tmp_path):
     isolated_imports.delenv("TT_METAL_HOME", raising=False)
     block_ttml(isolated_imports)
-    with pytest.raises(main.ConfigError) as e:
+    with pytest.raises(main.UserError) as e:
         main.make_backend(ttml_cfg(tmp_path), main.Dist())
     msg = str(e.value)
     assert "TT_METAL_HOME" in msg and "tt-train/build/sources/ttml" in msg and "\n" not in msg
@@ -438,6 +438,6 @@ def test_backend_ttml_uses_an_installed_tt_train(isolated_imports, tmp_path):
 def test_tt_train_without_ttnn_is_one_clear_error(isolated_imports, tmp_path):
     isolated_imports.setitem(sys.modules, "ttml", make_fake_tt_train()[0])
     isolated_imports.setitem(sys.modules, "ttnn", None)
-    with pytest.raises(main.ConfigError, match="ttnn does not") as e:
+    with pytest.raises(main.UserError, match="ttnn does not") as e:
         main.make_backend(ttml_cfg(tmp_path), main.Dist())
     assert "\n" not in str(e.value)
