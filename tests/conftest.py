@@ -51,10 +51,10 @@ def kill_9_when(args, ready, timeout=300):
 
 
 def digest(out_dir):
-    """sha256 of every file in out_dir, by name: two prepares agree byte for byte and file for file (the lock file
-    holds the pid of the last process, so it stays out)."""
-    return {n: hashlib.sha256(open(os.path.join(out_dir, n), "rb").read()).hexdigest()
-            for n in sorted(os.listdir(out_dir)) if os.path.isfile(os.path.join(out_dir, n)) and n != ".lock"}
+    """sha256 of every file in out_dir, by name: two prepares agree byte for byte and file for file (the lock files,
+    which hold the pid of the last process, stay out)."""
+    names = [n for n in sorted(os.listdir(out_dir)) if os.path.isfile(os.path.join(out_dir, n)) and n[0] != "."]
+    return {n: hashlib.sha256(open(os.path.join(out_dir, n), "rb").read()).hexdigest() for n in names}
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Two torchrun nodes on localhost (c10d rendezvous, gloo, one process each), in both storage layouts: node-local
 (a different out_dir per node) and shared (one out_dir for both)."""
+import json
 import os
 import re
 import signal
@@ -116,7 +117,8 @@ def test_two_nodes_finish_and_match_one_process_with_the_same_global_batch(unbro
 def test_node_local_storage_each_node_prepares_and_checkpoints_its_own_out_dir(unbroken):
     tmp, _, outs = unbroken["node-local"]
     for d in node_dirs(tmp, "node-local"):
-        assert {"manifest.json", "train_000000.bin", "ckpt.pt"} <= set(os.listdir(d))
+        shards = json.load(open(d / "manifest.json"))["splits"]["train"]
+        assert {"ckpt.pt", *(s["file"] for s in shards)} <= set(os.listdir(d))
     assert sum((d / "metrics.jsonl").exists() for d in node_dirs(tmp, "node-local")) == 1
     assert all("prepare: 60 articles" in o for o in outs)  # built on both nodes
 
