@@ -1856,7 +1856,7 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
             if interrupted["set"] if dist.world == 1 else all_sum([float(interrupted["set"])], dist)[0]:
                 save_checkpoint(ckpt, cfg, backend, batches, dist, it, manifest, wandb_id)
                 raise Interrupted(f"interrupted at micro-step {step}; checkpoint saved to {ckpt}. Resume with "
-                                  "the same command (--init_from=resume)")
+                                  "the same command (init_from=auto continues it)")
             t0 = time.perf_counter()
             for micro in range(accum):  # DDP all-reduces gradients on the window's last micro-step only
                 x, y = batches.next()
@@ -1867,7 +1867,7 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"loss is {loss} at micro-step {step + accum} (optimizer step {it}); the last "
                                        f"good checkpoint is {ckpt}: lower lr, raise warmup_steps or use "
-                                       "dtype=float32, then --init_from=resume")
+                                       "dtype=float32, then rerun: it continues from that checkpoint")
             tok_s = tokens_per_window / (time.perf_counter() - t0)
             mfu = flops_per_token * tok_s / peak if peak else None
             metrics.write(kind="train", step=step + accum, optim_step=it, loss=loss, lr=lr, beta1=beta1,
