@@ -34,7 +34,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -1972,33 +1971,54 @@ def try_lock(out_dir, name):
     return f
 
 
-def claim_out_dir(out_dir, job=""):
+def lock_holder(path):
+    """The pid that holds a flock on `path`, read from /proc/locks (Linux), or "?". The lock file itself stays empty,
+    so a rerun leaves every file in out_dir as it was."""
+    try:
+        inode = str(os.stat(path).st_ino)
+        with open("/proc/locks") as f:
+            for fields in (line.split() for line in f if "->" not in line):  # "->": a waiter, not a holder
+                if fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == inode:
+                    return fields[4]
+    except (OSError, IndexError):
+        pass
+    return "?"
+
+
+def claim_out_dir(out_dir):
     """Hold out_dir's run lock while this process lives: a second main.py on the same out_dir is refused at once,
-    naming the holder. `job` is a token shared by the ranks of one torchrun job: a lock that this job already holds
-    (another node, on shared storage) gives None rather than a refusal."""
+    naming the holder."""
     f = try_lock(out_dir, ".lock")
     if f is None:
-        with open(os.path.join(out_dir, ".lock")) as held:
-            pid, host, holder_job = (held.read().split() + ["?"] * 3)[:3]
-        if job and holder_job == job:
-            return None
-        raise UserError(f"{out_dir} is in use by another main.py (pid {pid} on {host}); wait for it to finish, or "
-                          "use another --out_dir")
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()} {socket.gethostname()} {job or '-'}\n")
-    f.flush()
+        raise UserError(f"{out_dir} is in use by another main.py (pid {lock_holder(os.path.join(out_dir, '.lock'))}"
+                        "); wait for it to finish, or use another --out_dir")
     return f
 
 
+def shares_rank0_out_dir(cfg, dist):
+    """True on a node whose out_dir is global rank 0's own (shared storage): rank 0 leaves a probe file for the
+    other ranks to look for, then removes it."""
+    probe = os.path.join(cfg.out_dir, f".probe-{gather_objects(os.urandom(8).hex(), dist)[0]}")
+    if dist.main:
+        open(probe, "w").close()
+    gather_objects(None, dist)  # the probe exists before anyone looks
+    seen = not dist.main and os.path.exists(probe)
+    gather_objects(None, dist)  # everyone has looked
+    if dist.main:
+        os.remove(probe)
+    return seen
+
+
 def claim_run(cfg, dist):
-    """The run lock, taken before any work: global rank 0 claims its out_dir, then local rank 0 of every other
-    node claims its own, unless this job already holds it (shared storage). Returns the lock held (or None) and
-    the Dist with `writer` set, so each distinct out_dir gets exactly one checkpoint writer."""
-    job = gather_objects(os.urandom(8).hex(), dist)[0]  # rank 0's token names this job in the lock file
-    first = on_every_rank(dist, lambda: claim_out_dir(cfg.out_dir, job) if dist.main else None)
-    other_node = dist.local_rank == 0 and not dist.main
-    later = on_every_rank(dist, lambda: claim_out_dir(cfg.out_dir, job) if other_node else None)
+    """The run lock, taken before any work: global rank 0 claims its out_dir, then local rank 0 of every node with
+    an out_dir of its own (node-local disks) claims that. Returns the lock held (or None) and the Dist with `writer`
+    set, so each distinct out_dir gets exactly one checkpoint writer."""
+    first = on_every_rank(dist, lambda: claim_out_dir(cfg.out_dir) if dist.main else None)
+    if dist.world == 1:
+        return first, dataclasses.replace(dist, writer=True)
+    shared = shares_rank0_out_dir(cfg, dist)  # a collective: every rank takes part
+    own_dir = dist.local_rank == 0 and not dist.main and not shared
+    later = on_every_rank(dist, lambda: claim_out_dir(cfg.out_dir) if own_dir else None)
     lock = first or later
     return lock, dataclasses.replace(dist, writer=lock is not None)
 
