@@ -908,11 +908,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_x, grad_w = [], torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
         for i in range(0, n, chunk_rows):
             xi, t = xc[i:i + chunk_rows], targets[i:i + chunk_rows, None]
-            z = (xi @ wc.t()).float() + pad_bias  # (rows, padded vocab) fp32; exp(-inf) = 0 for the padding
+            z = (xi @ wc.t()).float()  # (rows, padded vocab) fp32; in place from here: one chunk-sized buffer
+            z += pad_bias  # exp(-inf) = 0 for the padding columns
             lse = torch.logsumexp(z, dim=1, keepdim=True)
             loss = loss + (lse - z.gather(1, t)).sum()
             if need_grad:  # d loss / d z = (softmax(z) - onehot(t)) / n
-                g = (torch.exp(z - lse).scatter_add(1, t, torch.full_like(t, -1, dtype=z.dtype)) / n).to(dt)
+                g = z.sub_(lse).exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=z.dtype)).div_(n).to(dt)
                 grad_x.append(g @ wc)
                 grad_w = grad_w + (g.t() @ xi).float()
         if need_grad:
