@@ -7,13 +7,14 @@ Train GPT-2 small (124M) on a Wikipedia snapshot, in one file.
     torchrun --nproc_per_node=8 main.py             # data parallel (DDP); the global batch counts every rank
     TT_METAL_HOME=~/tt-metal python main.py --backend=ttml   # Tenstorrent TT-Train
     python main.py --help                           # every knob of TrainConfig with its default
+    python main.py --wandb_project=wiki-gpt2        # also log to Weights & Biases (pip install wandb)
 
 Stages, in the order the data flows (and the order of this file):
   1. config   TrainConfig + `--field=value` overrides
   2. prepare  articles -> GPT-2 BPE tokens (EOS before each article) -> uint16 shards + manifest.json in out_dir
   3. model    a small backend seam with two implementations: PyTorch (CPU/CUDA/MPS) and TT-Train (ttml)
   4. train    speedrun LR schedule, optional beta1 warmup, gradient accumulation, eval under no_grad()
-  5. outputs  metrics.jsonl, loss_curve.png, ckpt.pt (resume with --init_from=resume), hf/ export, a greedy sample
+  5. outputs  metrics.jsonl, loss_curve.png, ckpt.pt (the same command continues a run), hf/ export, a greedy sample
 """
 import collections
 import contextlib

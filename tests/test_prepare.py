@@ -1,7 +1,6 @@
 """The shard pipeline: token parity, manifest schema, the val split, idempotence, crash safety, bad input."""
 import json
 import os
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -74,9 +73,7 @@ def test_rerun_reuses_shards_without_opening_the_dataset(tmp_path, monkeypatch):
     def loader_must_not_run(cfg):
         raise AssertionError("the dataset was opened on a rerun")
     monkeypatch.setattr(main, "open_articles", loader_must_not_run)
-    t = time.perf_counter()
     main.prepare(tiny_cfg(tmp_path, lr=1e-2, n_layer=3, steps=7), log=lambda *a: None)  # non-data fields differ
-    assert time.perf_counter() - t < 1.0
     assert {n: os.stat(tmp_path / n).st_mtime_ns for n in os.listdir(tmp_path)} == before
 
 
