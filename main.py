@@ -1934,13 +1934,13 @@ def choose_start(cfg, dist):
                     os.remove(os.path.join(cfg.out_dir, name))
         return None
     state = read_checkpoint(path)
-    why = resume_problem(state["meta"], cfg, dist)
-    if why:
+    if why := resume_problem(state["meta"], cfg, dist):
         raise UserError(f"{path} cannot continue this run: {why}; use another --out_dir, or replace it with "
-                          "--init_from=scratch --overwrite=true")
+                        "--init_from=scratch --overwrite=true")
     if dist.main:
-        print(f"init_from={cfg.init_from}: continuing the run in {cfg.out_dir} from micro-step "
-              f"{state['meta']['step']} (--init_from=scratch --overwrite=true starts over)")
+        step = state["meta"]["step"]
+        print(f"init_from={cfg.init_from}: continuing the run in {cfg.out_dir} at micro-step {step} "
+              "(--init_from=scratch --overwrite=true starts over)")
     return state
 
 
