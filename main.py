@@ -566,8 +566,8 @@ def listed_shards(record):
         return []
 
 
-def shards_intact(out_dir, record):
-    """Every shard the record lists exists with its recorded size; else the name of the first that does not."""
+def first_damaged_shard(out_dir, record):
+    """The first shard the record lists that is missing or not its recorded size, or None if all are intact."""
     for split in ("train", "val"):
         for s in record["splits"][split]:
             p = os.path.join(out_dir, s["file"])
@@ -585,7 +585,7 @@ def load_manifest(out_dir, fp=None):
     try:
         if m["format_version"] != FORMAT_VERSION or (fp is not None and m["fingerprint"] != fp):
             return None, "the data config changed"
-        bad = shards_intact(out_dir, m)
+        bad = first_damaged_shard(out_dir, m)
     except (KeyError, TypeError):
         return None, "manifest.json is corrupt"
     return (None, f"shard {bad} is missing or truncated") if bad else (m, "ok")
@@ -625,7 +625,7 @@ def start_or_resume(out_dir, fp, log):
     """The progress record of an unfinished build with this fingerprint, or a fresh one (written before any shard,
     so every file the build writes is on record). A build for other data is abandoned."""
     progress = read_json(os.path.join(out_dir, PROGRESS))
-    if progress and progress.get("fingerprint") == fp and not shards_intact(out_dir, progress):
+    if progress and progress.get("fingerprint") == fp and not first_damaged_shard(out_dir, progress):
         done = {s: len(progress["splits"][s]) for s in ("train", "val")}
         log(f"prepare: resuming after {done['train']} train + {done['val']} val finished shards, at article "
             f"{progress['next']['article']:,}")
@@ -1665,16 +1665,13 @@ def wait_for_manifest(cfg, dist):
 
 
 def check_same_data(manifest, dist):
-    """Every node must train on the same tokens. The content hash is the tokens themselves where prepare recorded
-    one; else the fingerprint (the data config) stands in. One line naming the nodes that differ from node 0's."""
-    seen = gather_objects((dist.node, manifest["fingerprint"], manifest.get("content_hash")), dist)
-    key = 2 if all(s[2] for s in seen) else 1
-    odd = sorted({s[0] for s in seen if s[key] != seen[0][key]})
+    """Every node must train on the same tokens: their manifests' content hashes (every format-2 manifest has one)
+    must agree. One line naming the nodes that differ from node 0's."""
+    seen = dict(gather_objects((dist.node, manifest["content_hash"]), dist))
+    odd = sorted(node for node, h in seen.items() if h != seen[0])
     if odd:
-        what = "content hash" if key == 2 else "data fingerprint"
-        raise UserError(f"the nodes prepared different data: node(s) {', '.join(map(str, odd))} have {what} "
-                          f"{next(s[key] for s in seen if s[0] == odd[0])}, node {seen[0][0]} has {seen[0][key]}; "
-                          "give every node the same data files and data options")
+        raise UserError(f"the nodes prepared different data: node(s) {', '.join(map(str, odd))} have content hash "
+                        f"{seen[odd[0]]}, node 0 has {seen[0]}; give every node the same data files and data options")
 
 
 def git_commit():
@@ -1928,10 +1925,8 @@ def choose_start(cfg, dist):
                               "--overwrite=true to replace it, use another --out_dir, or drop --init_from to continue "
                               "it")
         if dist.local_rank == 0:  # the old run's outputs go with it, on every node; the new run writes its own
-            for name in ("hf", "loss_curve.png", "metrics.jsonl", "ckpt.pt"):
-                shutil.rmtree(os.path.join(cfg.out_dir, name), ignore_errors=True)
-                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                    os.remove(os.path.join(cfg.out_dir, name))
+            shutil.rmtree(os.path.join(cfg.out_dir, "hf"), ignore_errors=True)
+            delete_files(cfg.out_dir, ("loss_curve.png", "metrics.jsonl", "ckpt.pt"))
         return None
     state = read_checkpoint(path)
     if why := resume_problem(state["meta"], cfg, dist):

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, cli_args, read_jsonl, run_main
+from conftest import ROOT, cli_args, main, read_jsonl, run_main
 
 pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed"),
               pytest.mark.skipif(not os.path.isdir("/proc"), reason="kills a node's workers found through /proc")]
@@ -161,3 +161,9 @@ def test_a_node_killed_mid_run_gives_one_line_on_the_other(tmp_path, layout):
     errors = re.findall(r"^error: .*$", out, re.M)
     assert len(errors) == 1 and re.match(r"error: rank \d on node \d lost contact with rank \d", errors[0]), out[-3000:]
     assert 'main.py", line' not in out  # no traceback from main.py (torchrun prints its own summary)
+
+
+def test_nodes_with_different_tokens_are_named_in_one_line(monkeypatch):
+    monkeypatch.setattr(main, "gather_objects", lambda obj, dist: [(0, "aaa"), (0, "aaa"), (1, "bbb"), (2, "aaa")])
+    with pytest.raises(main.UserError, match=r"node\(s\) 1 have content hash bbb, node 0 has aaa"):
+        main.check_same_data({"content_hash": "aaa"}, main.Dist(0, 4))
