@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one call: main.py's default path end to end on the GPU (tests/test_cuda_real.py: smoke,
-# --sample_only, compiled vs eager, kill -9 + resume, torchrun), then the GPU benchmark. Logs go to $1.
+# --sample_only, compiled vs eager, kill -9 + resume, torchrun), then the GPU benchmark (BENCH_AB=1: its A/B set
+# of candidate step variants instead of the full table). Logs go to $1.
 set -u
 out=${1:-/tmp/gpu_out}
 mkdir -p "$out"
