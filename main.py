@@ -1006,7 +1006,9 @@ def choose_compile(requested, device_type, platform=sys.platform):
 #   train_micro_step(x, y, loss_scale, sync)   forward, loss * loss_scale, backward (grads add up)
 #   optimizer_step(lr, beta1) -> (loss, beta1)  clip, set lr/beta1, step, zero grads; the window's mean loss and
 #                                               the beta1 actually applied (ttml's AdamW fixes it when built)
-#   eval_loss(x, y) -> float, next_token_logits(ids) -> np.ndarray   (called inside no_grad())
+#   eval_loss(x, y) -> float                                            (called inside no_grad())
+#   next_token(ids, temperature, top_k, seed) -> int  the id after ids, chosen on the device (greedy at temperature
+#                                               0); seed makes a sampled choice reproducible (inside no_grad())
 #   set_grad_enabled(flag) / set_train(flag) -> previous value        (what no_grad() switches)
 #   rng_state() / set_rng_state(s), save(path, meta), load(state) (read_checkpoint's dict), export_hf(dir, model_card),
 #   close()
@@ -1123,10 +1125,21 @@ class TorchBackend:
             _, loss = self.raw(self._tensor(x), self._tensor(y))
         return loss.item()
 
-    def next_token_logits(self, ids):
+    def next_token(self, ids, temperature, top_k, seed):
+        """Choose on the device, so only the chosen id crosses to the host (one sync per token, not a 50k row)."""
         with self.autocast:  # the uncompiled model: prompt lengths vary
             logits, _ = self.raw(self._tensor(np.asarray(ids)[None]))
-        return logits[0, -1].float().cpu().numpy()
+        logits = logits[0, -1].float()  # the real vocabulary only: GPT.forward cuts the padded columns off
+        if temperature == 0:
+            return int(torch.argmax(logits).item())  # the first maximum, as np.argmax took it before
+        candidates = None
+        if top_k and top_k < logits.numel():
+            logits, candidates = torch.topk(logits, top_k)
+        # a generator of its own, seeded per token by generate(): samples follow the run's seed, not how much
+        # dropout or data shuffling drew from the global generator before
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        pick = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=g)
+        return int((pick if candidates is None else candidates[pick]).item())
 
     def set_grad_enabled(self, flag):
         prev = torch.is_grad_enabled()
@@ -1269,6 +1282,18 @@ def make_backend(cfg, dist):
     return TorchBackend(cfg, dist)
 
 
+def sample_on_host(logits, temperature, top_k, seed):
+    """The next id from a row of real-vocab logits on the host: what TtmlBackend falls back to where its build cannot
+    choose on the device. Greedy at temperature 0, else softmax sampling (from the top_k only if set)."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if top_k:
+        z[z < np.sort(z)[-min(top_k, len(z))]] = -np.inf
+    p = np.exp(z - z.max())
+    return int(np.random.default_rng(seed).choice(len(p), p=p / p.sum()))
+
+
 class TtmlBackend:
     """Tenstorrent TT-Train (ttml): tt-train's own C++ GPT-2 on a [1, N] device mesh, in bfloat16. Each step follows
     tt-train's sources/examples/python/transformers/trainer.py and training_ddp.py unless a comment names another
@@ -1338,6 +1363,9 @@ class TtmlBackend:
         T = cfg.seq_len  # one causal mask for every forward, built as trainer.py does: [1, 1, T, T], bf16, tiled
         mask = np.tril(np.ones((T, T), dtype=np.float32)).reshape(1, 1, T, T)
         self.mask = ttml.autograd.Tensor.from_numpy(mask, self.Layout.TILE, self.DataType.BFLOAT16)
+        # sampling's op; builds whose nanobind/nb_ops.cpp binds no ops.sample choose on the host (see _host_choice)
+        self._sample_op = getattr(getattr(ttml.ops, "sample", None), "sample_op", None)
+        self._logits_mask = None  # built on first use (_padding_mask)
         self.model.train()
         self._grad_enabled, self._training, self._closed = True, True, False
         self._losses, self._micro_steps = [], 0  # the window's (loss tensor, scale): read back once per optimizer step
@@ -1443,11 +1471,25 @@ class TtmlBackend:
         self.ctx.reset_graph()  # eval forwards too (no nodes are recorded while gradients are disabled)
         return float(self._host(loss).mean())
 
-    def next_token_logits(self, ids):
+    def next_token(self, ids, temperature, top_k, seed):
+        """The id after ids, chosen on the device: one uint32 per device comes back instead of a row of 50k logits.
+        Greedy at temperature 0, else softmax sampling at temperature, from the top_k only if set."""
+        last = self._last_logits(ids)
+        try:
+            if temperature == 0:
+                return self._greedy(last)
+            k = top_k if top_k and top_k < VOCAB_SIZE else None
+            if self._sample_op is None or (k and not hasattr(self.ttnn, "topk")):
+                return self._host_choice(last, temperature, k, seed)
+            return self._sample_on_device(last, temperature, k, seed)
+        finally:
+            self.ctx.reset_graph()
+
+    def _last_logits(self, ids):
         """The model takes exactly seq_len tokens: right-pad the prompt (the causal mask keeps the padding out of
-        earlier positions) and cut the last real position out on the device, so [V] floats come back per token
-        instead of [T, V] (ttnn.slice, then a ttml tensor around it, as examples/nano_gpt/nanogpt_full_cpp_example.py
-        @c8e35bd does). Older builds return log-softmax, which ranks and samples the same."""
+        earlier positions) and cut the last real position out on the device, [1, 1, 1, padded vocab] per device
+        (ttnn.slice, then a ttml tensor around it, as examples/nano_gpt/nanogpt_full_cpp_example.py @c8e35bd does).
+        Older builds return log-softmax, which ranks and samples the same."""
         T, n = self.cfg.seq_len, self.devices_per_process
         ids = np.asarray(ids)[-T:]
         row = np.full(T, EOS_ID, dtype=np.uint32)
@@ -1456,8 +1498,53 @@ class TtmlBackend:
         logits = self.model(tx, self.mask)  # [1, 1, T, padded vocab] on each device
         V, t = logits.shape()[-1], len(ids) - 1
         last = self.ttnn.slice(logits.get_value(), [0, 0, t, 0], [1, 1, t + 1, V])
-        self.ctx.reset_graph()
-        return self._host(self.ttml.autograd.Tensor(last, False))[0, 0, 0, :VOCAB_SIZE]
+        return self.ttml.autograd.Tensor(last, False)
+
+    def _greedy(self, last):
+        # argmax over the vocab on the device, as nanogpt_full_cpp_example.py @c8e35bd samples greedily
+        best = self._chosen_id(self.ttnn.argmax(last.get_value(), dim=3, keepdim=True))
+        if best < VOCAB_SIZE:
+            return best
+        # A padded column won: nothing keeps them out of ttml's softmax, so an untrained model can rank one first.
+        # The example clamps the id to the vocab (EOS here); the real vocab's best is what the torch backend gives.
+        return self._host_choice(last, 0, None, 0)
+
+    def _sample_on_device(self, last, temperature, k, seed):
+        """Softmax sampling at temperature (from the k best if k) by sample_op; one id per device comes back."""
+        row = last.get_value()
+        if k:
+            # Everything below the k-th largest logit drops to -1e9, as nanogpt_full_cpp_example.py @c8e35bd filters
+            # before sample_op (ttnn.topk, slice, lt, full_like, where). A padded column among the k leaves fewer
+            # real candidates; the padding mask below still keeps it from being chosen.
+            values, _ = self.ttnn.topk(row, k=k, dim=-1, largest=True, sorted=True)
+            kth = self.ttnn.slice(values, [0, 0, 0, k - 1], [1, 1, 1, k])
+            floor = self.ttnn.full_like(row, -1e9, dtype=self.ttnn.bfloat16)
+            last = self.ttml.autograd.Tensor(self.ttnn.where(self.ttnn.lt(row, kth), floor, row), False)
+        # Gumbel-max at temperature, then the padding mask is subtracted and argmax taken (ops/sampling_op.cpp
+        # @9ded1a3); arguments as nanobind/nb_ops.cpp @0152e58 binds them: logits, temperature, seed, mask
+        chosen = self._sample_op(last, float(temperature), int(seed), self._padding_mask(last.shape()[-1]))
+        return self._chosen_id(chosen.get_value())
+
+    def _padding_mask(self, V):
+        """0 on the real vocab, 1e4 on the padded columns, [1, 1, 1, V] bf16 tiled: sample_op subtracts it, so
+        padding is never drawn (build_logits_mask, ttml/common/utils.py @cbd83a2)."""
+        if self._logits_mask is None:
+            mask = np.zeros((1, 1, 1, V), dtype=np.float32)
+            mask[..., VOCAB_SIZE:] = 1e4
+            self._logits_mask = self.ttml.autograd.Tensor.from_numpy(mask, self.Layout.TILE, self.DataType.BFLOAT16)
+        return self._logits_mask
+
+    def _chosen_id(self, ids):
+        """argmax and sample_op leave one uint32 per device (to_numpy keeps 32-bit ints, nanobind/nb_util.cpp
+        @28fa477); every device ran the same row with the same seed, so the first one is the choice."""
+        t = self.ttml.autograd.Tensor(ids, False)
+        a = t.to_numpy() if self.composer is None else t.to_numpy(composer=self.composer)
+        return int(np.asarray(a).reshape(-1)[0])
+
+    def _host_choice(self, last, temperature, top_k, seed):
+        """The one host path: the whole [V] row comes back and numpy chooses. Taken on builds without
+        ops.sample.sample_op, for top_k on a ttnn without topk, and when a padded column wins greedy."""
+        return sample_on_host(self._host(last)[0, 0, 0, :VOCAB_SIZE], temperature, top_k, seed)
 
     def set_grad_enabled(self, flag):
         # the previous mode is tracked here: get_gradient_mode is missing from some bindings (nb_autograd.cpp @2e72286)
@@ -2026,20 +2113,15 @@ def claim_run(cfg, dist):
 
 def generate(backend, prompt_ids, cfg, rng):
     """Continue prompt_ids by sample_tokens tokens: greedy when temperature == 0, else softmax sampling
-    (optionally from the top_k). The context is cropped to the last seq_len tokens."""
+    (optionally from the top_k), chosen by the backend on its device. The context is cropped to the last seq_len
+    tokens. Each sampled token gets a seed drawn from rng, so samples are reproducible from cfg.seed."""
     ids = list(prompt_ids)
     with no_grad(backend):
         for _ in range(cfg.sample_tokens):
-            logits = backend.next_token_logits(np.array(ids[-cfg.seq_len:], dtype=np.int64))  # real vocab only
-            if cfg.temperature == 0:
-                nxt = int(np.argmax(logits))
-            else:
-                logits = logits.astype(np.float64) / cfg.temperature
-                if cfg.top_k:
-                    logits[logits < np.sort(logits)[-min(cfg.top_k, len(logits))]] = -np.inf
-                p = np.exp(logits - logits.max())
-                nxt = int(rng.choice(len(p), p=p / p.sum()))
-            ids.append(nxt)
+            # never 0: ttnn.rand, under ttml's sample_op, takes seed 0 to mean fresh host entropy
+            seed = int(rng.integers(1, 2**32)) if cfg.temperature > 0 else 0
+            context = np.array(ids[-cfg.seq_len:], dtype=np.int64)
+            ids.append(backend.next_token(context, cfg.temperature, cfg.top_k, seed))
     return ids
 
 

@@ -1,4 +1,4 @@
-"""A small STAND-IN for TT-Train's `ttml` module and the two things main.py takes from tt-metal's `ttnn`.
+"""A small STAND-IN for TT-Train's `ttml` module and the parts of tt-metal's `ttnn` that main.py uses.
 
 It offers only the names main.TtmlBackend calls, spelled as tt-train's nanobind bindings spell them (digested in
 shared/ttml_api.md; every ttml name it exposes must be in tests/data/ttml_names.txt, which a test checks). Instead of
@@ -13,15 +13,21 @@ recording calls it models the behaviour the glue depends on, with toy numbers:
     (DDP on the long axis of a [1, N] mesh, autograd/auto_context.cpp @013f857); otherwise it returns at once;
   * step() moves each device's weights by its own gradient (first moment 0.9 m + 0.1 g, then w -= lr x m) and logs
     the backward passes since zero_grad and the lr, so tests can check each accumulation window;
-  * training losses count 1, 2, 3, ...; eval losses are EVAL_LOSS; the "logits" put all their weight on id + 1;
+  * training losses count 1, 2, 3, ...; eval losses are EVAL_LOSS; the "logits" after token id rank id + 1 first,
+    then id + 2, id + 3, ... (wrapping around the real vocabulary), and the padded columns last;
+  * sampling: ttnn.argmax/topk/lt/full_like/where and ttml.ops.sample.sample_op act per device with numpy semantics
+    (sample_op: Gumbel-max from its seed, the padding mask subtracted, then argmax, as ops/sampling_op.cpp @9ded1a3);
+    every device-to-host read is logged with its shape, so tests see how much came back;
   * a few documented rules of the real thing: 32-bit numpy only into from_numpy, backward's retain_graph passed
     explicitly and never with gradients off, reset_graph after each backward, a device opened lazily as 1x1 on first
     use (after which open_device fails), the model taking exactly max_sequence_length tokens.
 
 Build variants (make_fake_tt_train's arguments) stand for tt-train versions: Layout/DataType in ttml or only in ttnn
 (ttml/__init__.py @6a66fb2), synchronize_gradients with or without the axes overload (nb_core.cpp @b9dd067), no
-parallelism context at all (nb_autograd.cpp @2e72286, where the sync always averages), and an AdamW that cannot take
-a Python int for its step count (serializable.hpp before @04b3405).
+parallelism context at all (nb_autograd.cpp @2e72286, where the sync always averages), an AdamW that cannot take
+a Python int for its step count (serializable.hpp before @04b3405), and a build without ops.sample.sample_op or
+ttnn.topk (sampling_ops=False). padded_columns_win=True plays an untrained model whose padded vocab columns
+outscore every real token.
 
 Tests that pass against it show our glue drives that behaviour as intended. They are NOT evidence that the backend
 works on Tenstorrent hardware, nor that the real ttml behaves like this stand-in.
@@ -34,7 +40,8 @@ EVAL_LOSS = 4.0
 VOCAB = 50257  # GPT-2's; the fake logits wrap token ids around it
 
 
-def make_fake_tt_train(enums_in_ttml=True, sync_takes_axes=True, parallelism_context=True, int_steps_ok=True):
+def make_fake_tt_train(enums_in_ttml=True, sync_takes_axes=True, parallelism_context=True, int_steps_ok=True,
+                       sampling_ops=True, padded_columns_win=False):
     """A fresh (ttml, ttnn) pair. ttml._state holds what tests inspect: devices (mesh size), grad (mode), steps (one
     dict per optimizer step: backwards, lr), pctx (the parallelism config or None) and log (a few notable calls)."""
     st = types.SimpleNamespace(devices=None, grad=None, losses=0, backwards=0, graph_live=False, pctx=None,
@@ -79,6 +86,33 @@ def make_fake_tt_train(enums_in_ttml=True, sync_takes_axes=True, parallelism_con
     def ttnn_slice(tensor, starts, ends):
         index = tuple(slice(s, e) for s, e in zip(starts, ends))
         return DeviceTensor(lambda: [p[index] for p in tensor.parts], tensor.dtype, tensor.sharded)
+
+    def per_device(fn, *tensors, dtype=None):
+        """A ttnn op applied on each device to that device's parts."""
+        out = [fn(*parts) for parts in zip(*(t.parts for t in tensors))]
+        return DeviceTensor(out, dtype or tensors[0].dtype, tensors[0].sharded)
+
+    def argmax(input_tensor, dim=None, keepdim=False):
+        st.log.append(("argmax", dim, keepdim))
+        return per_device(lambda p: np.argmax(p, axis=dim, keepdims=keepdim).astype(np.uint32), input_tensor,
+                          dtype=DataType.UINT32)
+
+    def topk(input_tensor, k, dim=-1, largest=True, sorted=True):
+        assert largest and sorted and k <= input_tensor.parts[0].shape[dim]
+        st.log.append(("topk", k, dim))
+        order = per_device(lambda p: np.argsort(-p, axis=dim, kind="stable").take(range(k), axis=dim), input_tensor,
+                           dtype=DataType.UINT32)
+        values = per_device(lambda p, i: np.take_along_axis(p, i.astype(np.int64), axis=dim), input_tensor, order)
+        return values, order
+
+    def lt(a, b):
+        return per_device(lambda x, y: (x < y).astype(np.float32), a, b)
+
+    def full_like(tensor, fill_value, dtype=None):
+        return per_device(lambda p: np.full_like(p, fill_value, dtype=np.float32), tensor, dtype=dtype)
+
+    def where(condition, x, y):
+        return per_device(lambda c, a, b: np.where(c != 0, a, b), condition, x, y, dtype=x.dtype)
 
     class Tensor:
         def __init__(self, value, requires_grad=True):
@@ -228,12 +262,13 @@ def make_fake_tt_train(enums_in_ttml=True, sync_takes_axes=True, parallelism_con
             ids = [p.reshape(p.shape[0], T) for p in x._value.parts]
             st.log.append(("forward", sum(len(i) for i in ids), st.grad, self._training))
 
-            def logits():  # [B, 1, T, padded vocab] per device: all weight on (id + 1) mod VOCAB
+            def logits():  # [B, 1, T, padded vocab] per device: -d/8 for the column d places after id + 1
                 out = []
+                columns = np.arange(self._cfg.vocab_size)
                 for i in ids:
-                    o = np.zeros((i.shape[0], 1, T, self._cfg.vocab_size), np.float32)
-                    b, t = np.indices(i.shape)
-                    o[b, 0, t, (i.astype(np.int64) + 1) % VOCAB] = 1.0
+                    d = (columns - (i.astype(np.int64)[:, None, :, None] + 1)) % VOCAB
+                    o = -d.astype(np.float32) / 8
+                    o[..., VOCAB:] = 50.0 if padded_columns_win else -1e3
                     out.append(o)
                 return out
             y = Tensor(DeviceTensor(logits, DataType.BFLOAT16, x._value.sharded))
@@ -273,10 +308,25 @@ def make_fake_tt_train(enums_in_ttml=True, sync_takes_axes=True, parallelism_con
             value = float(st.losses)
         else:
             value = EVAL_LOSS
-        parts = [np.full((1, 1, 1, 1), value, np.float32) for _ in prediction._value.parts]  # each shard's mean
+        parts = [np.full((1, 1, 1, 1), value, np.float32) for _ in range(st.devices)]  # each shard's mean
         loss = Tensor(DeviceTensor(parts, DataType.BFLOAT16, prediction._value.sharded))
         loss._signal = prediction._signal
         return loss
+
+    def sample_op(logits, temperature, seed, logits_padding_mask=None):
+        """Gumbel-max at temperature > 0 (plain argmax at 0), the mask subtracted, argmax over the vocab: [.., 1]."""
+        assert isinstance(logits, Tensor) and isinstance(temperature, float) and 0 <= seed < 2**32
+        assert logits_padding_mask is None or isinstance(logits_padding_mask, Tensor)  # nb_ops.cpp @0152e58
+        st.log.append(("sample_op", temperature, seed, logits_padding_mask is not None))
+
+        def choose(p, mask):
+            z = p.astype(np.float64)
+            if temperature > 0:  # the same seed on every device: the same noise, as with no seed_axes
+                u = np.random.default_rng(seed).uniform(1e-5, 0.99, size=z.shape)
+                z = z / temperature - np.log(-np.log(u))
+            return np.argmax(z - mask, axis=3, keepdims=True).astype(np.uint32)
+        masks = [0.0] * st.devices if logits_padding_mask is None else logits_padding_mask._value.parts
+        return Tensor(DeviceTensor([choose(p, m) for p, m in zip(logits._value.parts, masks)], DataType.UINT32))
 
     def mul(a, b):
         out = Tensor(DeviceTensor([p * b for p in a._value.parts], a.dtype(), a._value.sharded))
@@ -365,8 +415,11 @@ def make_fake_tt_train(enums_in_ttml=True, sync_takes_axes=True, parallelism_con
     else:
         sync = synchronize_gradients if sync_takes_axes else synchronize_gradients_parameters_only
 
-    ttnn = types.ModuleType("ttnn", "Stand-in for the two parts of tt-metal's ttnn that main.py uses.")
+    ttnn = types.ModuleType("ttnn", "Stand-in for the parts of tt-metal's ttnn that main.py uses.")
     ttnn.Layout, ttnn.DataType, ttnn.Tensor, ttnn.slice = Layout, DataType, DeviceTensor, ttnn_slice
+    ttnn.argmax, ttnn.lt, ttnn.full_like, ttnn.where, ttnn.bfloat16 = argmax, lt, full_like, where, DataType.BFLOAT16
+    if sampling_ops:
+        ttnn.topk = topk
 
     ns = types.SimpleNamespace
     ttml = types.ModuleType("ttml", "Stand-in for TT-Train's ttml (tests/fake_ttml.py); not the real thing.")
@@ -379,6 +432,8 @@ def make_fake_tt_train(enums_in_ttml=True, sync_takes_axes=True, parallelism_con
                              PositionalEmbeddingType=PositionalEmbeddingType, create_gpt2_model=create_gpt2_model))
     ttml.modules = ns(ModuleBase=ModuleBase)
     ttml.ops = ns(ReduceType=ReduceType, loss=ns(cross_entropy_loss=cross_entropy_loss), binary=ns(mul=mul))
+    if sampling_ops:
+        ttml.ops.sample = ns(sample_op=sample_op)
     ttml.optimizers = ns(AdamWConfig=AdamWConfig, OptimizerBase=OptimizerBase, AdamW=AdamW)
     ttml.core = ns(clip_grad_norm=clip_grad_norm,
                    distributed=ns(enable_fabric=enable_fabric, shard_tensor_to_mesh_mapper=shard_tensor_to_mesh_mapper,

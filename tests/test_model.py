@@ -134,10 +134,28 @@ def test_no_grad_disables_autograd_and_eval_mode_then_restores_even_on_error(tmp
     with main.no_grad(b):
         assert not torch.is_grad_enabled() and not b.raw.training
         b.eval_loss(x, y)
-        b.next_token_logits(np.array([1, 2, 3]))
+        b.next_token(np.array([1, 2, 3]), 1.0, 5, 1)
     assert torch.is_grad_enabled() and b.raw.training
     assert all(p.grad is None for p in b.raw.parameters())
     with pytest.raises(RuntimeError):
         with main.no_grad(b):
             raise RuntimeError("boom")
     assert torch.is_grad_enabled() and b.raw.training
+
+
+def test_sampling_chooses_on_the_device_like_the_host_rule_it_replaced(tmp_path):
+    """Greedy equals numpy's argmax of the last logits (as generate() computed it before); top-k draws stay inside the
+    k best; a seed draws the same token every time, and the padded vocab columns are never reachable."""
+    b = backend(tmp_path, n_layer=1, n_head=2, n_embd=32)
+    for p in b.raw.parameters():  # spread the logits out, so top-k has a clear inside and outside
+        torch.nn.init.normal_(p, std=0.5)
+    ids = np.array([464, 2106, 286])
+    with main.no_grad(b):
+        logits = b.raw(torch.from_numpy(ids)[None])[0][0, -1].float().numpy()
+        assert b.next_token(ids, 0.0, None, 0) == int(np.argmax(logits))
+        top5 = set(np.argsort(logits)[-5:].tolist())
+        k5 = [b.next_token(ids, 2.0, 5, s) for s in range(1, 60)]
+        free = [b.next_token(ids, 2.0, None, s) for s in range(1, 60)]
+        assert set(k5) <= top5 and not set(free) <= top5  # hot enough that sampling leaves the top 5 without top_k
+        assert free == [b.next_token(ids, 2.0, None, s) for s in range(1, 60)]
+        assert max(free) < main.VOCAB_SIZE

@@ -101,8 +101,10 @@ def test_real_ttml_trains_evaluates_samples_and_round_trips_a_checkpoint(tmp_pat
         rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] in ("train", "eval")]
         assert np.isfinite(final) and all(np.isfinite(r.get("loss", r.get("val_loss"))) for r in rows)
         with main.no_grad(backend):
-            logits = backend.next_token_logits(np.array([464, 2068, 286], dtype=np.int64))
-        assert logits.shape == (main.VOCAB_SIZE,) and np.isfinite(logits).all()
+            greedy = backend.next_token(np.array([464, 2068, 286], dtype=np.int64), 0.0, None, 0)
+            sampled = [backend.next_token(np.array([464, 2068, 286]), 1.0, k, 7) for k in (None, 50, None)]
+        assert 0 <= greedy < main.VOCAB_SIZE and all(0 <= t < main.VOCAB_SIZE for t in sampled)
+        assert sampled[0] == sampled[2]  # the same seed draws the same token
         before = {k: backend._replica(t) for k, t in backend.model.parameters().items()}
         backend.load(main.read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")))
         after = {k: backend._replica(t) for k, t in backend.model.parameters().items()}
@@ -208,22 +210,63 @@ def test_no_grad_disables_gradients_and_dropout_and_restores_both(fake, tmp_path
         with main.no_grad(b):  # nested: leaving the inner one must not re-enable gradients
             assert b.eval_loss(x, x) == EVAL_LOSS
         assert state_of(fake).grad == "GradMode.DISABLED"
-        b.next_token_logits(np.array([1, 2, 3]))
+        b.next_token(np.array([1, 2, 3]), 0.0, None, 0)
     assert {e[2:] for e in logged(fake, "forward")} == {("GradMode.DISABLED", False)}
     assert state_of(fake).grad == "GradMode.ENABLED" and b._training
     b.train_micro_step(x, x, 1.0)  # the stand-in refuses backward with gradients off, so this shows they are on
 
 
-def test_next_token_logits_cuts_the_last_real_position_on_the_device(fake, tmp_path):
+def test_greedy_cuts_the_last_real_position_and_chooses_on_the_device(fake, tmp_path):
     b = backend_on(ttml_cfg(tmp_path), fake)
     with main.no_grad(b):
-        logits = b.next_token_logits(np.array([5, 6, 7], dtype=np.int64))
-        assert logits.shape == (main.VOCAB_SIZE,) and int(np.argmax(logits)) == 8  # the stand-in predicts id + 1
-        long = b.next_token_logits(np.arange(100, 150))  # longer than seq_len=32: the last 32 are used
-        assert int(np.argmax(long)) == 150
-        wrap = b.next_token_logits(np.array([main.VOCAB_SIZE - 1]))  # padded vocab columns are cut off
-        assert int(np.argmax(wrap)) == 0
-    assert {e[1] for e in logged(fake, "to_numpy")} == {(1, 1, 1, 50272)}  # one row of logits, not seq_len rows
+        assert b.next_token(np.array([5, 6, 7], dtype=np.int64), 0.0, None, 0) == 8  # the stand-in ranks id + 1 first
+        assert b.next_token(np.arange(100, 150), 0.0, None, 0) == 150  # longer than seq_len=32: the last 32 are used
+        assert b.next_token(np.array([main.VOCAB_SIZE - 1]), 0.0, None, 0) == 0
+    assert logged(fake, "argmax") == [("argmax", 3, True)] * 3
+    assert {e[1] for e in logged(fake, "to_numpy")} == {(1, 1, 1, 1)}  # one id came back per token, not a row
+
+
+SAMPLING_BUILDS = {"sample-op": {}, "no-sample-op-or-topk": {"sampling_ops": False}}
+
+
+def draw(b, temperature, top_k, seeds, prompt=(5, 6, 7)):
+    with main.no_grad(b):
+        return [b.next_token(np.array(prompt), temperature, top_k, s) for s in seeds]
+
+
+@pytest.mark.parametrize("build", SAMPLING_BUILDS.values(), ids=SAMPLING_BUILDS.keys())
+def test_sampling_is_reproducible_per_seed_and_keeps_to_the_top_k(build, tmp_path):
+    fake = make_fake_tt_train(**build)
+    b = backend_on(ttml_cfg(tmp_path), fake)
+    seeds = range(1, 41)
+    free = draw(b, 1.0, None, seeds)
+    assert free == draw(b, 1.0, None, seeds) and len(set(free)) > 3  # the same seeds draw the same tokens
+    assert not set(free) <= {8, 9, 10}  # the stand-in's logits fall off slowly: without top_k, more than 3 show up
+    assert set(draw(b, 1.0, 3, seeds)) <= {8, 9, 10}  # the 3 best after token 7
+    assert draw(b, 0.7, 1, seeds[:3]) == [8] * 3  # top_k = 1 is greedy
+    rows = {e[1] for e in logged(fake, "to_numpy")}
+    if hasattr(fake[0].ops, "sample"):  # one id came back per token, the padding mask passed to sample_op
+        assert rows == {(1, 1, 1, 1)} and {e[3] for e in logged(fake, "sample_op")} == {True}
+        assert {e[1] for e in logged(fake, "topk")} == {3, 1}
+    else:  # the host path: the whole row came back
+        assert rows == {(1, 1, 1, 50272)} and not logged(fake, "topk")
+
+
+@pytest.mark.parametrize("build", SAMPLING_BUILDS.values(), ids=SAMPLING_BUILDS.keys())
+def test_padded_vocab_columns_are_never_chosen_even_when_they_score_highest(build, tmp_path):
+    fake = make_fake_tt_train(padded_columns_win=True, **build)
+    b = backend_on(ttml_cfg(tmp_path), fake)
+    assert draw(b, 0.0, None, [0]) == [8]  # greedy = the host argmax over the real vocabulary
+    assert max(draw(b, 1.0, None, range(1, 30)) + draw(b, 1.0, 20, range(1, 30))) < main.VOCAB_SIZE
+
+
+def test_generate_on_the_stand_in_matches_its_greedy_rule_and_its_seeds(fake, tmp_path):
+    b = backend_on(ttml_cfg(tmp_path), fake)
+    assert main.generate(b, [5], ttml_cfg(tmp_path, sample_tokens=4), None) == [5, 6, 7, 8, 9]
+    cfg = ttml_cfg(tmp_path, temperature=1.0, top_k=5, sample_tokens=6)
+    one = main.generate(b, [5], cfg, np.random.default_rng(3))
+    assert one == main.generate(b, [5], cfg, np.random.default_rng(3))
+    assert all(0 < s < 2**32 for s in (e[2] for e in logged(fake, "sample_op")))  # seed 0 would mean "host entropy"
 
 
 def test_beta1_warmup_is_declined_in_one_line_and_metrics_log_the_beta1_used(fake, tmp_path, capsys):
@@ -265,7 +308,8 @@ def test_data_parallel_shards_batches_and_keeps_the_replicas_identical(build, tm
     b.save(str(tmp_path / "dp.pt"), {"x": 1})  # replicated weights come back as one copy
     assert torch.load(tmp_path / "dp.pt", weights_only=False)["model"]["transformer/fc/weight"].shape == (1, 1, 8, 4)
     with main.no_grad(b):
-        assert int(np.argmax(b.next_token_logits(np.array([9])))) == 10
+        assert b.next_token(np.array([9]), 0.0, None, 0) == 10
+        assert b.next_token(np.array([9]), 1.0, 1, 5) == 10  # top-1 sampling on the mesh
 
 
 def test_a_gradient_sync_that_does_nothing_stops_the_run_at_the_first_step(tmp_path):
