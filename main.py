@@ -298,8 +298,10 @@ HUB_DUMPS = {  # snapshot -> where the hub keeps its parquet files, one folder p
     "20220301": "legacy-datasets/wikipedia/data/{dump}",  # the seed's: the retired `wikipedia` dataset's parquet
 }
 LEGACY_LANGS = ("en", "de", "fr", "frr", "it", "simple")  # the only 20220301 languages it pre-processed
+HUB = "hf://"  # a path on the hub, read through huggingface_hub's fsspec filesystem
+HUB_BLOCK = 1 << 16  # what a hub read fetches beyond what pyarrow asks: a footer costs KBs, not fsspec's 5 MB
 PROGRESS = "prepare_progress.json"
-TASK_ARTICLES = 512  # articles per worker task: enough to amortize the hand-off, few enough to keep workers even
+TASK_ARTICLES = 512  # articles per local task: enough to amortize the hand-off, few enough to keep workers even
 GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 _tokenizer = None
@@ -334,17 +336,32 @@ def encode_articles(texts):
     return np.concatenate(parts).astype(np.uint16)
 
 
+def hub_filesystem():
+    """huggingface_hub's fsspec filesystem, the one datasets reads hf:// paths with. fsspec keeps one instance per
+    process and huggingface_hub drops its HTTP session in a forked child, so each worker opens its own connections."""
+    from huggingface_hub import HfFileSystem
+    return HfFileSystem()
+
+
+def open_parquet(path):
+    """-> (ParquetFile, size in bytes) of a local path or an hf:// one. A hub file is read by HTTP range requests,
+    so its footer costs a few KB and a row group only its 'text' column: nothing else of the file is downloaded."""
+    if path.startswith(HUB):
+        f = hub_filesystem().open(path[len(HUB):], block_size=HUB_BLOCK)
+        return pq.ParquetFile(f), f.size
+    return pq.ParquetFile(path), os.path.getsize(path)
+
+
 def read_rows(path, row_group, lo, hi):
-    """Rows [lo, hi) of one row group of a local parquet file: the texts a worker reads for itself."""
-    column = pq.ParquetFile(path).read_row_group(row_group, columns=["text"]).column("text")
+    """Rows [lo, hi) of one row group of a parquet file, local or on the hub: the texts a worker reads for itself."""
+    column = open_parquet(path)[0].read_row_group(row_group, columns=["text"]).column("text")
     return column.slice(lo, hi - lo).to_pylist()
 
 
 def tokenize_task(task):
-    """One task -> its tokens (runs in a worker): a (path, row_group, lo, hi) range of local parquet, read here, so
-    no article text passes through the main process; or a list of texts that the hub stream handed over."""
-    texts = task if isinstance(task, list) else read_rows(*task)
-    return encode_articles([t or "" for t in texts])
+    """One (path, row_group, lo, hi) task -> its tokens (runs in a worker, which reads the rows itself, so no article
+    text passes through the main process)."""
+    return encode_articles([t or "" for t in read_rows(*task)])
 
 
 def init_worker(parent_pid):
@@ -397,8 +414,10 @@ def scan_parquet(files):
     scanned = []
     for f in files:
         try:
-            pf = pq.ParquetFile(f)
+            pf, size = open_parquet(f)
         except Exception as e:
+            if f.startswith(HUB):
+                raise  # a hub error: scan_hub_dump says so and names the offline way
             raise UserError(f"--data_files: {f} is not a readable parquet file ({e})") from None
         schema = pf.schema_arrow
         if "text" not in schema.names:
@@ -408,21 +427,42 @@ def scan_parquet(files):
             raise UserError(f"--data_files: {f}'s 'text' column holds {schema.field('text').type}, not strings")
         footer = pa.BufferOutputStream()
         pf.metadata.write_metadata_file(footer)
-        scanned.append({"name": os.path.basename(f), "bytes": os.path.getsize(f),
+        scanned.append({"name": os.path.basename(f), "bytes": size,
                         "footer_sha256": hashlib.sha256(footer.getvalue()).hexdigest()[:16], "path": f,
                         "row_groups": [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]})
     return scanned
 
 
 def hub_dump_files(dump):
-    """The dump's parquet files on the hub, as an hf:// glob; one line naming both families if it is neither."""
+    """The dump's parquet files on the hub, as an hf:// glob; one line naming both families if it is neither. The
+    glob, not the files it matches, is the dump's data identity: it needs no hub access to compute."""
     m = re.fullmatch(r"(\d{8})\.([\w-]+)", dump)
     if not m or m.group(1) not in HUB_DUMPS or (m.group(1) == "20220301" and m.group(2) not in LEGACY_LANGS):
         raise UserError(f"unknown Wikipedia dump {dump!r}: use 20231101.<lang> (wikimedia/wikipedia, e.g. "
                           f"20231101.en, 20231101.de, 20231101.simple) or 20220301.{{{','.join(LEGACY_LANGS)}}} "
                           "(the retired 'wikipedia' dataset, kept as legacy-datasets/wikipedia); set WIKI_DUMP or "
                           "--wiki_config")
-    return "hf://datasets/" + HUB_DUMPS[m.group(1)].format(dump=dump) + "/*.parquet"
+    return HUB + "datasets/" + HUB_DUMPS[m.group(1)].format(dump=dump) + "/*.parquet"
+
+
+def scan_hub_dump(dump):
+    """scan_parquet of the dump's files on the hub (their footers: a few KB each); one line if the hub cannot be
+    reached or has no such files."""
+    pattern = hub_dump_files(dump)
+    try:
+        paths = sorted(hub_filesystem().glob(pattern[len(HUB):]))
+        if paths:
+            return scan_parquet([HUB + p for p in paths])
+        why = "no file matches"
+    except FileNotFoundError as e:  # no such repository or folder
+        why = str(e)[:200]
+    except UserError:
+        raise
+    except Exception as e:  # offline (HF_HUB_OFFLINE=1 raises OfflineModeIsEnabled), no network, an HTTP error
+        raise UserError(f"cannot reach the Hugging Face hub for {pattern} ({type(e).__name__}: {str(e)[:200]}); "
+                          "offline, point main.py at local parquet files: --data_files='path/to/*.parquet'") from None
+    raise UserError(f"unknown Wikipedia dump {dump!r}: the hub has no {pattern} ({why}); e.g. 20231101.en, "
+                      "20231101.de, 20220301.en; set WIKI_DUMP or --wiki_config")
 
 
 def data_identity(cfg):
@@ -440,76 +480,33 @@ def fingerprint(identity):
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def hub_num_articles(files):
-    """Articles in a hub dump, summed from its parquet footers (a few KB each), so the val tail is known up front."""
-    from huggingface_hub import HfFileSystem
-    fs = HfFileSystem()
-    return sum(pq.ParquetFile(fs.open(p, block_size=1 << 16)).metadata.num_rows for p in fs.glob(files))
-
-
-def open_hub_dump(dump):
-    """-> (streamed datasets.IterableDataset of the dump's texts, number of articles); one line when unreachable."""
-    import datasets
-    files = hub_dump_files(dump)
-    try:
-        ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
-        return ds.select_columns(["text"]), hub_num_articles(files)
-    except ConnectionError as e:
-        raise UserError(f"cannot reach the Hugging Face hub for {files} ({e}); offline, point main.py at local "
-                          "parquet files: --data_files='path/to/*.parquet'") from None
-    except FileNotFoundError as e:  # no parquet files for this language
-        raise UserError(f"unknown Wikipedia dump {dump!r}: the hub has no {files} ({str(e)[:200]}); e.g. "
-                          "20231101.en, 20231101.de, 20220301.en; set WIKI_DUMP or --wiki_config") from None
-
-
-def parquet_tasks(files, at, n_train, n):
-    """Worker tasks over local parquet from article at["article"] to n, in order: (path, row_group, lo, hi) row
-    ranges of at most TASK_ARTICLES rows, none straddling the train/val boundary n_train. Yields (task, first
-    article, end article, {}): the article index alone is the input position (the footers map it to row groups)."""
+def parquet_tasks(files, task_rows, at, n_train, n):
+    """Worker tasks from article at["article"] to n, in order: (path, row_group, lo, hi) row ranges, none straddling
+    the train/val boundary n_train, of at most task_rows rows (None: whole row groups). Yields (task, first article,
+    end article): the article index alone is the input position, which the footers map to a row group."""
     first = 0
     for f in files:
         for rg, rows in enumerate(f["row_groups"]):
             lo, hi = max(first, at["article"]), min(first + rows, n)
-            cuts = sorted({lo, hi, *range(first, first + rows, TASK_ARTICLES), n_train})
+            cuts = sorted({lo, hi, n_train, *(range(first, first + rows, task_rows) if task_rows else ())})
             edges = [c for c in cuts if lo <= c <= hi]
             for a, b in zip(edges, edges[1:]):
-                yield (f["path"], rg, a - first, b - first), a, b, {}
+                yield (f["path"], rg, a - first, b - first), a, b
             first += rows
             if first >= n:
                 return
 
 
-def hub_tasks(ds, at, n_train, n):
-    """Batches of hub texts from article at["article"] to n, none straddling n_train. Each comes with its stream
-    position: datasets' state_dict() before the batch it came from and that batch's first article."""
-    stream, start = at.get("stream"), at.get("stream_article", 0)
-    if stream is not None:
-        ds.load_state_dict(stream)
-    batches = ds.iter(batch_size=TASK_ARTICLES)
-    try:
-        for batch in batches:
-            where = {"stream": stream, "stream_article": start}
-            texts, end = batch["text"], start + len(batch["text"])
-            for a, b in ((start, min(end, n_train)), (max(start, n_train), end)):
-                a, b = max(a, at["article"]), min(b, n)
-                if a < b:
-                    yield texts[a - start:b - start], a, b, where
-            stream, start = ds.state_dict(), end
-            if start >= n:
-                return
-    finally:
-        batches.close()
-
-
 def open_articles(cfg):
-    """-> (number of articles to use, tasks(at, n_train, n) -> jobs from input position `at` on)."""
+    """-> (number of articles to use, tasks(at, n_train, n) -> jobs from input position `at` on). A local task may
+    cut a row group in TASK_ARTICLES pieces (each decodes the row group again, which costs only CPU); a hub task is a
+    whole row group (~1000 articles in the hub's files), since each one downloads the row group's text column."""
     if cfg.data_files:
-        files = scan_parquet(resolve_data_files(cfg.data_files))
-        total, tasks = sum(sum(f["row_groups"]) for f in files), functools.partial(parquet_tasks, files)
+        files, task_rows = scan_parquet(resolve_data_files(cfg.data_files)), TASK_ARTICLES
     else:
-        ds, total = open_hub_dump(cfg.wiki_config)
-        tasks = functools.partial(hub_tasks, ds)
-    return min(x for x in (total, cfg.max_docs) if x is not None), tasks
+        files, task_rows = scan_hub_dump(cfg.wiki_config), None
+    total = sum(sum(f["row_groups"]) for f in files)
+    return min(x for x in (total, cfg.max_docs) if x is not None), functools.partial(parquet_tasks, files, task_rows)
 
 
 def shard_name(split, tag, index):
@@ -638,12 +635,12 @@ def start_or_resume(out_dir, fp, log):
     return progress
 
 
-def position_in(tokens, cut, first, where):
+def position_in(tokens, cut, first):
     """The input position of tokens[cut] of a job that starts at article `first`: its article and how many of that
-    article's tokens come before it (plus the hub stream's state)."""
+    article's tokens come before it."""
     starts = np.flatnonzero(tokens == EOS_ID)  # one EOS opens every article; only runs once per finished shard
     i = int(np.searchsorted(starts, cut, side="right")) - 1
-    return {"article": first + i, "skip_tokens": int(cut - starts[i]), **where}
+    return {"article": first + i, "skip_tokens": int(cut - starts[i])}
 
 
 def content_hash(splits):
@@ -663,12 +660,12 @@ def build_shards(cfg, progress, jobs, n_train, n_docs):
         write_json_atomic(os.path.join(out_dir, PROGRESS), progress)
     skip, end = at["skip_tokens"], at["article"]
     with tqdm(total=n_docs, initial=end, unit="art", desc="prepare", dynamic_ncols=True, mininterval=1.0) as bar:
-        for (_, first, end, where), tokens in tokenize_in_order(jobs, cfg.num_proc):
+        for (_, first, end), tokens in tokenize_in_order(jobs, cfg.num_proc):
             split = "train" if first < n_train else "val"
             if split == "val" and writers["train"].flush():  # the train split ends here, in its last, partial shard
-                record({"article": first, "skip_tokens": 0, **where})
+                record({"article": first, "skip_tokens": 0})
             for cut in writers[split].add(tokens[skip:]):
-                record(position_in(tokens, skip + cut, first, where))
+                record(position_in(tokens, skip + cut, first))
             skip = 0
             bar.update(end - first)
     for split in ("train", "val"):

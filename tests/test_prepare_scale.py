@@ -2,6 +2,7 @@
 20220301 dumps, and data safety (old shards kept until a rebuild is complete, only recorded files deleted, an
 identity that survives touch/move/copy)."""
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -124,20 +125,36 @@ def test_same_bytes_whatever_the_number_of_workers(dump, clean, tmp_path, num_pr
     assert digest(tmp_path) == clean[1]
 
 
-# --- the hub: 20220301 (legacy-datasets/wikipedia) and 20231101 (wikimedia/wikipedia), mocked ---------------------
+# --- the hub: 20220301 (legacy-datasets/wikipedia) and 20231101 (wikimedia/wikipedia), a local folder in its place -
+
+LEGACY_EN = "datasets/legacy-datasets/wikipedia/data/20220301.en"
+
 
 @pytest.fixture
-def fake_hub(dump, monkeypatch):
-    """datasets.load_dataset streams the local dump instead of the hub, and records what it was asked for."""
-    import datasets
-    real, calls = datasets.load_dataset, []
+def fake_hub(dump, tmp_path, monkeypatch):
+    """main.hub_filesystem() is a local folder laid out like the hub (an fsspec DirFileSystem, as HfFileSystem is
+    an fsspec filesystem); publish(folder) puts `dump`'s files there, and .globs records what main.py asked for."""
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+    root = tmp_path / "hub"
+    fs = DirFileSystem(str(root), LocalFileSystem(), skip_instance_cache=True)
+    fs.globs, real_glob = [], fs.glob
 
-    def load_dataset(*a, **k):
-        calls.append((a, k))
-        return real("parquet", data_files=dump, split="train", streaming=True)
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    monkeypatch.setattr(main, "hub_num_articles", lambda files: 240)
-    return calls
+    def recorded_glob(pattern, **kw):
+        fs.globs.append(pattern)
+        return real_glob(pattern, **kw)
+
+    def publish(folder):
+        (root / folder).mkdir(parents=True)
+        for f in glob.glob(dump):
+            shutil.copy(f, root / folder)
+    fs.glob, fs.publish = recorded_glob, publish
+    monkeypatch.setattr(main, "hub_filesystem", lambda: fs)
+    return fs
+
+
+def hub_cfg(out_dir, **kw):
+    return tiny_cfg(out_dir, **{"data_files": None, "wiki_config": "20220301.en", "shard_tokens": 40000, **kw})
 
 
 @pytest.mark.parametrize("dump_name,files", [
@@ -145,39 +162,75 @@ def fake_hub(dump, monkeypatch):
       for lang in ("en", "de", "fr", "frr", "it", "simple")],
     ("20231101.en", "hf://datasets/wikimedia/wikipedia/20231101.en/*.parquet")])
 def test_hub_dump_paths(fake_hub, tmp_path, dump_name, files):
-    m = main.prepare(tiny_cfg(tmp_path, data_files=None, wiki_config=dump_name, max_docs=30), **quiet)
-    assert fake_hub == [(("parquet",), {"data_files": files, "split": "train", "streaming": True})]
-    assert m["num_docs"] == 30 and m["data"]["wiki_config"] == dump_name
+    fake_hub.publish(files[len("hf://"):-len("/*.parquet")])
+    m = main.prepare(hub_cfg(tmp_path / "o", wiki_config=dump_name, max_docs=30), **quiet)
+    assert fake_hub.globs == [files[len("hf://"):]]
+    assert m["num_docs"] == 30 and m["data"]["wiki_config"] == dump_name and m["data"]["hub_files"] == files
 
 
-def test_hub_stream_gives_the_local_bytes_and_resumes_from_its_state_dict(fake_hub, dump, clean, tmp_path,
-                                                                          monkeypatch):
-    local = clean[2]
-    cfg = tiny_cfg(tmp_path, data_files=None, wiki_config="20220301.en", shard_tokens=40000, num_proc=1)
-    monkeypatch.setattr(main, "TASK_ARTICLES", 24)  # several stream batches per file
-    real, calls = main.tokenize_task, []
+def test_hub_without_the_dump_or_unreachable_is_one_line(fake_hub, tmp_path, monkeypatch):
+    with pytest.raises(main.UserError, match="unknown Wikipedia dump '20231101.zz'"):  # no files for that language
+        main.prepare(hub_cfg(tmp_path, wiki_config="20231101.zz"), **quiet)
 
-    def flaky(task):
-        calls.append(1)
-        if len(calls) == 7:
+    class ConnectError(Exception):  # like httpx's: not a ConnectionError
+        pass
+
+    def unreachable(pattern, **kw):
+        raise ConnectError("Name or service not known")
+    monkeypatch.setattr(fake_hub, "glob", unreachable)
+    with pytest.raises(main.UserError) as e:
+        main.prepare(hub_cfg(tmp_path), **quiet)
+    assert "cannot reach the Hugging Face hub" in str(e.value) and "--data_files" in str(e.value)
+    assert "unknown" not in str(e.value)
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_hub_gives_the_local_bytes_and_a_read_error_mid_prepare_resumes(fake_hub, clean, tmp_path, monkeypatch,
+                                                                       num_proc):
+    fake_hub.publish(LEGACY_EN)
+    cfg = hub_cfg(tmp_path, num_proc=num_proc)
+    real = main.read_rows
+
+    def flaky(path, row_group, lo, hi):  # the first row group of the third file fails, in whichever process reads it
+        assert path.startswith("hf://" + LEGACY_EN + "/train-")
+        if path.endswith("00002-of-00003.parquet") and row_group == 0:
             raise ConnectionError("the hub went away")
-        return real(task)
-    monkeypatch.setattr(main, "tokenize_task", flaky)
-    with pytest.raises(main.UserError, match="rerun continues"):
+        return real(path, row_group, lo, hi)
+    monkeypatch.setattr(main, "read_rows", flaky)
+    with pytest.raises(main.UserError, match="ConnectionError: the hub went away.*rerun continues"):
         main.prepare(cfg, **quiet)
-    assert progress(tmp_path)["next"]["stream"] is not None
-    monkeypatch.setattr(main, "tokenize_task", real)
+    done = progress(tmp_path)
+    assert len(done["splits"]["train"]) >= 2 and set(done["next"]) == {"article", "skip_tokens"}
+    monkeypatch.setattr(main, "read_rows", real)
     notes = []
     m = main.prepare(cfg, log=notes.append)
-    assert "resuming after" in notes[0]
-    assert m["content_hash"] == local["content_hash"]  # the same tokens as the local prepare of the same articles
+    assert f"resuming after {len(done['splits']['train'])} train" in notes[0]
+    assert m["content_hash"] == clean[2]["content_hash"]  # the same tokens as the local prepare of the same files
 
 
-def test_unknown_dump_and_offline_hub_are_one_line(tmp_path):
-    for dump_name, words in [("20220301.xx", ["unknown", "20231101.en", "20220301"]), ("20220301.en", ["hub"])]:
-        p = run_main(args_for("", tmp_path / dump_name, wiki_config=dump_name)[1:])
-        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
-        assert all(w in p.stderr.strip().splitlines()[-1] for w in words), p.stderr
+@pytest.mark.parametrize("num_proc", [1, 2, 3])
+def test_hub_same_bytes_whatever_the_number_of_workers(fake_hub, clean, tmp_path, num_proc):
+    fake_hub.publish(LEGACY_EN)
+    assert main.prepare(hub_cfg(tmp_path, num_proc=num_proc), **quiet)["content_hash"] == clean[2]["content_hash"]
+
+
+def test_hub_articles_are_read_by_the_workers_not_the_main_process(fake_hub, clean, tmp_path, monkeypatch):
+    fake_hub.publish(LEGACY_EN)
+    parent, real_read, real_tasks = os.getpid(), main.read_rows, main.parquet_tasks
+
+    def read_in_a_worker(*task):
+        assert os.getpid() != parent, "article text read in the main process"
+        return real_read(*task)
+
+    def tasks(files, task_rows, at, n_train, n):  # what the main process hands a worker: a path and 3 numbers
+        for job in real_tasks(files, task_rows, at, n_train, n):
+            (path, row_group, lo, hi), first, end = job
+            assert path.startswith("hf://") and all(type(x) is int for x in (row_group, lo, hi))
+            assert hi - lo == 16 or n_train in (first, end)  # whole row groups, cut only at the train/val boundary
+            yield job
+    monkeypatch.setattr(main, "read_rows", read_in_a_worker)
+    monkeypatch.setattr(main, "parquet_tasks", tasks)
+    assert main.prepare(hub_cfg(tmp_path, num_proc=2), **quiet)["content_hash"] == clean[2]["content_hash"]
 
 
 # --- data safety ------------------------------------------------------------------------------------------------
