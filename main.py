@@ -465,11 +465,15 @@ def scan_hub_dump(dump):
                       "20231101.de, 20220301.en; set WIKI_DUMP or --wiki_config")
 
 
+def files_identity(files):
+    """scan_parquet's description of files without their paths: what a move or a copy leaves the same."""
+    return [{k: f[k] for k in ("name", "bytes", "footer_sha256")} for f in files]
+
+
 def data_identity(cfg):
     """Everything that decides the bytes of the shards, and nothing else (lr, steps, model dims, paths, mtimes)."""
     if cfg.data_files:
-        keys = ("name", "bytes", "footer_sha256")
-        source = {"data_files": [{k: f[k] for k in keys} for f in scan_parquet(resolve_data_files(cfg.data_files))]}
+        source = {"data_files": files_identity(scan_parquet(resolve_data_files(cfg.data_files)))}
     else:
         source = {"wiki_config": cfg.wiki_config, "hub_files": hub_dump_files(cfg.wiki_config)}
     return {"format_version": FORMAT_VERSION, "tokenizer": "gpt2", **source, "max_docs": cfg.max_docs,
@@ -498,7 +502,8 @@ def parquet_tasks(files, task_rows, at, n_train, n):
 
 
 def open_articles(cfg):
-    """-> (number of articles to use, tasks(at, n_train, n) -> jobs from input position `at` on). A local task may
+    """-> (number of articles to use, tasks(at, n_train, n) -> jobs from input position `at` on, the input files'
+    identity). A local task may
     cut a row group in TASK_ARTICLES pieces (each decodes the row group again, which costs only CPU); a hub task is a
     whole row group (~1000 articles in the hub's files), since each one downloads the row group's text column."""
     if cfg.data_files:
@@ -506,7 +511,8 @@ def open_articles(cfg):
     else:
         files, task_rows = scan_hub_dump(cfg.wiki_config), None
     total = sum(sum(f["row_groups"]) for f in files)
-    return min(x for x in (total, cfg.max_docs) if x is not None), functools.partial(parquet_tasks, files, task_rows)
+    n = min(x for x in (total, cfg.max_docs) if x is not None)
+    return n, functools.partial(parquet_tasks, files, task_rows), files_identity(files)
 
 
 def shard_name(split, tag, index):
@@ -618,19 +624,24 @@ def finish_switch(out_dir, manifest):
         delete_files(out_dir, progress.get("replaces", []) + build_files(progress), keep)
 
 
-def start_or_resume(out_dir, fp, log):
-    """The progress record of an unfinished build with this fingerprint, or a fresh one (written before any shard,
-    so every file the build writes is on record). A build for other data is abandoned."""
+def start_or_resume(out_dir, fp, files, log):
+    """The progress record of an unfinished build with this fingerprint and these input files, or a fresh one
+    (written before any shard, so every file the build writes is on record). A build for other data is abandoned.
+    The files matter for the hub, whose fingerprint is the dump's name: a dump rewritten on the hub between a kill
+    and the rerun must not continue a build that read the old files."""
     progress = read_json(os.path.join(out_dir, PROGRESS))
-    if progress and progress.get("fingerprint") == fp and not first_damaged_shard(out_dir, progress):
+    if progress and progress.get("fingerprint") == fp and progress.get("files") != files:
+        log("prepare: the input files changed since the unfinished build (a new revision on the hub?); starting over")
+    elif progress and progress.get("fingerprint") == fp and not first_damaged_shard(out_dir, progress):
         done = {s: len(progress["splits"][s]) for s in ("train", "val")}
         log(f"prepare: resuming after {done['train']} train + {done['val']} val finished shards, at article "
             f"{progress['next']['article']:,}")
         return progress
     if progress:
         abandon_build(out_dir, progress)
-    progress = {"fingerprint": fp, "replaces": listed_shards(read_json(os.path.join(out_dir, "manifest.json")) or {}),
-                "splits": {"train": [], "val": []}, "next": {"article": 0, "skip_tokens": 0}}
+    replaces = listed_shards(read_json(os.path.join(out_dir, "manifest.json")) or {})
+    progress = {"fingerprint": fp, "files": files, "replaces": replaces, "splits": {"train": [], "val": []},
+                "next": {"article": 0, "skip_tokens": 0}}
     write_json_atomic(os.path.join(out_dir, PROGRESS), progress)
     return progress
 
@@ -687,12 +698,12 @@ def prepare(cfg, log=print):
         return manifest  # run() checks it against this run's seq_len, on every rank
     if why != "no manifest":
         log(f"prepare: rebuilding shards in {cfg.out_dir} ({why}); the old set stays until the new one is complete")
-    n_docs, tasks = open_articles(cfg)
+    n_docs, tasks, files = open_articles(cfg)
     if not n_docs:
         raise UserError("the dataset has no articles" + (f" ({cfg.data_files})" if cfg.data_files else ""))
     n_val = min(n_docs - 1, max(1, round(n_docs * cfg.val_fraction)))
     n_train = n_docs - n_val
-    progress = start_or_resume(cfg.out_dir, fp, log)
+    progress = start_or_resume(cfg.out_dir, fp, files, log)
     t0, a0 = time.time(), progress["next"]["article"]
     try:
         end = build_shards(cfg, progress, tasks(progress["next"], n_train, n_docs), n_train, n_docs)

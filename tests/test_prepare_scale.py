@@ -208,6 +208,29 @@ def test_hub_gives_the_local_bytes_and_a_read_error_mid_prepare_resumes(fake_hub
     assert m["content_hash"] == clean[2]["content_hash"]  # the same tokens as the local prepare of the same files
 
 
+def test_a_dump_rewritten_on_the_hub_between_kill_and_rerun_starts_over(fake_hub, tmp_path, monkeypatch):
+    fake_hub.publish(LEGACY_EN)
+    cfg = hub_cfg(tmp_path / "o", num_proc=1)
+    real = main.read_rows
+
+    def dies_in_the_third_file(path, row_group, lo, hi):
+        if path.endswith("00002-of-00003.parquet"):
+            raise ConnectionError("the hub went away")
+        return real(path, row_group, lo, hi)
+    monkeypatch.setattr(main, "read_rows", dies_in_the_third_file)
+    with pytest.raises(main.UserError, match="rerun continues"):
+        main.prepare(cfg, **quiet)
+    assert progress(tmp_path / "o")["splits"]["train"]
+    monkeypatch.setattr(main, "read_rows", real)
+    first = glob.glob(str(tmp_path / "hub" / LEGACY_EN / "*00000-of-*.parquet"))[0]
+    pq.write_table(pq.read_table(first).slice(5), first, row_group_size=16)  # a new revision of the first file
+    notes = []
+    m = main.prepare(cfg, log=notes.append)
+    assert "input files changed" in notes[0] and not any("resuming" in n for n in notes)
+    fresh = main.prepare(hub_cfg(tmp_path / "fresh", num_proc=1), **quiet)
+    assert m["content_hash"] == fresh["content_hash"] and digest(tmp_path / "o") == digest(tmp_path / "fresh")
+
+
 @pytest.mark.parametrize("num_proc", [1, 2, 3])
 def test_hub_same_bytes_whatever_the_number_of_workers(fake_hub, clean, tmp_path, num_proc):
     fake_hub.publish(LEGACY_EN)
