@@ -99,21 +99,30 @@ def test_kill_9_then_rerun_gives_identical_bytes_and_resumes(dump, clean, tmp_pa
     assert digest(tmp_path) == clean_digest
 
 
+def prepare_until_reading_fails(cfg, monkeypatch, fails, error):
+    """main.prepare(cfg) with read_rows raising `error` for the first task where fails(task) holds, in whichever
+    process reads it: one line, and at least two finished shards stay on record. -> the progress record."""
+    real = main.read_rows
+
+    def flaky(*task):
+        if fails(task):
+            raise error
+        return real(*task)
+    monkeypatch.setattr(main, "read_rows", flaky)
+    with pytest.raises(main.UserError, match=f"{type(error).__name__}: {error}.*rerun continues"):
+        main.prepare(cfg, **quiet)
+    monkeypatch.setattr(main, "read_rows", real)
+    done = progress(cfg.out_dir)
+    assert len(done["splits"]["train"]) >= 2 and set(done["next"]) == {"article", "skip_tokens"}
+    return done
+
+
 def test_reader_error_mid_stream_keeps_finished_shards_and_rerun_continues(dump, clean, tmp_path, monkeypatch):
     clean_dir, clean_digest, _ = clean
     cfg = tiny_cfg(tmp_path, data_files=dump, shard_tokens=40000, num_proc=1)
-    real, calls = main.read_rows, []
-
-    def flaky(*a):
-        calls.append(a)
-        if len(calls) == 9:
-            raise OSError("connection reset by peer")
-        return real(*a)
-    monkeypatch.setattr(main, "read_rows", flaky)
-    with pytest.raises(main.UserError, match="rerun continues"):
-        main.prepare(cfg, **quiet)
-    monkeypatch.setattr(main, "read_rows", real)
-    assert len(progress(tmp_path)["splits"]["train"]) >= 2
+    calls = []
+    prepare_until_reading_fails(cfg, monkeypatch, lambda task: calls.append(task) or len(calls) == 9,
+                                OSError("connection reset by peer"))
     notes = []
     main.prepare(cfg, log=notes.append)
     assert "resuming after" in notes[0] and digest(tmp_path) == clean_digest
@@ -184,24 +193,20 @@ def test_hub_without_the_dump_or_unreachable_is_one_line(fake_hub, tmp_path, mon
     assert "unknown" not in str(e.value)
 
 
+def prepare_until_the_hub_fails(cfg, monkeypatch):
+    """The hub fails at the first row group of the dump's third file."""
+    def third_file(task):
+        assert task[0].startswith("hf://" + LEGACY_EN + "/train-")
+        return task[0].endswith("00002-of-00003.parquet") and task[1] == 0
+    return prepare_until_reading_fails(cfg, monkeypatch, third_file, ConnectionError("the hub went away"))
+
+
 @pytest.mark.parametrize("num_proc", [1, 2])
 def test_hub_gives_the_local_bytes_and_a_read_error_mid_prepare_resumes(fake_hub, clean, tmp_path, monkeypatch,
                                                                        num_proc):
     fake_hub.publish(LEGACY_EN)
     cfg = hub_cfg(tmp_path, num_proc=num_proc)
-    real = main.read_rows
-
-    def flaky(path, row_group, lo, hi):  # the first row group of the third file fails, in whichever process reads it
-        assert path.startswith("hf://" + LEGACY_EN + "/train-")
-        if path.endswith("00002-of-00003.parquet") and row_group == 0:
-            raise ConnectionError("the hub went away")
-        return real(path, row_group, lo, hi)
-    monkeypatch.setattr(main, "read_rows", flaky)
-    with pytest.raises(main.UserError, match="ConnectionError: the hub went away.*rerun continues"):
-        main.prepare(cfg, **quiet)
-    done = progress(tmp_path)
-    assert len(done["splits"]["train"]) >= 2 and set(done["next"]) == {"article", "skip_tokens"}
-    monkeypatch.setattr(main, "read_rows", real)
+    done = prepare_until_the_hub_fails(cfg, monkeypatch)
     notes = []
     m = main.prepare(cfg, log=notes.append)
     assert f"resuming after {len(done['splits']['train'])} train" in notes[0]
@@ -211,17 +216,7 @@ def test_hub_gives_the_local_bytes_and_a_read_error_mid_prepare_resumes(fake_hub
 def test_a_dump_rewritten_on_the_hub_between_kill_and_rerun_starts_over(fake_hub, tmp_path, monkeypatch):
     fake_hub.publish(LEGACY_EN)
     cfg = hub_cfg(tmp_path / "o", num_proc=1)
-    real = main.read_rows
-
-    def dies_in_the_third_file(path, row_group, lo, hi):
-        if path.endswith("00002-of-00003.parquet"):
-            raise ConnectionError("the hub went away")
-        return real(path, row_group, lo, hi)
-    monkeypatch.setattr(main, "read_rows", dies_in_the_third_file)
-    with pytest.raises(main.UserError, match="rerun continues"):
-        main.prepare(cfg, **quiet)
-    assert progress(tmp_path / "o")["splits"]["train"]
-    monkeypatch.setattr(main, "read_rows", real)
+    prepare_until_the_hub_fails(cfg, monkeypatch)
     first = glob.glob(str(tmp_path / "hub" / LEGACY_EN / "*00000-of-*.parquet"))[0]
     pq.write_table(pq.read_table(first).slice(5), first, row_group_size=16)  # a new revision of the first file
     notes = []
