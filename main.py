@@ -503,9 +503,9 @@ def parquet_tasks(files, task_rows, at, n_train, n):
 
 def open_articles(cfg):
     """-> (number of articles to use, tasks(at, n_train, n) -> jobs from input position `at` on, the input files'
-    identity). A local task may
-    cut a row group in TASK_ARTICLES pieces (each decodes the row group again, which costs only CPU); a hub task is a
-    whole row group (~1000 articles in the hub's files), since each one downloads the row group's text column."""
+    identity). A local task may cut a row group in TASK_ARTICLES pieces (each decodes the row group again, which
+    costs only CPU); a hub task is a whole row group (~1000 articles in the hub's files), since each one downloads
+    the row group's text column."""
     if cfg.data_files:
         files, task_rows = scan_parquet(resolve_data_files(cfg.data_files)), TASK_ARTICLES
     else:
@@ -630,9 +630,10 @@ def start_or_resume(out_dir, fp, files, log):
     The files matter for the hub, whose fingerprint is the dump's name: a dump rewritten on the hub between a kill
     and the rerun must not continue a build that read the old files."""
     progress = read_json(os.path.join(out_dir, PROGRESS))
-    if progress and progress.get("fingerprint") == fp and progress.get("files") != files:
+    same_data = progress is not None and progress.get("fingerprint") == fp
+    if same_data and progress.get("files") != files:
         log("prepare: the input files changed since the unfinished build (a new revision on the hub?); starting over")
-    elif progress and progress.get("fingerprint") == fp and not first_damaged_shard(out_dir, progress):
+    elif same_data and not first_damaged_shard(out_dir, progress):
         done = {s: len(progress["splits"][s]) for s in ("train", "val")}
         log(f"prepare: resuming after {done['train']} train + {done['val']} val finished shards, at article "
             f"{progress['next']['article']:,}")
@@ -1429,10 +1430,13 @@ class TtmlBackend:
         ty = None if y is None else Tensor.from_numpy(np.ascontiguousarray(y, dtype=np.uint32), *args)
         return tx, ty
 
+    def _to_numpy(self, t, **kw):
+        """A tensor on the host; on a mesh, every device's part along dim 0."""
+        return t.to_numpy(**kw) if self.composer is None else t.to_numpy(composer=self.composer, **kw)
+
     def _host(self, t):
-        """A tensor as float32 numpy (bf16 would need ml_dtypes); on a mesh, every device's part along dim 0."""
-        f32 = self.DataType.FLOAT32
-        return t.to_numpy(new_type=f32) if self.composer is None else t.to_numpy(new_type=f32, composer=self.composer)
+        """A tensor as float32 numpy (bf16 would need ml_dtypes)."""
+        return self._to_numpy(t, new_type=self.DataType.FLOAT32)
 
     def _replica(self, t):
         """One copy of a tensor that every device holds (weights, optimizer moments)."""
@@ -1545,9 +1549,7 @@ class TtmlBackend:
     def _chosen_id(self, ids):
         """argmax and sample_op leave one uint32 per device (to_numpy keeps 32-bit ints, nanobind/nb_util.cpp
         @28fa477); every device ran the same row with the same seed, so the first one is the choice."""
-        t = self.ttml.autograd.Tensor(ids, False)
-        a = t.to_numpy() if self.composer is None else t.to_numpy(composer=self.composer)
-        return int(np.asarray(a).reshape(-1)[0])
+        return int(np.asarray(self._to_numpy(self.ttml.autograd.Tensor(ids, False))).reshape(-1)[0])
 
     def _host_choice(self, last, temperature, top_k, seed):
         """The one host path: the whole [V] row comes back and numpy chooses. Taken on builds without
