@@ -7,15 +7,23 @@ Train GPT-2 small (124M) on a Wikipedia snapshot, in one file.
     torchrun --nproc_per_node=8 main.py             # data parallel (DDP); the global batch counts every rank
     TT_METAL_HOME=~/tt-metal python main.py --backend=ttml   # Tenstorrent TT-Train
     python main.py --help                           # every knob of TrainConfig with its default
-    python main.py --wandb_project=wiki-gpt2        # also log to Weights & Biases (pip install wandb)
 
-Stages, in the order the data flows (and the order of this file):
-  1. config   TrainConfig + `--field=value` overrides
-  2. prepare  articles -> GPT-2 BPE tokens (EOS before each article) -> uint16 shards + manifest.json in out_dir
-  3. model    a small backend seam with two implementations: PyTorch (CPU/CUDA/MPS) and TT-Train (ttml)
-  4. train    speedrun LR schedule, optional beta1 warmup, gradient accumulation, eval under no_grad()
-  5. outputs  metrics.jsonl, loss_curve.png, ckpt.pt (the same command continues a run), hf/ export, a greedy sample
+Everything lands in out_dir: shards + manifest.json, metrics.jsonl, loss_curve.png, ckpt.pt (the same command
+continues a run, after a crash, Ctrl-C or SIGTERM), hf/ (a transformers model). The file reads in the order run()
+runs it:
+  1. shared pieces   exceptions, atomic writes, JSON files
+  2. config         TrainConfig, `--field=value` through argparse, cross-field checks
+  3. system         torchrun's process group, the device, the backend's availability
+  4. bookkeeping    the out_dir lock, which checkpoint continues, what may change on resume, W&B
+  5. prepare        articles -> GPT-2 BPE (EOS before each article) -> uint16 shards + manifest.json
+  6. batches        random windows over the train stream, fixed windows over the val stream
+  7. model          GPT-2 in PyTorch
+  8. backends       the Backend protocol; PyTorch (CPU/CUDA/MPS) and TT-Train (ttml)
+  9. train          speedrun LR schedule, beta1 warmup, gradient accumulation, eval, checkpoints, signals
+ 10. outputs        the host sampler, the loss plot, the HF export
+ 11. run, main
 """
+import argparse
 import collections
 import contextlib
 import ctypes
@@ -28,7 +36,6 @@ import glob
 import hashlib
 import importlib
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -41,11 +48,7 @@ import time
 import typing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-
-try:
-    import fcntl  # the out_dir lock; POSIX only
-except ImportError:  # Windows: runs without the lock
-    fcntl = None
+from typing import Annotated as H, Literal, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -55,87 +58,44 @@ import torch
 import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
+from filelock import FileLock, Timeout
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
-# Config: every knob in one dataclass; `--field=value` overrides typed from the annotations
-
-
-@dataclass
-class TrainConfig:
-    # data
-    wiki_config: str = field(default_factory=lambda: os.environ.get("WIKI_DUMP", "20231101.en"))  # 20231101.<lang> (wikimedia/wikipedia) or 20220301.<lang> (env WIKI_DUMP)
-    data_files: typing.Optional[str] = None  # local parquet file(s)/glob (comma-separated) in the wikimedia/wikipedia schema; replaces the hub
-    out_dir: str = "./wiki_memmap_gpt2"  # shards, manifest.json, metrics, checkpoint, plot, hf/ export
-    max_docs: typing.Optional[int] = None  # use only the first max_docs articles
-    shard_tokens: int = 134217728  # tokens per uint16 shard file (256 MiB)
-    val_fraction: float = 0.1  # the last val_fraction of the articles form the validation split
-    num_proc: int = field(default_factory=lambda: os.cpu_count() or 1)  # tokenizer worker processes
-    prepare_only: bool = False  # stop after writing the shards
-    # model (GPT-2 small)
-    n_layer: int = 12  # transformer blocks
-    n_head: int = 12  # attention heads
-    n_embd: int = 768  # model width
-    dropout: float = 0.0  # dropout on embeddings, attention and residuals
-    # batch: global batch tokens = seq_len * batch_size * accumulation_steps * data_parallel
-    seq_len: int = 1024  # tokens per training window (and the context length)
-    batch_size: int = 16  # sequences per micro-step (per rank)
-    accumulation_steps: int = 1  # micro-steps per optimizer step
-    steps: int = 5000  # training length in micro-steps
-    # optimizer and speedrun schedule (functions of the optimizer step)
-    lr: float = 3e-4  # peak learning rate
-    min_lr: float = 0.0  # learning rate at the end of the decay
-    warmup_steps: int = 2000  # linear warmup (optimizer steps)
-    hold_steps: int = 0  # flat at lr after warmup (optimizer steps)
-    total_optim_steps: typing.Optional[int] = None  # end of the linear decay; None = steps / accumulation_steps
-    beta1: float = 0.9  # AdamW beta1 when no beta1 warmup is set
-    beta1_start: typing.Optional[float] = None  # beta1 warmup: from beta1_start ...
-    beta1_end: typing.Optional[float] = None  # ... to beta1_end (None = beta1) ...
-    beta1_warmup_steps: int = 0  # ... over this many optimizer steps
-    beta2: float = 0.95  # AdamW beta2
-    weight_decay: float = 0.1  # on matrices only
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
-    # eval, sampling, checkpoints
-    eval_every: int = 200  # micro-steps between evals (a multiple of accumulation_steps)
-    eval_iters: int = 20  # fixed val batches per eval
-    sample_prompt: str = "The history of machine learning"  # continued at the end of training
-    sample_tokens: int = 64  # tokens to generate per sample
-    temperature: float = 0.0  # 0 = greedy
-    top_k: typing.Optional[int] = None  # sample from the top_k tokens only (temperature > 0)
-    num_samples: int = 1  # samples printed
-    sample_only: bool = False  # load out_dir/ckpt.pt, print samples, exit
-    init_from: str = "auto"  # auto (continue out_dir/ckpt.pt if it is this run's, else start) | scratch | resume
-    overwrite: bool = False  # let init_from=scratch replace an existing run in out_dir
-    export_hf: bool = True  # write out_dir/hf/ (transformers GPT2LMHeadModel) at the end
-    wandb_project: typing.Optional[str] = None  # also log to this W&B project (rank 0; pip install wandb)
-    wandb_run_name: typing.Optional[str] = None  # the W&B run's display name; None = W&B picks one
-    # system
-    backend: str = "auto"  # auto | torch | ttml
-    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto (bf16 on CUDA if supported, else fp16 + GradScaler; fp32 on CPU/MPS) | float32 | bfloat16 | float16
-    compile: str = "auto"  # auto (on for CUDA on Linux) | true | false: torch.compile the training step
-    data_parallel: typing.Optional[int] = None  # data-parallel replicas; None = torchrun's WORLD_SIZE (torch) / 1 (ttml)
-    peak_flops: typing.Optional[float] = None  # device peak FLOP/s for MFU; None = look the device up
-    seed: int = 1337  # model init, batch order (with the rank), sampling
-    ddp_wait_s: float = 600.0  # how long a rank waits for its node's manifest while no process is preparing it
-    smoke: bool = False  # preset: tiny model on the repo's fixture, the whole pipeline in about a minute
-
-    @property
-    def optim_steps(self):
-        return self.total_optim_steps or self.steps // self.accumulation_steps
-
-
-# What --smoke changes (only fields not given explicitly on the command line).
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data", "wiki_fixture.parquet")
-SMOKE_PRESET = dict(data_files=FIXTURE, out_dir="./smoke_out", n_layer=2, n_head=2, n_embd=128, seq_len=128,
-                    batch_size=8, steps=120, eval_every=40, eval_iters=8, warmup_steps=20, lr=2e-3, min_lr=2e-4,
-                    sample_tokens=32, num_proc=1)
+# 1. Shared pieces
 
 
 class UserError(Exception):
     """Something the user can fix (bad input, a busy or full out_dir, a damaged file, a missing device): printed as
     one line naming the fix, exit code 2."""
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM, after what is finished was kept. Exit 128 + the signal number, as a shell reports it."""
+
+    def __init__(self, message, signum=signal.SIGINT):
+        super().__init__(message)
+        self.code = 128 + int(signum)
+
+
+def disk_full(e):
+    """A full disk anywhere in the exception chain: numpy and torch's zip writer report it without errno."""
+    while e is not None:
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def check_disk(e, path):
+    if disk_full(e):
+        raise UserError(f"no space left on device while writing {path}; free some space or point --out_dir at "
+                        "a bigger disk") from None
 
 
 @contextlib.contextmanager
@@ -152,15 +112,8 @@ def atomic_write(path, mode="wb"):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise_if_disk_full(e, path)
+        check_disk(e, path)
         raise
-
-
-def raise_if_disk_full(e, path):
-    """A full disk is one line naming the file (torch.save reports it as a RuntimeError quoting errno 28)."""
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
-        raise UserError(f"no space left on device while writing {path}; free some space or point --out_dir at "
-                          "a bigger disk") from None
 
 
 def write_json_atomic(path, obj):
@@ -168,54 +121,158 @@ def write_json_atomic(path, obj):
         json.dump(obj, f, indent=1)
 
 
-def _field_help():
-    """The trailing comment of each TrainConfig field, for --help (one list of options, the dataclass itself)."""
-    helps = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
-        m = re.match(r"\s+(\w+): .*?#\s*(.*)$", line)
-        if m:
-            helps[m.group(1)] = m.group(2)
-    return helps
-
-
-def _parse_value(name, text, typ):
-    """Turn the command-line text into the field's type: int, float, bool, str, or Optional of one of those."""
-    if typing.get_origin(typ) is typing.Union:
-        if text.lower() in ("none", "null", ""):
-            return None
-        typ = next(t for t in typing.get_args(typ) if t is not type(None))
-    if typ is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise UserError(f"--{name}={text}: expected true or false")
+def read_json(path):
+    """A JSON object from path, or None if it is missing or unreadable."""
     try:
-        return typ(text)
-    except ValueError:
-        raise UserError(f"--{name}={text}: expected {typ.__name__}") from None
+        with open(path) as f:
+            obj = json.load(f)
+        return obj if isinstance(obj, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+ROW_KEYS = {"train": ("step", "loss"), "eval": ("step", "val_loss"), "run": ("config",)}
+
+
+def read_jsonl(path):
+    """metrics.jsonl's rows. A partial last line (what a kill or a full disk leaves) is dropped; any other line that
+    is not a row is one error naming it, since the file is the run's record."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            row = None
+        if not isinstance(row, dict) or not all(k in row for k in ROW_KEYS.get(row.get("kind"), ("?",))):
+            raise UserError(f"{path}: line {i + 1} is not a metrics row ({line.strip()[:60]}); fix or delete that "
+                            "line, or move the file away to start a fresh log")
+        rows.append(row)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# 2. Config: every knob in one dataclass; argparse is built from its fields
+
+
+@dataclass
+class TrainConfig:
+    # data
+    wiki_config: H[str, "20231101.<lang> (wikimedia/wikipedia) or 20220301.<lang>; env WIKI_DUMP"] = field(
+        default_factory=lambda: os.environ.get("WIKI_DUMP", "20231101.en"))
+    data_files: H[Optional[str], "local parquet file(s)/globs, comma-separated, in the wikipedia schema"] = None
+    out_dir: H[str, "shards, manifest.json, metrics, checkpoint, plot, hf/ export"] = "./wiki_memmap_gpt2"
+    max_docs: H[Optional[int], "use only the first max_docs articles"] = None
+    shard_tokens: H[int, "tokens per uint16 shard file (256 MiB)"] = 134217728
+    val_fraction: H[float, "the last val_fraction of the articles form the validation split"] = 0.1
+    num_proc: H[int, "tokenizer worker processes"] = field(default_factory=lambda: os.cpu_count() or 1)
+    prepare_only: H[bool, "stop after writing the shards"] = False
+    # model (GPT-2 small)
+    n_layer: H[int, "transformer blocks"] = 12
+    n_head: H[int, "attention heads"] = 12
+    n_embd: H[int, "model width"] = 768
+    dropout: H[float, "dropout on embeddings, attention and residuals"] = 0.0
+    # batch: global batch tokens = seq_len * batch_size * accumulation_steps * data_parallel
+    seq_len: H[int, "tokens per training window (and the context length)"] = 1024
+    batch_size: H[int, "sequences per micro-step (per replica)"] = 16
+    accumulation_steps: H[int, "micro-steps per optimizer step"] = 1
+    steps: H[int, "training length in micro-steps"] = 5000
+    # optimizer and speedrun schedule (functions of the optimizer step)
+    lr: H[float, "peak learning rate"] = 3e-4
+    min_lr: H[float, "learning rate at the end of the decay"] = 0.0
+    warmup_steps: H[int, "linear warmup (optimizer steps)"] = 2000
+    hold_steps: H[int, "flat at lr after warmup (optimizer steps)"] = 0
+    total_optim_steps: H[Optional[int], "end of the linear decay; None = steps / accumulation_steps"] = None
+    beta1: H[float, "AdamW beta1 when no beta1 warmup is set"] = 0.9
+    beta1_start: H[Optional[float], "beta1 warmup: from beta1_start ..."] = None
+    beta1_end: H[Optional[float], "... to beta1_end (None = beta1) ..."] = None
+    beta1_warmup_steps: H[int, "... over this many optimizer steps"] = 0
+    beta2: H[float, "AdamW beta2"] = 0.95
+    weight_decay: H[float, "on matrices only"] = 0.1
+    grad_clip: H[float, "max global grad norm; 0 disables"] = 1.0
+    # eval, sampling, checkpoints
+    eval_every: H[int, "micro-steps between evals and checkpoints (a multiple of accumulation_steps)"] = 200
+    eval_iters: H[int, "fixed val batches per eval"] = 20
+    sample_prompt: H[str, "continued at the end of training"] = "The history of machine learning"
+    sample_tokens: H[int, "tokens to generate per sample"] = 64
+    temperature: H[float, "0 = greedy"] = 0.0
+    top_k: H[Optional[int], "sample from the top_k tokens only (temperature > 0)"] = None
+    num_samples: H[int, "samples printed"] = 1
+    sample_only: H[bool, "load out_dir/ckpt.pt, print samples, exit"] = False
+    init_from: H[Literal["auto", "scratch", "resume"], "auto: continue out_dir's run if there is one"] = "auto"
+    overwrite: H[bool, "let init_from=scratch (or other data) replace the run in out_dir"] = False
+    export_hf: H[bool, "write out_dir/hf/ (transformers GPT2LMHeadModel) at the end"] = True
+    wandb_project: H[Optional[str], "also log to this W&B project (rank 0; pip install wandb)"] = None
+    wandb_run_name: H[Optional[str], "the W&B run's display name; None = W&B picks one"] = None
+    # system
+    backend: H[Literal["auto", "torch", "ttml"], "auto: ttml when TT-Train imports, else torch"] = "auto"
+    device: H[str, "auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps"] = "auto"
+    dtype: H[Literal["auto", "float32", "bfloat16", "float16"], "auto: bf16 (fp16) on CUDA, fp32 elsewhere"] = "auto"
+    compile: H[Literal["auto", "true", "false"], "torch.compile the training step; auto = CUDA on Linux"] = "auto"
+    data_parallel: H[Optional[int], "replicas; None = torchrun's WORLD_SIZE (torch) / 1 (ttml)"] = None
+    peak_flops: H[Optional[float], "device peak FLOP/s for MFU; None = look the device up"] = None
+    seed: H[int, "model init, batch order (with the rank), sampling"] = 1337
+    tt_runner: H[Literal["default", "memory_efficient"], "ttml: memory_efficient recomputes activations"] = "default"
+    tt_optimizer: H[Literal["fp32_master", "bf16_stochastic", "bf16"], "ttml AdamW precision"] = "fp32_master"
+    smoke: H[bool, "preset: tiny model on the repo's fixture, the whole pipeline in about a minute"] = False
+
+    @property
+    def optim_steps(self):
+        return self.total_optim_steps or self.steps // self.accumulation_steps
+
+
+# What --smoke changes (only fields not given explicitly on the command line).
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data", "wiki_fixture.parquet")
+SMOKE_PRESET = dict(data_files=FIXTURE, out_dir="./smoke_out", n_layer=2, n_head=2, n_embd=128, seq_len=128,
+                    batch_size=8, steps=120, eval_every=40, eval_iters=8, warmup_steps=20, lr=2e-3, min_lr=2e-4,
+                    sample_tokens=32, num_proc=1)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, like every other refusal (argparse adds the usage)
+        raise UserError(message)
+
+
+def value_parser(name, typ):
+    """The command-line text -> the field's type: int, float, bool, str, or Optional of one of those."""
+    optional = typing.get_origin(typ) is typing.Union
+    base = next(t for t in typing.get_args(typ) if t is not type(None)) if optional else typ
+
+    def parse(text):
+        low = text.lower()
+        if optional and low in ("none", "null", ""):
+            return None
+        if base is bool and low in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return low in ("1", "true", "yes", "on")
+        with contextlib.suppress(ValueError):
+            if base is not bool:
+                return base(text)
+        kind = "true or false" if base is bool else base.__name__
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}")
+    return parse
 
 
 def parse_config(argv):
     """`--field=value` (or bare `--flag` for booleans) for every TrainConfig field; --smoke applies its preset."""
-    hints = typing.get_type_hints(TrainConfig)
-    if any(a in ("-h", "--help") for a in argv):
-        cfg, helps = TrainConfig(), _field_help()
-        print(__doc__.strip().split("\n\n")[1] + "\n\nOptions (--field=value):")
-        for f in dataclasses.fields(TrainConfig):
-            print(f"  {f'--{f.name}={getattr(cfg, f.name)!r}':<38} {helps.get(f.name, '')}")
-        raise SystemExit(0)
-    given = {}
-    for arg in argv:
-        key, eq, text = arg.partition("=")
-        name = key[2:]
-        if not key.startswith("--") or name not in hints:
-            raise UserError(f"unknown option {arg!r}; valid: " + " ".join(f"--{n}" for n in hints))
-        if not eq:
-            if hints[name] is not bool:
-                raise UserError(f"--{name} needs a value: --{name}=VALUE")
-            text = "true"
-        given[name] = _parse_value(name, text, hints[name])
+    hints = typing.get_type_hints(TrainConfig, include_extras=True)
+    defaults = TrainConfig()
+    parser = Parser(prog="main.py", description=__doc__.strip().split("\n\n")[1], allow_abbrev=False,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        typ, doc = typing.get_args(hints[f.name])
+        choices = typing.get_args(typ) if typing.get_origin(typ) is Literal else None
+        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, choices=choices, metavar="VALUE",
+                            type=None if choices else value_parser(f.name, typ), nargs="?" if typ is bool else None,
+                            const=True if typ is bool else None, help=f"{doc} (default {getattr(defaults, f.name)!r})")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise UserError(f"unknown option {unknown[0]!r}; `python main.py --help` lists them all")
+    given = vars(args)
     if given.get("smoke"):
         given = {**SMOKE_PRESET, **given}
     cfg = TrainConfig(**given)
@@ -224,53 +281,203 @@ def parse_config(argv):
 
 
 def check_config(cfg):
-    """Reject values that cannot work before anything is read or written."""
+    """Reject values that cannot work before anything is read or written (and expand ~ in out_dir)."""
+    cfg.out_dir = os.path.expanduser(cfg.out_dir)
     problems = []
-    if not 0.0 < cfg.val_fraction < 1.0:
-        problems.append(f"val_fraction={cfg.val_fraction} must be in (0, 1)")
-    for name in ("shard_tokens", "seq_len", "batch_size", "accumulation_steps", "steps", "eval_every", "eval_iters",
-                 "n_layer", "n_head", "n_embd", "num_proc", "num_samples"):
-        if getattr(cfg, name) <= 0:
-            problems.append(f"{name}={getattr(cfg, name)} must be positive")
-    if cfg.data_parallel is not None and cfg.data_parallel <= 0:
-        problems.append(f"data_parallel={cfg.data_parallel} must be positive (or None for the world size)")
-    if cfg.max_docs is not None and cfg.max_docs <= 0:
-        problems.append(f"max_docs={cfg.max_docs} must be positive (or None for all)")
+    positive = ("shard_tokens", "seq_len", "batch_size", "accumulation_steps", "steps", "eval_every", "eval_iters",
+                "n_layer", "n_head", "n_embd", "num_proc", "num_samples", "data_parallel", "max_docs",
+                "total_optim_steps", "top_k", "peak_flops", "lr")
+    for name in positive:
+        v = getattr(cfg, name)
+        if v is not None and not v > 0:
+            problems.append(f"{name}={v} must be positive")
+    for name in ("min_lr", "warmup_steps", "hold_steps", "beta1_warmup_steps", "weight_decay", "grad_clip",
+                 "temperature", "sample_tokens"):
+        if not getattr(cfg, name) >= 0:
+            problems.append(f"{name}={getattr(cfg, name)} must be >= 0")
+    for name in ("dropout", "beta1", "beta2", "beta1_start", "beta1_end", "val_fraction"):
+        v = getattr(cfg, name)
+        if v is not None and not 0.0 <= v < 1.0 or name == "val_fraction" and v == 0:
+            problems.append(f"{name}={v} must be in {'(0' if name == 'val_fraction' else '[0'}, 1)")
+    for f in dataclasses.fields(cfg):  # nan passes no comparison above; inf is caught here
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            problems.append(f"{f.name}={v} must be a finite number")
+    if cfg.shard_tokens > 1 << 30:
+        problems.append(f"shard_tokens={cfg.shard_tokens} is over 2**30 (a 2 GiB shard buffer in memory)")
     if cfg.n_head > 0 and cfg.n_embd % cfg.n_head:
         problems.append(f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}")
-    if cfg.eval_every > 0 and cfg.accumulation_steps > 0 and cfg.eval_every % cfg.accumulation_steps:
+    if cfg.accumulation_steps > 0 and cfg.eval_every % cfg.accumulation_steps:
         problems.append(f"eval_every={cfg.eval_every} must be a multiple of accumulation_steps="
                         f"{cfg.accumulation_steps} (evals and checkpoints happen between optimizer steps)")
-    if cfg.init_from not in ("auto", "scratch", "resume"):
-        problems.append(f"init_from={cfg.init_from!r} must be auto, scratch or resume")
-    if cfg.steps > 0 and cfg.accumulation_steps > 0 and cfg.steps % cfg.accumulation_steps:
+    if cfg.accumulation_steps > 0 and cfg.steps % cfg.accumulation_steps:
         problems.append(f"steps={cfg.steps} must be a multiple of accumulation_steps={cfg.accumulation_steps} "
                         "(training ends on an optimizer step)")
     if not cfg.out_dir.strip():
         problems.append("out_dir is empty; name a directory, e.g. --out_dir=./wiki_memmap_gpt2")
     if not 0 <= cfg.seed < 2**32:
         problems.append(f"seed={cfg.seed} must be in [0, 2**32)")
-    for name in ("dropout", "beta1", "beta2", "beta1_start", "beta1_end"):
-        v = getattr(cfg, name)
-        if v is not None and not 0.0 <= v < 1.0:
-            problems.append(f"{name}={v} must be in [0, 1)")
-    for name in ("lr", "min_lr", "temperature", "weight_decay", "grad_clip"):
-        if not math.isfinite(getattr(cfg, name)):
-            problems.append(f"{name}={getattr(cfg, name)} must be a finite number")
-    if cfg.backend not in ("auto", "torch", "ttml"):
-        problems.append(f"backend={cfg.backend!r} must be auto, torch or ttml")
-    if cfg.compile not in ("auto", "true", "false"):
-        problems.append(f"compile={cfg.compile!r} must be auto, true or false")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        problems.append(f"dtype={cfg.dtype!r} must be auto, float32, bfloat16 or float16")
-    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.warmup_steps < 0 or cfg.hold_steps < 0 or cfg.beta1_warmup_steps < 0:
-        problems.append("lr must be positive; min_lr, warmup_steps, hold_steps, beta1_warmup_steps non-negative")
-    if cfg.temperature < 0 or (cfg.top_k is not None and cfg.top_k <= 0):
-        problems.append("temperature must be >= 0 and top_k positive (or None)")
     if problems:
         raise UserError("; ".join(problems))
-    if cfg.wandb_project:
-        import_wandb()  # an optional dependency: missing, it stops the run here, not after training
+
+
+# -----------------------------------------------------------------------------
+# 3. System: torchrun's process group, the device, the backend
+
+
+@dataclass
+class Dist:
+    """Where this process sits in a data-parallel run (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, GROUP_RANK)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    node: int = 0  # torchrun's node rank
+    backend: Optional[str] = None  # what the process group was made with; None without one
+    writer: Optional[bool] = None  # writes out_dir's checkpoint: one process per distinct out_dir; None = rank 0
+
+    def __post_init__(self):
+        if self.writer is None:
+            self.writer = self.main
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def uses_cuda(cfg):
+    return cfg.backend != "ttml" and (cfg.device.startswith("cuda") or cfg.device == "auto"
+                                      and torch.cuda.is_available())
+
+
+def init_distributed(cfg):
+    """Under torchrun (RANK is set), join the process group, also at WORLD_SIZE 1, so one GPU takes every path that
+    eight do. On CUDA the group has a backend per device type: NCCL for the gradients, gloo for the control plane
+    (the stop flag, eval sums, object gathers), which stays on the host: NCCL refuses CPU tensors, and moving each
+    flag to the GPU would cost a device sync. The device is set right after the group is made, before anything
+    talks to it: an object gather on NCCL runs on the current device, and two ranks on cuda:0 hang."""
+    if "RANK" not in os.environ:
+        return Dist()
+    missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise UserError(f"RANK is set but {', '.join(missing)} not: launch with torchrun, or unset RANK")
+    env = {k: int(os.environ.get(k, "0")) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_RANK")}
+    cuda = uses_cuda(cfg)
+    if cuda and env["WORLD_SIZE"] > 1 and re.fullmatch(r"cuda:\d+", cfg.device):
+        raise UserError(f"--device={cfg.device} puts every rank on one GPU; use --device=cuda (rank i takes "
+                        "cuda:LOCAL_RANK)")
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+    kw = {"device_id": torch.device("cuda", env["LOCAL_RANK"])} if cuda else {}
+    tdist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), **kw)
+    if cuda:
+        torch.cuda.set_device(env["LOCAL_RANK"])
+    return Dist(env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["GROUP_RANK"], backend)
+
+
+def all_sum(values, dist):
+    """Sum a list of floats over the ranks, on the host (gloo)."""
+    if dist.backend is None:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    tdist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_objects(obj, dist):
+    if dist.backend is None:
+        return [obj]
+    out = [None] * dist.world
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def on_every_rank(dist, fn):
+    """fn() on this rank; a UserError on any rank is raised on every rank, naming its node, so no rank is left
+    waiting in a collective for one that stopped."""
+    try:
+        result, problem = fn(), None
+    except UserError as e:
+        result, problem = None, f"node {dist.node}: {e}" if dist.world > 1 else str(e)
+    problems = [p for p in gather_objects(problem, dist) if p]
+    if problems:
+        raise UserError(problems[0])
+    return result
+
+
+def resolve_device(requested, local_rank=0):
+    """auto | cpu | cuda | cuda:N | mps -> an explicit device string, checked before any work. CUDA always gets
+    an index (cuda:LOCAL_RANK for a bare `cuda`): torch.cuda.set_device refuses a bare "cuda"."""
+    mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
+    m = re.fullmatch(r"(cpu|mps|cuda)(?::(\d+))?", requested)
+    if not m or (m.group(2) is not None and m.group(1) != "cuda"):
+        raise UserError(f"--device={requested}: expected auto, cpu, cuda, cuda:N or mps")
+    kind = m.group(1)
+    if kind == "mps" and not mps_ok:
+        raise UserError("--device=mps: this machine has no usable Apple MPS device; use --device=cpu or auto")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device={requested}: no CUDA GPU is visible to torch {torch.__version__} here (a CPU "
+                            "build, or no driver); install a CUDA build of torch, or use --device=cpu or auto")
+        index = int(m.group(2)) if m.group(2) is not None else local_rank
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device={requested}: cuda:{index} does not exist ({torch.cuda.device_count()} "
+                            "visible); check CUDA_VISIBLE_DEVICES or use --device=cuda")
+        return f"cuda:{index}"
+    return kind
+
+
+def choose_dtype(requested, device_type, bf16_ok):
+    """bf16 autocast where the GPU has it, fp16 + GradScaler where it does not (V100, T4), fp32 elsewhere."""
+    if requested != "auto":
+        return requested
+    if device_type == "cuda":
+        return "bfloat16" if bf16_ok else "float16"
+    return "float32"
+
+
+def choose_compile(requested, device_type, platform=sys.platform):
+    """compile=auto: on for CUDA on Linux, where it pays (~1.5x) and works; off on the CPU (compile time outweighs a
+    short run) and MPS/Windows (unsupported). true/false force it."""
+    if requested != "auto":
+        return requested == "true"
+    return device_type == "cuda" and platform.startswith("linux")
+
+
+def check_system(cfg, dist):
+    """Everything about this machine that can refuse the run, before any work: the device, TT-Train's availability,
+    the replica count, optional packages. Returns (cfg with its device and backend resolved, ttml modules or None)."""
+    tt, tt_why = None, None
+    if cfg.backend in ("auto", "ttml"):
+        try:
+            tt = import_ttml()
+        except UserError as e:
+            signs = tt_signs()
+            if cfg.backend == "ttml" or signs:
+                why = f" ({', '.join(signs)} on this machine)" if cfg.backend == "auto" else ""
+                raise UserError(f"backend={cfg.backend}: {e}{why}; --backend=torch trains on this machine's "
+                                "CPU/GPU instead") from None
+            tt_why = str(e).split(";")[0]
+    cfg = dataclasses.replace(cfg, backend="ttml" if tt else "torch")
+    if tt is None:
+        cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device, dist.local_rank))
+        if cfg.data_parallel is not None and cfg.data_parallel != dist.world:
+            raise UserError(f"data_parallel={cfg.data_parallel} but this run has {dist.world} replicas (processes);"
+                            f" launch with torchrun --nproc_per_node={cfg.data_parallel}, or leave data_parallel unset")
+        if cfg.export_hf and not cfg.sample_only:
+            missing = [m for m in ("transformers", "safetensors", "tokenizers") if not importlib.util.find_spec(m)]
+            if missing:
+                raise UserError(f"export_hf needs {', '.join(missing)}: pip install {' '.join(missing)}, or pass "
+                                "--export_hf=false")
+    elif dist.world > 1:
+        raise UserError("backend=ttml drives all its devices from one process: launch without torchrun and set "
+                        "--data_parallel=N for a [1, N] device mesh")
+    if cfg.wandb_project and dist.main and not cfg.sample_only:
+        import_wandb()
+    if dist.main:
+        print("backend: ttml (TT-Train)" if tt else "backend: torch" + (f" (ttml unavailable: {tt_why})" if tt_why
+                                                                          else ""))
+    return cfg, tt
 
 
 def import_wandb():
@@ -283,12 +490,184 @@ def import_wandb():
 
 
 # -----------------------------------------------------------------------------
-# Prepare: Wikipedia articles -> GPT-2 tokens -> uint16 shards + manifest.json
+# 4. The run's bookkeeping: one process per out_dir, which checkpoint continues, what may change on resume, W&B
+
+RUN_OUTPUTS = ("ckpt.pt", "metrics.jsonl", "loss_curve.png", "hf")  # what makes out_dir hold a run
+CREATED_DIRS = []  # out_dirs this process made: removed at exit if a failure left nothing in them but locks
+# What a resumed run may change. These change what a step means, the model or the val set, so a change is refused;
+# any other field may change, and the start-up line and the run row say which did. The data is checked by content.
+RESUME_FIXED = ("n_layer", "n_head", "n_embd", "seq_len", "batch_size", "accumulation_steps", "eval_iters",
+                "backend")
+RESUME_IGNORED = ("init_from", "overwrite", "smoke", "prepare_only", "sample_only", "num_proc", "out_dir",
+                  "data_files", "wiki_config", "max_docs", "shard_tokens", "val_fraction")
+
+
+def hold_lock(out_dir, name, timeout=-1):
+    """out_dir/name locked by this process (the kernel drops it when the process dies, however it dies), or
+    filelock.Timeout while another process holds it."""
+    if not os.path.isdir(out_dir):
+        CREATED_DIRS.append(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = FileLock(os.path.join(out_dir, name), timeout=timeout)
+        lock.acquire()
+    except OSError as e:  # a file, under a file, read-only, no permission
+        raise UserError(f"--out_dir={out_dir} is not a writable directory ({e.strerror}); point --out_dir "
+                        "elsewhere") from None
+    return lock
+
+
+def claim_out_dir(out_dir):
+    try:
+        return hold_lock(out_dir, ".lock", timeout=0)
+    except Timeout:
+        raise UserError(f"{out_dir} is in use by another main.py (it holds {out_dir}/.lock); wait for it to finish, "
+                        "or use another --out_dir") from None
+
+
+def shares_rank0_out_dir(cfg, dist):
+    """True on a node whose out_dir is global rank 0's own (shared storage): rank 0 leaves a probe file for the
+    other ranks to look for, then removes it."""
+    probe = os.path.join(cfg.out_dir, f".probe-{gather_objects(os.urandom(8).hex(), dist)[0]}")
+    if dist.main:
+        open(probe, "w").close()
+    tdist.barrier()  # the probe exists before anyone looks
+    seen = not dist.main and os.path.exists(probe)
+    tdist.barrier()  # everyone has looked
+    if dist.main:
+        os.remove(probe)
+    return seen
+
+
+def claim_run(cfg, dist):
+    """The run lock, taken before any work: global rank 0 claims its out_dir, then local rank 0 of every node with
+    an out_dir of its own (node-local disks) claims that. Returns the lock held (or None) and the Dist with `writer`
+    set, so each distinct out_dir gets exactly one checkpoint writer."""
+    first = on_every_rank(dist, lambda: claim_out_dir(cfg.out_dir) if dist.main else None)
+    if dist.backend is None:
+        return first, dataclasses.replace(dist, writer=True)
+    own_dir = not shares_rank0_out_dir(cfg, dist) and dist.local_rank == 0 and not dist.main
+    later = on_every_rank(dist, lambda: claim_out_dir(cfg.out_dir) if own_dir else None)
+    return first or later, dataclasses.replace(dist, writer=(first or later) is not None)
+
+
+def run_outputs(out_dir):
+    return [n for n in RUN_OUTPUTS if os.path.lexists(os.path.join(out_dir, n))]
+
+
+def model_shape(cfg):
+    return {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "seq_len")}
+
+
+def read_checkpoint(path, parts=("model", "optimizer")):
+    """The one reader of ckpt.pt (resume and --sample_only), every tensor on the CPU. weights_only: a checkpoint
+    holds tensors and plain values only, so a crafted file cannot run code when it is read."""
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}; train first (or point --out_dir at a run)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in parts if not isinstance(state.get(k), dict)]
+        meta = state["meta"]
+        missing += [k for k in ("step", "optim_step", "rng", "config", "fingerprint", "content_hash") if k not in meta]
+        meta.setdefault("replicas", len(meta["rng"]))
+        {k: meta["config"][k] for k in RESUME_FIXED}  # noqa: B018 - a config without them is not ours
+    except Exception as e:  # truncated, empty, random bytes, another program's file, a pickle that would run code
+        why = "it holds more than tensors and plain values" if "weights_only" in str(e) else type(e).__name__
+        raise UserError(f"{path} is not a readable checkpoint ({why}); delete it and train from scratch, or restore "
+                        "a good copy") from None
+    if missing:
+        raise UserError(f"{path} is damaged: it has no {', '.join(missing)}; restore a good copy, or start over with "
+                        "--init_from=scratch --overwrite=true")
+    return state
+
+
+def replicas(cfg, dist):
+    """Data-parallel replicas: one per torchrun process for torch; the device mesh of the one ttml process."""
+    return dist.world if cfg.backend == "torch" else cfg.data_parallel or 1
+
+
+def resume_changes(state, cfg, dist):
+    """{field: [old, new]} for what changed since the checkpoint, or a UserError naming each refused change."""
+    saved, now, meta = state["meta"]["config"], dataclasses.asdict(cfg), state["meta"]
+    refused = [f"{k} {saved[k]} -> {now[k]}" for k in RESUME_FIXED if saved[k] != now[k]]
+    if meta.get("replicas") != replicas(cfg, dist):
+        refused.append(f"replicas {meta.get('replicas')} -> {replicas(cfg, dist)}")
+    if cfg.steps < meta["step"]:
+        refused.append(f"steps {saved['steps']} -> {cfg.steps}, below the checkpoint's micro-step {meta['step']}")
+    if refused:
+        raise UserError(f"ckpt.pt in {cfg.out_dir} cannot continue with these changes: {'; '.join(refused)}. Keep "
+                        "them as they were, use another --out_dir, or start over with --init_from=scratch "
+                        "--overwrite=true")
+    return {k: [saved.get(k), v] for k, v in now.items() if k not in RESUME_IGNORED and saved.get(k) != v}
+
+
+def choose_start(cfg, dist):
+    """The checkpoint to continue (read once, on the CPU), or None to start from scratch. A run is never silently
+    destroyed: auto continues this run's checkpoint and refuses another run's; replacing a run needs --overwrite;
+    outputs of a run without its checkpoint are a run too."""
+    path, outputs = os.path.join(cfg.out_dir, "ckpt.pt"), run_outputs(cfg.out_dir)
+    if cfg.init_from == "resume" and "ckpt.pt" not in outputs:
+        raise UserError(f"--init_from=resume: no checkpoint at {path}; start with --init_from=scratch")
+    if cfg.init_from == "scratch" or "ckpt.pt" not in outputs:
+        if outputs and not (cfg.init_from == "scratch" and cfg.overwrite):
+            what = "a run" if "ckpt.pt" in outputs else f"a run's outputs ({', '.join(outputs)}) but no ckpt.pt"
+            raise UserError(f"{cfg.out_dir} holds {what} that a new run would replace; add --init_from=scratch "
+                            "--overwrite=true to replace it, or use another --out_dir")
+        return None
+    state = read_checkpoint(path)
+    if state["meta"]["config"]["backend"] != cfg.backend:
+        raise UserError(f"{path} was written by the {state['meta']['config']['backend']} backend; continue it with "
+                        f"--backend={state['meta']['config']['backend']}")
+    state["changes"] = resume_changes(state, cfg, dist)
+    if dist.main:
+        print(f"init_from={cfg.init_from}: continuing the run in {cfg.out_dir} at micro-step {state['meta']['step']} "
+              "(--init_from=scratch --overwrite=true starts over)")
+        changes = state["changes"]
+        if changes:
+            print("resume: changed since the checkpoint: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in
+                                                                         changes.items()))
+        if "steps" in changes or "total_optim_steps" in changes:
+            print(f"resume: the LR decay now ends at optimizer step {cfg.optim_steps}")
+    return state
+
+
+def check_same_start(state, dist):
+    """Each node reads its own ckpt.pt, so they must agree on where training continues (a kill between two nodes'
+    checkpoint writes leaves them one eval apart). One line naming what each node has."""
+    seen = gather_objects((dist.node, None if state is None else state["meta"]["step"]), dist)
+    if len({step for _, step in seen}) > 1:
+        starts = ", ".join(f"node {n}: " + ("no checkpoint" if step is None else f"micro-step {step}")
+                           for n, step in sorted(set(seen), key=str))
+        raise UserError(f"the nodes' checkpoints disagree ({starts}); copy the newest ckpt.pt into every node's "
+                        "out_dir, or start over with --init_from=scratch --overwrite=true")
+
+
+def start_wandb(cfg, state, dist):
+    """Rank 0's Weights & Biases run, or None without --wandb_project: started before any long work, so a missing
+    login or network is one line at once. A resumed run continues the W&B run whose id its checkpoint holds."""
+    if not (cfg.wandb_project and dist.main):
+        return None
+    wandb, run_id = import_wandb(), None if state is None else state["meta"].get("wandb_id")
+    try:
+        return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, id=run_id,
+                          resume="allow" if run_id else None, settings=wandb.Settings(init_timeout=60))
+    except Exception as e:  # no login (UsageError), no network (CommError after init_timeout), a bad project
+        msg = " ".join(str(e).split())[:200]
+        raise UserError(f"W&B did not start ({type(e).__name__}: {msg}); run `wandb login` or set WANDB_API_KEY, or "
+                        "WANDB_MODE=offline to log locally, or drop --wandb_project") from None
+
+
+# -----------------------------------------------------------------------------
+# 5. Prepare: Wikipedia articles -> GPT-2 tokens -> uint16 shards + manifest.json
 #
 # Crash-safe and resumable. Shard names carry the data fingerprint, so a new set never overwrites the previous one.
-# After every finished shard, prepare_progress.json records where in the input that shard ends; a rerun with the
-# same data config continues from there. manifest.json, written last, switches to the new set atomically, and only
-# then are the previous set's files deleted. Only files that a manifest or the progress record names are deleted.
+# manifest.json, written last, switches to the new set atomically, and only then are the previous set's files
+# deleted. Only files whose names have the shard pattern and that a manifest or the progress record lists are ever
+# read or deleted. The progress record of an unfinished build, prepare_progress.json, is
+#   {"fingerprint": the data identity's hash, "files": the input files' identity, "replaces": the shards of the
+#    manifest it will replace, "splits": {"train": [shard, ...], "val": [...]}, "next": {"article": a, "skip_tokens": t}}
+# where a shard is {"file", "tokens", "sha256", "mtime_ns"} and "next" is the input position after the last finished
+# shard: article a, of which the first t tokens are already written. A rerun with the same data continues there.
 
 FORMAT_VERSION = 2
 EOS_ID = 50256  # <|endoftext|>, written before every article so documents are delimited on both sides
@@ -301,6 +680,7 @@ LEGACY_LANGS = ("en", "de", "fr", "frr", "it", "simple")  # the only 20220301 la
 HUB = "hf://"  # a path on the hub, read through huggingface_hub's fsspec filesystem
 HUB_BLOCK = 1 << 16  # what a hub read fetches beyond what pyarrow asks: a footer costs KBs, not fsspec's 5 MB
 PROGRESS = "prepare_progress.json"
+SHARD_NAME = re.compile(r"(train|val)_[0-9a-f]{8}_\d{6}\.bin")
 TASK_ARTICLES = 512  # articles per local task: enough to amortize the hand-off, few enough to keep workers even
 GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -396,16 +776,29 @@ def tokenize_in_order(jobs, num_proc):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+
+
 def resolve_data_files(spec):
-    """Comma-separated files/globs -> sorted list of existing files; one clear error if nothing matches."""
-    files = []
-    for part in spec.split(","):
+    """Comma-separated files/globs -> the existing files, each once, in order. A path that exists is taken as it
+    is, so commas and brackets in file names work; one clear error if a part matches nothing."""
+    parts = [spec] if os.path.exists(os.path.expanduser(spec)) else spec.split(",")
+    files, seen = [], set()
+    for part in parts:
         part = os.path.expanduser(part.strip())
-        matches = sorted(glob.glob(part))
+        matches = [part] if os.path.isfile(part) else sorted(glob.glob(part))
         if not matches:
             raise UserError(f"--data_files: no file matches {part!r}")
-        files += matches
+        for f in matches:  # overlapping globs: the same file twice would put training text into the val split
+            if os.path.realpath(f) not in seen:
+                seen.add(os.path.realpath(f))
+                files.append(f)
     return files
+
+
+def is_text(typ):
+    if pa.types.is_dictionary(typ):
+        typ = typ.value_type
+    return pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_string_view(typ)
 
 
 def scan_parquet(files):
@@ -418,12 +811,12 @@ def scan_parquet(files):
         except Exception as e:
             if f.startswith(HUB):
                 raise  # a hub error: scan_hub_dump says so and names the offline way
-            raise UserError(f"--data_files: {f} is not a readable parquet file ({e})") from None
+            raise UserError(f"--data_files: {f} is not a readable parquet file ({' '.join(str(e).split())[:200]})")
         schema = pf.schema_arrow
         if "text" not in schema.names:
             raise UserError(f"--data_files: {f} has no 'text' column (columns: {schema.names}); "
-                              "expected the wikimedia/wikipedia schema id, url, title, text")
-        if not (pa.types.is_string(schema.field("text").type) or pa.types.is_large_string(schema.field("text").type)):
+                            "expected the wikimedia/wikipedia schema id, url, title, text")
+        if not is_text(schema.field("text").type):
             raise UserError(f"--data_files: {f}'s 'text' column holds {schema.field('text').type}, not strings")
         footer = pa.BufferOutputStream()
         pf.metadata.write_metadata_file(footer)
@@ -465,15 +858,19 @@ def scan_hub_dump(dump):
                       "20231101.de, 20220301.en; set WIKI_DUMP or --wiki_config")
 
 
-def files_identity(files):
-    """scan_parquet's description of files without their paths: what a move or a copy leaves the same."""
-    return [{k: f[k] for k in ("name", "bytes", "footer_sha256")} for f in files]
+
+def data_request(cfg):
+    """The data options as given: what tells, without reading the input, that out_dir's shards are for this run."""
+    return {"format_version": FORMAT_VERSION, "data_files": cfg.data_files,
+            "wiki_config": None if cfg.data_files else cfg.wiki_config, "max_docs": cfg.max_docs,
+            "shard_tokens": cfg.shard_tokens, "val_fraction": cfg.val_fraction}
 
 
-def data_identity(cfg):
-    """Everything that decides the bytes of the shards, and nothing else (lr, steps, model dims, paths, mtimes)."""
+def data_identity(cfg, files):
+    """Everything that decides the bytes of the shards, and nothing else (paths, mtimes, lr, steps, model dims).
+    A hub dump's identity is its name; local files are known by name, size and footer."""
     if cfg.data_files:
-        source = {"data_files": files_identity(scan_parquet(resolve_data_files(cfg.data_files)))}
+        source = {"data_files": [{k: f[k] for k in ("name", "bytes", "footer_sha256")} for f in files]}
     else:
         source = {"wiki_config": cfg.wiki_config, "hub_files": hub_dump_files(cfg.wiki_config)}
     return {"format_version": FORMAT_VERSION, "tokenizer": "gpt2", **source, "max_docs": cfg.max_docs,
@@ -482,6 +879,11 @@ def data_identity(cfg):
 
 def fingerprint(identity):
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def scan_input(cfg):
+    """The input files, scanned (local parquet, or the hub dump's files: a listing and their footers)."""
+    return scan_parquet(resolve_data_files(cfg.data_files)) if cfg.data_files else scan_hub_dump(cfg.wiki_config)
 
 
 def parquet_tasks(files, task_rows, at, n_train, n):
@@ -501,18 +903,6 @@ def parquet_tasks(files, task_rows, at, n_train, n):
                 return
 
 
-def open_articles(cfg):
-    """-> (number of articles to use, tasks(at, n_train, n) -> jobs from input position `at` on, the input files'
-    identity). A local task may cut a row group in TASK_ARTICLES pieces (each decodes the row group again, which
-    costs only CPU); a hub task is a whole row group (~1000 articles in the hub's files), since each one downloads
-    the row group's text column."""
-    if cfg.data_files:
-        files, task_rows = scan_parquet(resolve_data_files(cfg.data_files)), TASK_ARTICLES
-    else:
-        files, task_rows = scan_hub_dump(cfg.wiki_config), None
-    total = sum(sum(f["row_groups"]) for f in files)
-    n = min(x for x in (total, cfg.max_docs) if x is not None)
-    return n, functools.partial(parquet_tasks, files, task_rows), files_identity(files)
 
 
 def shard_name(split, tag, index):
@@ -544,54 +934,65 @@ class ShardWriter:
         if self.fill == 0:
             return False
         name, data = shard_name(self.split, self.tag, len(self.shards)), self.buf[:self.fill]
-        with atomic_write(os.path.join(self.out_dir, name)) as f:
-            data.tofile(f)
-        self.shards.append({"file": name, "tokens": int(self.fill), "sha256": hashlib.sha256(data).hexdigest()})
+        path = os.path.join(self.out_dir, name)
+        with atomic_write(path) as f:
+            f.write(memoryview(data))  # not ndarray.tofile, whose OSError loses the errno of a full disk
+        self.shards.append({"file": name, "tokens": int(self.fill), "sha256": hashlib.sha256(data).hexdigest(),
+                            "mtime_ns": os.stat(path).st_mtime_ns})
         self.fill = 0
         return True
 
 
-def read_json(path):
-    """A JSON object from path, or None if it is missing or unreadable."""
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-        return obj if isinstance(obj, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
 def listed_shards(record):
-    """The shard files a manifest or progress record names (none if it is damaged)."""
-    try:
-        return [s["file"] for split in ("train", "val") for s in record["splits"][split]]
-    except (KeyError, TypeError):
-        return []
+    """The shard files a manifest or progress record names; a name that is not a shard's is refused, so a file
+    cannot send main.py to read or delete anything else."""
+    names = [s["file"] for split in ("train", "val") for s in record["splits"][split]]
+    for name in names:
+        if not (isinstance(name, str) and SHARD_NAME.fullmatch(name)):
+            raise UserError(f"a record in out_dir names {name!r}, which is not a shard file of out_dir; restore "
+                            "manifest.json (or prepare_progress.json), or delete it to rebuild the shards")
+    return names
 
 
 def first_damaged_shard(out_dir, record):
     """The first shard the record lists that is missing or not its recorded size, or None if all are intact."""
-    for split in ("train", "val"):
-        for s in record["splits"][split]:
-            p = os.path.join(out_dir, s["file"])
-            if not os.path.isfile(p) or os.path.getsize(p) != 2 * s["tokens"]:
-                return s["file"]
+    listed_shards(record)
+    for s in record["splits"]["train"] + record["splits"]["val"]:
+        p = os.path.join(out_dir, s["file"])
+        if not os.path.isfile(p) or os.path.getsize(p) != 2 * s["tokens"]:
+            return s["file"]
     return None
 
 
-def load_manifest(out_dir, fp=None):
-    """The manifest if it is intact, matches fingerprint `fp` and every shard has its listed size; else (None, why)."""
+def verify_shards(out_dir, manifest):
+    """Every shard written since it was recorded (another mtime) must still hash to its recorded sha256: a
+    damaged shard would train on garbage ids."""
+    for s in manifest["splits"]["train"] + manifest["splits"]["val"]:
+        p = os.path.join(out_dir, s["file"])
+        if os.stat(p).st_mtime_ns == s.get("mtime_ns"):
+            continue
+        with open(p, "rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != s["sha256"]:
+                raise UserError(f"shard {p} does not match the sha256 that manifest.json records (damaged on disk?); "
+                                "delete it and rerun: the shards are rebuilt from the input")
+
+
+def load_manifest(out_dir):
+    """(manifest, why): the manifest if it is intact and every shard has its listed size and content, else None."""
     path = os.path.join(out_dir, "manifest.json")
     if not os.path.exists(path):
         return None, "no manifest"
     m = read_json(path)
     try:
-        if m["format_version"] != FORMAT_VERSION or (fp is not None and m["fingerprint"] != fp):
-            return None, "the data config changed"
+        if m["format_version"] != FORMAT_VERSION:
+            return None, "the manifest has another format"
         bad = first_damaged_shard(out_dir, m)
     except (KeyError, TypeError):
         return None, "manifest.json is corrupt"
-    return (None, f"shard {bad} is missing or truncated") if bad else (m, "ok")
+    if bad:
+        return None, f"shard {bad} is missing or truncated"
+    verify_shards(out_dir, m)
+    return m, "ok"
 
 
 def delete_files(out_dir, names, keep=()):
@@ -611,8 +1012,11 @@ def build_files(progress):
 
 def abandon_build(out_dir, progress):
     """Delete a build that will not be finished; never a file the current manifest still lists."""
-    keep = listed_shards(read_json(os.path.join(out_dir, "manifest.json")) or {})
-    delete_files(out_dir, build_files(progress), keep)
+    try:
+        keep = listed_shards(read_json(os.path.join(out_dir, "manifest.json")) or {"splits": {"train": [], "val": []}})
+        delete_files(out_dir, build_files(progress), keep)
+    except (KeyError, TypeError):  # a damaged record: what it would name cannot be trusted, so nothing goes
+        delete_files(out_dir, [PROGRESS])
 
 
 def finish_switch(out_dir, manifest):
@@ -620,8 +1024,8 @@ def finish_switch(out_dir, manifest):
     kill in between: the record still says what is left to delete."""
     progress = read_json(os.path.join(out_dir, PROGRESS))
     if progress and progress.get("fingerprint") == manifest["fingerprint"]:
-        keep = listed_shards(manifest)
-        delete_files(out_dir, progress.get("replaces", []) + build_files(progress), keep)
+        replaced = [n for n in progress.get("replaces", []) if isinstance(n, str) and SHARD_NAME.fullmatch(n)]
+        delete_files(out_dir, replaced + build_files(progress), listed_shards(manifest))
 
 
 def start_or_resume(out_dir, fp, files, log):
@@ -630,19 +1034,23 @@ def start_or_resume(out_dir, fp, files, log):
     The files matter for the hub, whose fingerprint is the dump's name: a dump rewritten on the hub between a kill
     and the rerun must not continue a build that read the old files."""
     progress = read_json(os.path.join(out_dir, PROGRESS))
-    same_data = progress is not None and progress.get("fingerprint") == fp
-    if same_data and progress.get("files") != files:
-        log("prepare: the input files changed since the unfinished build (a new revision on the hub?); starting over")
-    elif same_data and not first_damaged_shard(out_dir, progress):
-        done = {s: len(progress["splits"][s]) for s in ("train", "val")}
-        log(f"prepare: resuming after {done['train']} train + {done['val']} val finished shards, at article "
-            f"{progress['next']['article']:,}")
-        return progress
+    try:
+        if progress and progress["fingerprint"] == fp:
+            if progress["files"] != files:
+                log("prepare: the input files changed since the unfinished build (a new revision?); starting over")
+            elif not first_damaged_shard(out_dir, progress):
+                log(f"prepare: resuming after {len(progress['splits']['train'])} train + "
+                    f"{len(progress['splits']['val'])} val finished shards, at article {progress['next']['article']:,}")
+                return progress
+    except (KeyError, TypeError):
+        log("prepare: the progress record is damaged; starting over")
     if progress:
         abandon_build(out_dir, progress)
-    replaces = listed_shards(read_json(os.path.join(out_dir, "manifest.json")) or {})
-    progress = {"fingerprint": fp, "files": files, "replaces": replaces, "splits": {"train": [], "val": []},
-                "next": {"article": 0, "skip_tokens": 0}}
+    manifest = read_json(os.path.join(out_dir, "manifest.json"))
+    with contextlib.suppress(KeyError, TypeError):
+        replaces = listed_shards(manifest)
+    progress = {"fingerprint": fp, "files": files, "replaces": replaces if manifest else [],
+                "splits": {"train": [], "val": []}, "next": {"article": 0, "skip_tokens": 0}}
     write_json_atomic(os.path.join(out_dir, PROGRESS), progress)
     return progress
 
@@ -686,43 +1094,77 @@ def build_shards(cfg, progress, jobs, n_train, n_docs):
     return end
 
 
-def prepare(cfg, log=print):
-    """Idempotent: reuse valid shards for the same data config, continue an interrupted build, or build a new set
-    beside the old one. Returns the manifest."""
-    identity = data_identity(cfg)
-    fp = fingerprint(identity)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    manifest, why = load_manifest(cfg.out_dir, fp)
-    if manifest is not None:
+def reusable(cfg, manifest, log):
+    """The manifest's shards serve this run without rebuilding: the same data options, and where the input can be
+    read cheaply (local files that are still there), the same input. Offline or with the input gone, the shards are
+    enough. Returns (reuse?, the scanned input or None)."""
+    if manifest is None or manifest.get("request") != data_request(cfg):
+        return False, None
+    if not cfg.data_files:
+        return True, None  # a hub dump is known by its name: no listing, so training needs no network
+    try:
+        files = scan_input(cfg)
+    except UserError as e:
+        log(f"prepare: the input was not checked ({str(e)[:120]}); the shards in {cfg.out_dir} are used as they are")
+        return True, None
+    return fingerprint(data_identity(cfg, files)) == manifest["fingerprint"], files
+
+
+def prepare(cfg, log=print, state=None):
+    """Idempotent: reuse valid shards for the same data, continue an interrupted build, or build a new set beside
+    the old one. A rebuild for other data never replaces the shards of a run in out_dir. Returns the manifest."""
+    manifest, why = load_manifest(cfg.out_dir)
+    reuse, files = reusable(cfg, manifest, log)
+    if not reuse:
+        files = files or scan_input(cfg)
+        fp = fingerprint(data_identity(cfg, files))
+        reuse = manifest is not None and manifest["fingerprint"] == fp  # the same input, moved or renamed
+        why = why if manifest is None else "the input files changed" if reuse is False else why
+    if reuse:
         finish_switch(cfg.out_dir, manifest)  # in case a kill came between the last switch and its clean-up
-        log(f"prepare: reusing {sum(manifest['num_tokens'].values()):,} tokens in {cfg.out_dir} (fingerprint {fp})")
-        return manifest  # run() checks it against this run's seq_len, on every rank
+        log(f"prepare: reusing {sum(manifest['num_tokens'].values()):,} tokens in {cfg.out_dir} "
+            f"(fingerprint {manifest['fingerprint']})")
+        return manifest
+    old = manifest["fingerprint"] if manifest else state["meta"]["fingerprint"] if state else None
+    if old not in (None, fp) and run_outputs(cfg.out_dir) and not cfg.overwrite:
+        raise UserError(f"{cfg.out_dir} holds a run trained on other data (fingerprint {old}; these data options "
+                        f"give {fp}); use another --out_dir, or --init_from=scratch --overwrite=true to replace it")
     if why != "no manifest":
         log(f"prepare: rebuilding shards in {cfg.out_dir} ({why}); the old set stays until the new one is complete")
-    n_docs, tasks, files = open_articles(cfg)
+    return build(cfg, fp, files, log)
+
+
+def build(cfg, fp, files, log):
+    """Tokenize the input into a new shard set and switch manifest.json to it."""
+    task_rows = TASK_ARTICLES if cfg.data_files else None  # a hub task is a whole row group: one download each
+    n_docs = min(x for x in (sum(sum(f["row_groups"]) for f in files), cfg.max_docs) if x is not None)
     if not n_docs:
         raise UserError("the dataset has no articles" + (f" ({cfg.data_files})" if cfg.data_files else ""))
     n_val = min(n_docs - 1, max(1, round(n_docs * cfg.val_fraction)))
     n_train = n_docs - n_val
-    progress = start_or_resume(cfg.out_dir, fp, files, log)
+    identity = [{k: f[k] for k in ("name", "bytes", "footer_sha256")} for f in files]
+    progress = start_or_resume(cfg.out_dir, fp, identity, log)
     t0, a0 = time.time(), progress["next"]["article"]
     try:
-        end = build_shards(cfg, progress, tasks(progress["next"], n_train, n_docs), n_train, n_docs)
+        jobs = parquet_tasks(files, task_rows, progress["next"], n_train, n_docs)
+        end = build_shards(cfg, progress, jobs, n_train, n_docs)
     except KeyboardInterrupt:
         raise Interrupted(f"prepare interrupted; the {len(listed_shards(progress))} finished shards in {cfg.out_dir} "
                           "are kept, and the same command continues after them") from None
     except UserError:
         raise
-    except Exception as e:  # a reader or network error: what is finished stays on record for the rerun
-        raise UserError(f"reading the input failed ({type(e).__name__}: {str(e)[:300]}); the "
-                          f"{len(listed_shards(progress))} finished shards are kept and a rerun continues after "
-                          "them") from None
+    except Exception as e:
+        kept = f"the {len(listed_shards(progress))} finished shards are kept"
+        detail = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        if cfg.data_files:  # a local file reads the same way every time: a rerun would stop at the same place
+            raise UserError(f"the input is damaged ({detail}); repair or leave out that file; {kept}") from None
+        raise UserError(f"reading the hub failed ({detail}); {kept} and a rerun continues after them") from None
     if end != n_docs:
         raise UserError(f"the input ended after {end:,} of the {n_docs:,} articles it announced")
     splits = progress["splits"]
-    manifest = {"format_version": FORMAT_VERSION, "fingerprint": fp, "data": identity, "tokenizer": "gpt2",
-                "eos_id": EOS_ID, "vocab_size": VOCAB_SIZE, "dtype": "uint16", "num_docs": n_docs,
-                "num_docs_split": {"train": n_train, "val": n_val},
+    manifest = {"format_version": FORMAT_VERSION, "fingerprint": fp, "request": data_request(cfg),
+                "data": data_identity(cfg, files), "tokenizer": "gpt2", "eos_id": EOS_ID, "vocab_size": VOCAB_SIZE,
+                "dtype": "uint16", "num_docs": n_docs, "num_docs_split": {"train": n_train, "val": n_val},
                 "num_tokens": {s: sum(x["tokens"] for x in splits[s]) for s in splits},
                 "content_hash": content_hash(splits), "splits": splits}
     try:
@@ -743,11 +1185,32 @@ def check_enough_tokens(manifest, seq_len):
         n = sum(s["tokens"] for s in manifest["splits"][split])
         if n < seq_len + 1:
             raise UserError(f"the {split} split has {n} tokens, fewer than one seq_len+1={seq_len + 1} window; "
-                              "use more articles (max_docs/data_files), a smaller seq_len, or another val_fraction")
+                            "use more articles (max_docs/data_files), a smaller seq_len, or another val_fraction")
+
+
+def prepare_on_node(cfg, dist, state):
+    """Every rank prepares under the prepare lock: the first on each out_dir builds (or reuses), the rest then find
+    its manifest. So node-local disks and a shared out_dir both work, and a dead builder's lock frees itself."""
+    with hold_lock(cfg.out_dir, ".prepare.lock"):
+        return prepare(cfg, print if dist.local_rank == 0 else lambda *a: None, state)
+
+
+def check_same_data(manifest, state, cfg, dist):
+    """Every node trains on the same tokens, and a continued run on the tokens it was trained on: content hashes
+    must agree. One line naming what differs."""
+    seen = dict(gather_objects((dist.node, manifest["content_hash"]), dist))
+    odd = sorted(node for node, h in seen.items() if h != seen[0])
+    if odd:
+        raise UserError(f"the nodes prepared different data: node(s) {', '.join(map(str, odd))} have content hash "
+                        f"{seen[odd[0]]}, node 0 has {seen[0]}; give every node the same data files and data options")
+    if state is not None and state["meta"]["content_hash"] != manifest["content_hash"]:
+        raise UserError(f"{cfg.out_dir}/ckpt.pt was trained on other tokens than the shards in out_dir now hold; use "
+                        "the data it was trained on, another --out_dir, or --init_from=scratch --overwrite=true")
+    check_enough_tokens(manifest, cfg.seq_len)
 
 
 # -----------------------------------------------------------------------------
-# Batches: random seq_len+1 windows over the train stream; a fixed set of windows over the val stream
+# 6. Batches: random seq_len+1 windows over the train stream; a fixed set of windows over the val stream
 
 
 class TokenStream:
@@ -771,6 +1234,8 @@ class TokenStream:
     def batch(self, starts, seq_len):
         """(x, y) uint16 arrays of shape (B, seq_len); y is x shifted by one token."""
         w = np.stack([self.window(int(s), seq_len + 1) for s in starts])
+        if w.max() >= VOCAB_SIZE:  # the shards were verified, so only a bug or a foreign file gets here
+            raise UserError(f"token id {int(w.max())} in the shards is outside GPT-2's vocabulary; rebuild them")
         return w[:, :-1], w[:, 1:]
 
 
@@ -811,7 +1276,7 @@ def val_batches(stream, cfg, rows=None, replicas=1):
 
 
 # -----------------------------------------------------------------------------
-# Model: GPT-2 in PyTorch (names follow Hugging Face's GPT2LMHeadModel, so the export is a rename + transpose)
+# 7. Model: GPT-2 in PyTorch (names follow Hugging Face's GPT2LMHeadModel, so the export is a rename + transpose)
 
 PADDED_VOCAB = 50304  # 50257 rounded up to a multiple of 64 for faster matmuls; logits are cut back to 50257
 
@@ -889,73 +1354,25 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
-        if targets is None:  # sampling and tests: the real vocabulary only, the padded columns cut off
-            return self.lm_head(x)[..., :VOCAB_SIZE], None
-        if torch.compiler.is_compiling():  # inductor fuses matmul -> fp32 log-softmax -> loss: no fp32 copy exists
-            logits = self.lm_head(x).view(B * T, -1).float() + self.pad_bias
-            return None, F.cross_entropy(logits, targets.view(-1))
-        return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.view(-1), self.pad_bias)
-
-
-def linear_cross_entropy(x, weight, targets, pad_bias, chunk_rows=4096):
-    """The eager loss (CPU, MPS, compile=false, eval): mean CE(x @ weight.T, targets) over the padded vocabulary,
-    with the padding columns kept out of the softmax, and without the (B*T, 50304) logits ever existing whole: a
-    GPT-2 small batch of 16 x 1024 has 1.6 GB of bf16 logits and 3.3 GB more as the fp32 copy a plain
-    F.cross_entropy under autocast makes. Chunks of rows go through matmul -> fp32 log-softmax -> gradient at once
-    (the backward's two matmuls run in the forward, as in Liger's fused linear cross-entropy), so only one chunk's
-    logits and the gradients are ever held. Measured on an H200, eager: 9.7 GiB peak vs 14.5 for the plain loss."""
-    dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(x, weight, targets, pad_bias, dt, need_grad, chunk_rows)
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, targets, pad_bias, dt, need_grad, chunk_rows):
-        n = x.shape[0]
-        xc, wc = x.to(dt), weight.to(dt)
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        grad_x, grad_w = [], torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
-        for i in range(0, n, chunk_rows):
-            xi, t = xc[i:i + chunk_rows], targets[i:i + chunk_rows, None]
-            z = (xi @ wc.t()).float()  # (rows, padded vocab) fp32; in place from here: one chunk-sized buffer
-            z += pad_bias  # exp(-inf) = 0 for the padding columns
-            lse = torch.logsumexp(z, dim=1, keepdim=True)
-            loss = loss + (lse - z.gather(1, t)).sum()
-            if need_grad:  # d loss / d z = (softmax(z) - onehot(t)) / n
-                g = z.sub_(lse).exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=z.dtype)).div_(n).to(dt)
-                grad_x.append(g @ wc)
-                grad_w = grad_w + (g.t() @ xi).float()
-        if need_grad:
-            ctx.save_for_backward(torch.cat(grad_x), grad_w)
-        ctx.dtypes = (x.dtype, weight.dtype)
-        return loss / n
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_x, grad_w = ctx.saved_tensors
-        return ((grad_x * grad_out).to(ctx.dtypes[0]), (grad_w * grad_out).to(ctx.dtypes[1]),
-                None, None, None, None, None)
+        if targets is None:  # sampling: the last position, the real vocabulary only
+            return self.lm_head(x[:, -1])[..., :VOCAB_SIZE]
+        # One loss path: fp32 log-softmax over the padded logits. Compiled (the CUDA default), inductor fuses
+        # matmul -> log-softmax -> loss, so no fp32 copy of the (B*T, 50304) logits is ever held.
+        logits = self.lm_head(x).view(B * T, -1).float() + self.pad_bias
+        return F.cross_entropy(logits, targets.view(-1))
 
 
 def model_flops_per_token(cfg):
     """Training FLOPs per token: 6 per weight that takes part in a matmul (the tied wte once, as the lm_head;
     the wpe lookup is free) plus attention's QK^T and AV, 12 * n_layer * n_embd * seq_len (PaLM's count)."""
     d, L = cfg.n_embd, cfg.n_layer
-    matmul_params = L * 12 * d * d + VOCAB_SIZE * d
-    return 6 * matmul_params + 12 * L * d * cfg.seq_len
+    return 6 * (L * 12 * d * d + VOCAB_SIZE * d) + 12 * L * d * cfg.seq_len
 
 
-PEAK_FLOPS = {  # dense tensor-core peaks, FLOP/s, by (name fragment, dtype); fp32 on Ampere+ assumes TF32
-    ("H100", "bfloat16"): 989e12, ("H100", "float16"): 989e12, ("H100", "float32"): 495e12,
-    ("H200", "bfloat16"): 989e12, ("H200", "float16"): 989e12, ("H200", "float32"): 495e12,
-    ("A100", "bfloat16"): 312e12, ("A100", "float16"): 312e12, ("A100", "float32"): 156e12,
-    ("L4", "bfloat16"): 121e12, ("L4", "float16"): 121e12, ("L4", "float32"): 60e12,
-    ("A10", "bfloat16"): 125e12, ("A10", "float16"): 125e12, ("A10", "float32"): 62.5e12,
-    ("RTX 4090", "bfloat16"): 165e12, ("RTX 4090", "float16"): 165e12, ("RTX 4090", "float32"): 82.6e12,
-    ("RTX 3090", "bfloat16"): 71e12, ("RTX 3090", "float16"): 71e12, ("RTX 3090", "float32"): 35.6e12,
-    ("V100", "float16"): 125e12, ("V100", "float32"): 15.7e12,
-    ("T4", "float16"): 65e12, ("T4", "float32"): 8.1e12,
+PEAK_FLOPS = {  # dense tensor-core peaks, FLOP/s: (bf16/fp16, fp32); fp32 on Ampere+ assumes TF32
+    "H100": (989e12, 495e12), "H200": (989e12, 495e12), "A100": (312e12, 156e12), "L4": (121e12, 60e12),
+    "A10": (125e12, 62.5e12), "RTX 4090": (165e12, 82.6e12), "RTX 3090": (71e12, 35.6e12),
+    "V100": (125e12, 15.7e12), "T4": (65e12, 8.1e12),
 }
 
 
@@ -963,84 +1380,42 @@ def peak_flops(device_name, dtype, override=None):
     """The device's peak for this dtype, or None (MFU unknown) when the device is not in the table."""
     if override:
         return override
-    for (frag, dt), flops in PEAK_FLOPS.items():
-        if frag in device_name and dt == dtype:
-            return flops
+    for frag, (half, single) in PEAK_FLOPS.items():
+        if frag in device_name:
+            return single if dtype == "float32" else half
     return None
 
 
-def resolve_device(requested, local_rank=0):
-    """auto | cpu | cuda | cuda:N | mps -> an explicit device string, checked before any work. CUDA always gets
-    an index (cuda:LOCAL_RANK for a bare `cuda`): torch.cuda.set_device refuses a bare "cuda"."""
-    mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
-    m = re.fullmatch(r"(cpu|mps|cuda)(?::(\d+))?", requested)
-    if not m or (m.group(2) is not None and m.group(1) != "cuda"):
-        raise UserError(f"--device={requested}: expected auto, cpu, cuda, cuda:N or mps")
-    kind = m.group(1)
-    if kind == "mps" and not mps_ok:
-        raise UserError("--device=mps: this machine has no usable Apple MPS device; use --device=cpu or auto")
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device={requested}: no CUDA GPU is visible to torch {torch.__version__} here (a CPU "
-                              "build, or no driver); install a CUDA build of torch, or use --device=cpu or auto")
-        index = int(m.group(2)) if m.group(2) is not None else local_rank
-        if index >= torch.cuda.device_count():
-            raise UserError(f"--device={requested}: cuda:{index} does not exist ({torch.cuda.device_count()} "
-                              "visible); check CUDA_VISIBLE_DEVICES or use --device=cuda")
-        return f"cuda:{index}"
-    return kind
-
-
-def choose_dtype(requested, device_type, bf16_ok):
-    """bf16 autocast where the GPU has it, fp16 + GradScaler where it does not (V100, T4), fp32 elsewhere."""
-    if requested != "auto":
-        return requested
-    if device_type == "cuda":
-        return "bfloat16" if bf16_ok else "float16"
-    return "float32"
-
-
-def choose_compile(requested, device_type, platform=sys.platform):
-    """compile=auto: on for CUDA on Linux, where it pays (~1.5x) and works; off on the CPU (compile time outweighs a
-    short run) and MPS/Windows (unsupported). true/false force it."""
-    if requested != "auto":
-        return requested == "true"
-    return device_type == "cuda" and platform.startswith("linux")
-
-
 # -----------------------------------------------------------------------------
-# Backends. The train loop talks to a backend only through these methods; tokens cross the seam as numpy:
-#   train_micro_step(x, y, loss_scale, sync)   forward, loss * loss_scale, backward (grads add up)
-#   optimizer_step(lr, beta1) -> (loss, beta1)  clip, set lr/beta1, step, zero grads; the window's mean loss and
-#                                               the beta1 actually applied (ttml's AdamW fixes it when built)
-#   eval_loss(x, y) -> float                                            (called inside no_grad())
-#   next_token(ids, temperature, top_k, seed) -> int  the id after ids, chosen on the device (greedy at temperature
-#                                               0); seed makes a sampled choice reproducible (inside no_grad())
-#   set_grad_enabled(flag) / set_train(flag) -> previous value        (what no_grad() switches)
-#   rng_state() / set_rng_state(s), save(path, meta), load(state) (read_checkpoint's dict), export_hf(dir, model_card),
-#   close()
-# and attributes device_name, dtype, and devices_per_process (replicas fed by this process: 1 for torch, where
-# torchrun runs one process per device; the mesh size for ttml, which shards one batch over devices).
+# 8. Backends: train(), evaluate() and sampling see a backend only through this protocol; tokens cross as numpy
 
 
-@dataclass
-class Dist:
-    """Where this process sits in a data-parallel run (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, GROUP_RANK)."""
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    node: int = 0  # torchrun's node rank
-    writer: typing.Optional[bool] = None  # writes out_dir's checkpoint: one process per distinct out_dir; None = rank 0
+class Backend(typing.Protocol):
+    device_name: str  # for the log, the run row and the MFU table
+    dtype: str  # what the matmuls run in: float32 | bfloat16 | float16
+    replicas: int  # data-parallel replicas this process feeds: 1 for torch, the device mesh for ttml
 
-    def __post_init__(self):
-        if self.writer is None:
-            self.writer = self.main
+    def train_micro_step(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Forward and backward of one micro-batch; gradients add up over the accumulation window."""
 
-    @property
-    def main(self):
-        return self.rank == 0
+    def optimizer_step(self, lr: float, beta1: float) -> float:
+        """Clip, step, zero the gradients; the window's mean training loss (the one host sync of a step)."""
+
+    def eval_loss(self, x: np.ndarray, y: np.ndarray) -> float:
+        """The mean loss without gradients, in eval mode (both switched inside and restored)."""
+
+    def next_logits(self, ids: np.ndarray) -> np.ndarray:
+        """float32 logits over the real vocabulary for the token after ids (at most seq_len of them)."""
+
+    def state_dict(self, weights: bool = True) -> dict:
+        """{"rng": this process's generators} and, with weights, {"model": ..., "optimizer": ...}: tensors and plain
+        values only, so ckpt.pt loads with weights_only=True."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what of "model", "optimizer" and "rng" state holds."""
+
+    def close(self) -> None:
+        """Release the devices."""
 
 
 def keep_freed_memory():
@@ -1056,11 +1431,11 @@ def keep_freed_memory():
 
 
 class TorchBackend:
-    devices_per_process = 1
+    replicas = 1  # torchrun runs one process per device
 
     def __init__(self, cfg, dist):
-        self.cfg, self.world = cfg, dist.world
-        self.device = torch.device(resolve_device(cfg.device, dist.local_rank))  # run() resolved it; tests may not
+        self.cfg, self.ddp = cfg, dist.world > 1
+        self.device = torch.device(resolve_device(cfg.device, dist.local_rank))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -1086,9 +1461,10 @@ class TorchBackend:
         self.model = self._wrap(torch.compile(self.raw) if want else self.raw)
         torch.manual_seed(cfg.seed + dist.rank)  # dropout differs per rank
         self._loss = torch.zeros((), device=self.device)  # window loss stays on the device: one sync per step
+        self._micro = 0
 
     def _wrap(self, module):
-        if self.world == 1:
+        if not self.ddp:
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
@@ -1099,22 +1475,26 @@ class TorchBackend:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
-    def train_micro_step(self, x, y, loss_scale, sync=True):
+    def train_micro_step(self, x, y):
         if self._compile_pending:  # torch.compile compiles at the first call: a failure there falls back to eager
             self._compile_pending = False
             try:
-                return self.train_micro_step(x, y, loss_scale, sync)
+                return self.train_micro_step(x, y)
             except Exception as e:  # no C compiler, an unsupported GPU or Python, an inductor bug
                 print(f"compile: failed ({type(e).__name__}: {str(e).splitlines()[0][:150]}); training eager")
                 self.optimizer.zero_grad(set_to_none=True)
+                self._loss.zero_()
+                self._micro = 0
                 self.model = self._wrap(self.raw)
+        self._micro += 1
+        scale = 1.0 / self.cfg.accumulation_steps
         # DDP all-reduces gradients only on the last micro-step of a window
-        no_sync = self.model.no_sync() if self.world > 1 and not sync else contextlib.nullcontext()
-        with no_sync:
+        last = self._micro == self.cfg.accumulation_steps
+        with self.model.no_sync() if self.ddp and not last else contextlib.nullcontext():
             with self.autocast:
-                _, loss = self.model(self._tensor(x), self._tensor(y))
-            self.scaler.scale(loss * loss_scale).backward()
-        self._loss += loss.detach() * loss_scale
+                loss = self.model(self._tensor(x), self._tensor(y))
+            self.scaler.scale(loss * scale).backward()
+        self._loss += loss.detach() * scale
 
     def optimizer_step(self, lr, beta1):
         for group in self.optimizer.param_groups:
@@ -1125,519 +1505,79 @@ class TorchBackend:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss.item()
+        loss, self._micro = self._loss.item(), 0
         self._loss.zero_()
-        return loss, beta1
+        return loss
+
+    @contextlib.contextmanager
+    def _inference(self):
+        was = self.raw.training
+        self.raw.eval()
+        try:
+            with torch.no_grad(), self.autocast:
+                yield
+        finally:
+            self.raw.train(was)
 
     def eval_loss(self, x, y):
-        with self.autocast:
-            _, loss = self.raw(self._tensor(x), self._tensor(y))
-        return loss.item()
+        with self._inference():
+            return self.raw(self._tensor(x), self._tensor(y)).item()
 
-    def next_token(self, ids, temperature, top_k, seed):
-        """Choose on the device, so only the chosen id crosses to the host (one sync per token, not a 50k row)."""
-        with self.autocast:  # the uncompiled model: prompt lengths vary
-            logits, _ = self.raw(self._tensor(np.asarray(ids)[None]))
-        logits = logits[0, -1].float()  # the real vocabulary only: GPT.forward cuts the padded columns off
-        if temperature == 0:
-            return int(torch.argmax(logits).item())  # the first maximum, as np.argmax took it before
-        candidates = None
-        if top_k and top_k < logits.numel():
-            logits, candidates = torch.topk(logits, top_k)
-        # a generator of its own, seeded per token by generate(): samples follow the run's seed, not how much
-        # dropout or data shuffling drew from the global generator before
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        pick = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=g)
-        return int((pick if candidates is None else candidates[pick]).item())
+    def next_logits(self, ids):
+        with self._inference():  # the uncompiled model: prompt lengths vary
+            return self.raw(self._tensor(np.asarray(ids)[None]))[0].float().cpu().numpy()
 
-    def set_grad_enabled(self, flag):
-        prev = torch.is_grad_enabled()
-        torch.set_grad_enabled(flag)
-        return prev
+    def state_dict(self, weights=True):
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        if not weights:
+            return {"rng": rng}
+        return {"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rng}
 
-    def set_train(self, flag):
-        prev = self.raw.training
-        self.raw.train(flag)
-        return prev
-
-    def rng_state(self):
-        return {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-
-    def set_rng_state(self, s):
-        torch.set_rng_state(s["torch"].cpu())  # generator states are CPU byte tensors, whatever the device
-        if s["cuda"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(s["cuda"].cpu(), self.device)
-
-    def save(self, path, meta):
-        state = {"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scaler": self.scaler.state_dict(), "meta": meta}
-        with atomic_write(path) as f:  # a kill at any moment leaves the previous checkpoint intact
-            torch.save(state, f)
-
-    def load(self, state):
-        """Restore from read_checkpoint()'s dict (CPU tensors): load_state_dict copies the weights onto the
-        training device, and the optimizer's moments follow their parameters there."""
-        if state.get("backend") == "ttml":
-            raise UserError("the checkpoint was written by the ttml backend; load it with --backend=ttml")
-        self.raw.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-
-    def export_hf(self, out, card=""):
-        """Save as a self-contained transformers directory: GPT2LMHeadModel (config.json + model.safetensors), the
-        tokenizer, generation_config.json and the model card `card` (README.md)."""
-        from transformers import GPT2Config, GPT2LMHeadModel
-        c = self.cfg
-        hf_cfg = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=c.seq_len, n_embd=c.n_embd, n_layer=c.n_layer,
-                            n_head=c.n_head, activation_function="gelu_new", resid_pdrop=c.dropout,
-                            embd_pdrop=c.dropout, attn_pdrop=c.dropout, tie_word_embeddings=True)
-        hf = GPT2LMHeadModel(hf_cfg)
-        sd = {}
-        for k, v in self.raw.state_dict().items():
-            if k == "lm_head.weight":
-                continue  # tied to wte
-            if k == "transformer.wte.weight":
-                v = v[:VOCAB_SIZE]
-            if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-                v = v.t()  # HF's Conv1D stores (in, out)
-            sd[k] = v.detach().float().cpu().contiguous()
-        missing, unexpected = hf.load_state_dict(sd, strict=False)
-        assert not unexpected and all("attn.bias" in k or k == "lm_head.weight" for k in missing), (missing, unexpected)
-        hf.tie_weights()
-        tmp = out.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        hf.save_pretrained(tmp)
-        save_hf_extras(tmp, c, card)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+    def load_state_dict(self, state):
+        """From read_checkpoint's CPU tensors: load_state_dict copies the weights onto the device, and the
+        optimizer's moments follow their parameters; generator states stay CPU byte tensors, whatever the device."""
+        try:
+            self.raw.load_state_dict(state["model"])
+            if "optimizer" in state:
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scaler.load_state_dict(state.get("scaler", {}))
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"the checkpoint does not fit this model ({' '.join(str(e).split())[:200]}); same "
+                            "n_layer, n_head, n_embd and seq_len as the run that wrote it?") from None
+        if "rng" in state:
+            torch.set_rng_state(state["rng"]["torch"].cpu())
+            if state["rng"]["cuda"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
 
     def close(self):
         pass
 
 
-def save_hf_extras(out, cfg, card):
-    """What pipeline("text-generation", model=out) needs beside the weights: the GPT-2 tokenizer, built offline from
-    the same BPE files as the training tokens, generation defaults that stop at EOS, and a model card."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GenerationConfig, GPT2TokenizerFast
-    bpe = Tokenizer(models.BPE.from_file(*gpt2_bpe_files()))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split regex, then bytes
-    bpe.decoder = decoders.ByteLevel()
-    # tokenizer_object is how transformers 4 and 5 both take a built tokenizer; no space clean-up, so decode gives
-    # back exactly the text main.py's own sampler prints
-    tok = GPT2TokenizerFast(tokenizer_object=bpe, model_max_length=cfg.seq_len, clean_up_tokenization_spaces=False)
-    tok.save_pretrained(out)
-    GenerationConfig(bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID).save_pretrained(out)
-    with atomic_write(os.path.join(out, "README.md"), "w") as f:
-        f.write(card)
+TT_METAL_COMMIT = "placeholder"
 
 
-def _is_tt_train(mod):
-    """TT-Train's module has autograd.AutoContext; PyPI's unrelated `ttml` (a tensor-train library) does not."""
-    return getattr(getattr(mod, "autograd", None), "AutoContext", None) is not None
+def tt_signs():
+    signs = ["TT_METAL_HOME is set"] if os.environ.get("TT_METAL_HOME") else []
+    return signs + (["/dev/tenstorrent exists"] if glob.glob("/dev/tenstorrent*") else [])
 
 
 def import_ttml():
-    """TT-Train's ttml and tt-metal's ttnn, as ((ttml, ttnn), None), or (None, one-line reason). With TT_METAL_HOME
-    set, two places go on sys.path: first the seed's documented $TT_METAL_HOME/tt-train/build/sources/ttml, where a
-    build leaves the nanobind module `_ttml` (NB_MODULE(_ttml), nanobind/__init__.cpp @eed09f2); then the `ttml`
-    package's sources, tt-train/sources/ttml, as examples/python/transformers/training_ddp.py @578b4d2 adds them.
-    Every version of that package finds its own _ttml (ttml/__init__.py @0126f1b looks in build/tt-train/sources/
-    ttml). A pip or .pth install needs no TT_METAL_HOME. ttnn supplies Layout/DataType where ttml lacks them and the
-    slice that sampling runs on the device."""
-    home = os.environ.get("TT_METAL_HOME")
-    expected = os.path.join(home or "$TT_METAL_HOME", "tt-train", "build", "sources", "ttml")
-    if home:
-        sys.path[:0] = [p for p in (expected, os.path.join(home, "tt-train", "sources", "ttml"))
-                        if os.path.isdir(p) and p not in sys.path]
-        importlib.invalidate_caches()
-    impostor, errors = None, []
-    for name in ("ttml", "_ttml"):
-        try:
-            mod = importlib.import_module(name)
-        except Exception as e:  # ImportError, or the package's own setup failing (ttnn missing, a .so not loading)
-            errors.append(f"import {name}: {e}")
-            continue
-        if not _is_tt_train(mod):
-            impostor = impostor or mod
-            continue
-        try:
-            return (mod, importlib.import_module("ttnn")), None
-        except Exception as e:
-            return None, f"TT-Train imports but tt-metal's ttnn does not ({e}); activate tt-metal's python_env"
-    if impostor is not None:
-        return None, (f"the importable 'ttml' ({getattr(impostor, '__file__', '?')}) is not TT-Train (no "
-                      "autograd.AutoContext: PyPI's unrelated tensor-train package?); pip uninstall ttml and build "
-                      f"tt-metal with tt-train so that {expected} exists")
-    if not home:
-        return None, ("TT_METAL_HOME is not set and no TT-Train ttml is installed; build tt-metal with tt-train and "
-                      f"export TT_METAL_HOME so that {expected} exists")
-    return None, f"cannot import TT-Train's ttml ({errors[0]}); build tt-metal with tt-train so that {expected} exists"
-
-
-def make_backend(cfg, dist):
-    """backend=auto: ttml when TT-Train imports, else PyTorch; says which in one line."""
-    if cfg.backend in ("auto", "ttml"):
-        modules, why = import_ttml()
-        if modules is not None:
-            if dist.main:
-                print("backend: ttml (TT-Train)")
-            return TtmlBackend(cfg, dist, *modules)
-        if cfg.backend == "ttml":
-            raise UserError(f"backend=ttml: {why}")
-        if dist.main:
-            print(f"backend: torch (ttml unavailable: {why.split(';')[0]})")
-    return TorchBackend(cfg, dist)
-
-
-def sample_on_host(logits, temperature, top_k, seed):
-    """The next id from a row of real-vocab logits on the host: what TtmlBackend falls back to where its build cannot
-    choose on the device. Greedy at temperature 0, else softmax sampling (from the top_k only if set)."""
-    if temperature == 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    if top_k:
-        z[z < np.sort(z)[-min(top_k, len(z))]] = -np.inf
-    p = np.exp(z - z.max())
-    return int(np.random.default_rng(seed).choice(len(p), p=p / p.sum()))
+    raise UserError("TT-Train is not installed")
 
 
 class TtmlBackend:
-    """Tenstorrent TT-Train (ttml): tt-train's own C++ GPT-2 on a [1, N] device mesh, in bfloat16. Each step follows
-    tt-train's sources/examples/python/transformers/trainer.py and training_ddp.py unless a comment names another
-    tt-metal file (paths under tt-train/sources/ttml/ unless they start with examples/; @commit where the API
-    changed). Only checked against a stand-in (tests/fake_ttml.py): nothing here has run on Tenstorrent hardware."""
-    dtype = "bfloat16"  # ttml keeps weights and activations in bf16; there is no fp32/fp16 switch to offer
+    pass
 
-    def __init__(self, cfg, dist, ttml, ttnn):
-        if dist.world > 1:
-            raise UserError("backend=ttml drives all its devices from one process: launch without torchrun and "
-                              "set --data_parallel=N for a [1, N] device mesh")
-        if cfg.seq_len % 32 or cfg.n_embd % 32:  # tile size; tt-train's models/gpt2.cpp throws otherwise
-            raise UserError(f"backend=ttml: seq_len={cfg.seq_len} and n_embd={cfg.n_embd} must be multiples of 32")
-        if cfg.dtype not in ("auto", "bfloat16"):
-            raise UserError(f"backend=ttml trains in bfloat16; dtype={cfg.dtype} is torch-only (use --dtype=auto)")
-        self.cfg, self.ttml, self.ttnn = cfg, ttml, ttnn
-        # ttml's own Layout where it has one (nanobind/__init__.cpp @1012007 exports it); later bindings leave both
-        # enums to ttnn (@eed09f2), some packages re-export them and others do not (ttml/__init__.py @6a66fb2), and
-        # ttml's own Python spells them ttnn.Layout / ttnn.DataType (examples/nano_gpt/train_nanogpt.py @7251832)
-        self.Layout = getattr(ttml, "Layout", None) or ttnn.Layout
-        self.DataType = getattr(ttml.autograd, "DataType", None) or ttnn.DataType
-        n = self.devices_per_process = cfg.data_parallel or 1
-        self.device_name = f"Tenstorrent 1x{n} mesh (ttml)"
-        self.ctx = ttml.autograd.AutoContext.get_instance()
-        # The mesh first: get_device() and from_numpy open a 1x1 device on first use, after which open_device([1, N])
-        # fails (autograd/auto_context.cpp). Fabric before a multi-device open, as ttml/common/utils.py does.
-        if n > 1:
-            ttml.core.distributed.enable_fabric(n)
-            self.ctx.open_device([1, n])
-        else:
-            self.ctx.open_device()  # as examples/nano_gpt/train_nanogpt.py
-        try:
-            self._build(cfg, ttml, n)
-        except BaseException:
-            self.ctx.close_device()
-            raise
 
-    def _build(self, cfg, ttml, n):
-        self.ctx.set_seed(cfg.seed)
-        self.mapper = self.composer = None
-        if n > 1:
-            self._setup_data_parallel(ttml)
-        self._replicas_checked = n == 1  # see _check_replicas_agree
-        g = ttml.models.gpt2.GPT2TransformerConfig()
-        g.num_heads, g.embedding_dim, g.num_blocks = cfg.n_head, cfg.n_embd, cfg.n_layer
-        g.vocab_size = (VOCAB_SIZE + 31) // 32 * 32  # tile multiple (ttml/common/model_factory.py); never a target
-        g.max_sequence_length = cfg.seq_len  # the model takes exactly this length (modules/positional_embeddings.cpp)
-        g.dropout_prob = float(cfg.dropout)
-        g.runner_type = ttml.models.RunnerType.Default
-        g.weight_tying = ttml.models.WeightTyingType.Enabled  # wte is the lm_head, as in the torch GPT
-        g.positional_embedding_type = ttml.models.gpt2.PositionalEmbeddingType.Trainable  # learned wpe, as GPT-2
-        self.model = ttml.models.gpt2.create_gpt2_model(g)
-        # AdamW fixes beta1 when it is built (no setter in nanobind/nb_optimizers.cpp @04087d1): no beta1 warmup here,
-        # and optimizer_step reports this value. Weight decay reaches every parameter, biases and norms too.
-        self.beta1 = cfg.beta1 if cfg.beta1_end is None else cfg.beta1_end
-        if cfg.beta1_start is not None:
-            print(f"beta1: warmup from {cfg.beta1_start} is unavailable on this ttml build (AdamW fixes beta1 when "
-                  f"built); training uses fixed beta1 = {self.beta1}")
-        adamw = ttml.optimizers.AdamWConfig.make(float(cfg.lr), float(self.beta1), float(cfg.beta2), 1e-8,
-                                                 float(cfg.weight_decay))
-        self.optimizer = ttml.optimizers.AdamW(self.model.parameters(), adamw)
-        # clip_grad_norm is bound from nanobind/nb_core.cpp @01b9eef on; @b9dd067 lacks it, and builds as old as
-        # nanobind/__init__.cpp @1012007 have no core submodule at all
-        self.clip = getattr(getattr(ttml, "core", None), "clip_grad_norm", None) if cfg.grad_clip > 0 else None
-        if cfg.grad_clip > 0 and self.clip is None:
-            print("grad_clip: this ttml build has no core.clip_grad_norm; training without gradient clipping")
-        T = cfg.seq_len  # one causal mask for every forward, built as trainer.py does: [1, 1, T, T], bf16, tiled
-        mask = np.tril(np.ones((T, T), dtype=np.float32)).reshape(1, 1, T, T)
-        self.mask = ttml.autograd.Tensor.from_numpy(mask, self.Layout.TILE, self.DataType.BFLOAT16)
-        # sampling's op; builds whose nanobind/nb_ops.cpp binds no ops.sample choose on the host (see _host_choice)
-        self._sample_op = getattr(getattr(ttml.ops, "sample", None), "sample_op", None)
-        self._logits_mask = None  # built on first use (_padding_mask)
-        self.model.train()
-        self._grad_enabled, self._training, self._closed = True, True, False
-        self._losses, self._micro_steps = [], 0  # the window's (loss tensor, scale): read back once per optimizer step
-
-    def _setup_data_parallel(self, ttml):
-        """Batches are sharded along dim 0 (batch_size rows per device), readbacks concatenated along dim 0, and
-        gradients averaged over the devices before every step."""
-        device, dist_api = self.ctx.get_device(), ttml.core.distributed
-        self.mapper = dist_api.shard_tensor_to_mesh_mapper(device, 0)
-        self.composer = dist_api.concat_mesh_to_tensor_composer(device, 0)
-        # Without a parallelism context synchronize_gradients returns at once (core/distributed/distributed.cpp
-        # @01c8afe). On a [1, N] mesh DDP takes the long axis (autograd/auto_context.cpp @013f857). Builds from before
-        # the context (nanobind/nb_autograd.cpp @2e72286 binds no initialize_parallelism_context) always average.
-        if hasattr(self.ctx, "initialize_parallelism_context"):
-            self.ctx.initialize_parallelism_context(ttml.autograd.DistributedConfig(enable_ddp=True, enable_tp=False))
-        # synchronize_parameters is the earlier name (examples/python/transformers/training_ddp.py @578b4d2)
-        self._sync = getattr(dist_api, "synchronize_gradients", None) or dist_api.synchronize_parameters
-        self._sync_takes_axes = True
-
-    def _sync_gradients(self, params):
-        """The devices' mean gradient. Newer bindings name the mesh axes to average over (nanobind/nb_core.cpp
-        @01b9eef, which averages over them with or without a context); the [1, N] mesh spreads the devices over
-        axis 1. Older bindings take the parameters alone (nb_core.cpp @b9dd067), and nanobind says so with a
-        TypeError."""
-        if self._sync_takes_axes:
-            try:
-                return self._sync(params, [1])
-            except TypeError:
-                self._sync_takes_axes = False
-        self._sync(params)
-
-    def _check_replicas_agree(self):
-        """After the first step every device must hold the same weights and AdamW moments, or the gradient sync did
-        nothing and each device trains on its own shard. The first moment is the sharp test: it is (1 - beta1) x
-        each device's own gradient whatever the lr, while a warmup lr can move bf16 weights by less than one ulp."""
-        self._replicas_checked = True
-        name, weight = min(self.model.parameters().items(), key=lambda kv: np.prod(kv[1].shape()))  # cheapest read
-        moments = [v[name] for v in self.optimizer.get_state_dict().values() if hasattr(v, "items") and name in v]
-        for t in [weight] + moments:
-            first, *rest = np.split(self._host(t), self.devices_per_process)
-            if not all(np.allclose(c, first, rtol=1e-2, atol=0) for c in rest):
-                raise UserError(f"data_parallel={self.devices_per_process}: the devices' copies of {name} differ "
-                                  "after the first optimizer step, so this ttml build's gradient sync did not average "
-                                  "them; run with --data_parallel=1 or use a tt-train build whose DDP works")
-
-    def _tokens(self, x, y=None):
-        """uint16 (B, T) numpy -> uint32 row-major tensors: inputs [B, 1, 1, T], targets [B, T] (only 32-bit numpy
-        crosses, nanobind/nb_util.cpp @28fa477); on a mesh each device gets B / N rows."""
-        args = (self.Layout.ROW_MAJOR, self.DataType.UINT32) + (() if self.mapper is None else (self.mapper,))
-        B, T = x.shape
-        Tensor = self.ttml.autograd.Tensor
-        tx = Tensor.from_numpy(np.ascontiguousarray(x, dtype=np.uint32).reshape(B, 1, 1, T), *args)
-        ty = None if y is None else Tensor.from_numpy(np.ascontiguousarray(y, dtype=np.uint32), *args)
-        return tx, ty
-
-    def _to_numpy(self, t, **kw):
-        """A tensor on the host; on a mesh, every device's part along dim 0."""
-        return t.to_numpy(**kw) if self.composer is None else t.to_numpy(composer=self.composer, **kw)
-
-    def _host(self, t):
-        """A tensor as float32 numpy (bf16 would need ml_dtypes)."""
-        return self._to_numpy(t, new_type=self.DataType.FLOAT32)
-
-    def _replica(self, t):
-        """One copy of a tensor that every device holds (weights, optimizer moments)."""
-        a = self._host(t)
-        return a[:a.shape[0] // self.devices_per_process]
-
-    def _assign(self, dst, array):
-        """Overwrite a device tensor in place with host values, as train_nanogpt.py restores its checkpoints."""
-        src = self.ttml.autograd.Tensor.from_numpy(np.ascontiguousarray(array, dtype=np.float32), self.Layout.TILE,
-                                                   dst.dtype())
-        dst.assign(src)
-
-    def _forward_loss(self, x, y):
-        tx, ty = self._tokens(x, y)
-        return self.ttml.ops.loss.cross_entropy_loss(self.model(tx, self.mask), ty, self.ttml.ops.ReduceType.MEAN)
-
-    def train_micro_step(self, x, y, loss_scale, sync=True):
-        # `sync` is torch DDP's; here gradients are all-reduced once, explicitly, in optimizer_step
-        loss = self._forward_loss(x, y)
-        scaled = loss if loss_scale == 1.0 else self.ttml.ops.binary.mul(loss, float(loss_scale))  # train_nanogpt.py
-        scaled.backward(False)  # retain_graph=False; gradients add up until zero_grad
-        self.ctx.reset_graph()
-        self._losses.append((loss, loss_scale))  # no host read here, so the host can queue the next micro-step
-        self._micro_steps += 1
-
-    def optimizer_step(self, lr, beta1):
-        """beta1 is ignored: fixed when AdamW was built; the one applied (self.beta1) is returned."""
-        params = self.model.parameters()
-        if self.devices_per_process > 1:
-            self._sync_gradients(params)
-        if self.clip is not None:
-            self.clip(params, float(self.cfg.grad_clip), 2.0, False)  # L2 norm, no error on inf (train_nanogpt.py)
-        self.optimizer.set_lr(float(lr))
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        if not self._replicas_checked:
-            self._check_replicas_agree()
-        loss = sum(scale * float(self._host(t).mean()) for t, scale in self._losses)  # the window's one host sync
-        self._losses = []
-        return loss, self.beta1
-
-    def eval_loss(self, x, y):
-        loss = self._forward_loss(x, y)
-        self.ctx.reset_graph()  # eval forwards too (no nodes are recorded while gradients are disabled)
-        return float(self._host(loss).mean())
-
-    def next_token(self, ids, temperature, top_k, seed):
-        """The id after ids, chosen on the device: one uint32 per device comes back instead of a row of 50k logits.
-        Greedy at temperature 0, else softmax sampling at temperature, from the top_k only if set."""
-        last = self._last_logits(ids)
-        try:
-            if temperature == 0:
-                return self._greedy(last)
-            k = top_k if top_k and top_k < VOCAB_SIZE else None
-            if self._sample_op is None or (k and not hasattr(self.ttnn, "topk")):
-                return self._host_choice(last, temperature, k, seed)
-            return self._sample_on_device(last, temperature, k, seed)
-        finally:
-            self.ctx.reset_graph()
-
-    def _last_logits(self, ids):
-        """The model takes exactly seq_len tokens: right-pad the prompt (the causal mask keeps the padding out of
-        earlier positions) and cut the last real position out on the device, [1, 1, 1, padded vocab] per device
-        (ttnn.slice, then a ttml tensor around it, as examples/nano_gpt/nanogpt_full_cpp_example.py @c8e35bd does).
-        Older builds return log-softmax, which ranks and samples the same."""
-        T, n = self.cfg.seq_len, self.devices_per_process
-        ids = np.asarray(ids)[-T:]
-        row = np.full(T, EOS_ID, dtype=np.uint32)
-        row[:len(ids)] = ids
-        tx, _ = self._tokens(np.tile(row, (n, 1)))  # one copy per device on a mesh
-        logits = self.model(tx, self.mask)  # [1, 1, T, padded vocab] on each device
-        V, t = logits.shape()[-1], len(ids) - 1
-        last = self.ttnn.slice(logits.get_value(), [0, 0, t, 0], [1, 1, t + 1, V])
-        return self.ttml.autograd.Tensor(last, False)
-
-    def _greedy(self, last):
-        # argmax over the vocab on the device, as nanogpt_full_cpp_example.py @c8e35bd samples greedily
-        best = self._chosen_id(self.ttnn.argmax(last.get_value(), dim=3, keepdim=True))
-        if best < VOCAB_SIZE:
-            return best
-        # A padded column won: nothing keeps them out of ttml's softmax, so an untrained model can rank one first.
-        # The example clamps the id to the vocab (EOS here); the real vocab's best is what the torch backend gives.
-        return self._host_choice(last, 0, None, 0)
-
-    def _sample_on_device(self, last, temperature, k, seed):
-        """Softmax sampling at temperature (from the k best if k) by sample_op; one id per device comes back."""
-        row = last.get_value()
-        if k:
-            # Everything below the k-th largest logit drops to -1e9, as nanogpt_full_cpp_example.py @c8e35bd filters
-            # before sample_op (ttnn.topk, slice, lt, full_like, where). A padded column among the k leaves fewer
-            # real candidates; the padding mask below still keeps it from being chosen.
-            values, _ = self.ttnn.topk(row, k=k, dim=-1, largest=True, sorted=True)
-            kth = self.ttnn.slice(values, [0, 0, 0, k - 1], [1, 1, 1, k])
-            floor = self.ttnn.full_like(row, -1e9, dtype=self.ttnn.bfloat16)
-            last = self.ttml.autograd.Tensor(self.ttnn.where(self.ttnn.lt(row, kth), floor, row), False)
-        # Gumbel-max at temperature, then the padding mask is subtracted and argmax taken (ops/sampling_op.cpp
-        # @9ded1a3); arguments as nanobind/nb_ops.cpp @0152e58 binds them: logits, temperature, seed, mask
-        chosen = self._sample_op(last, float(temperature), int(seed), self._padding_mask(last.shape()[-1]))
-        return self._chosen_id(chosen.get_value())
-
-    def _padding_mask(self, V):
-        """0 on the real vocab, 1e4 on the padded columns, [1, 1, 1, V] bf16 tiled: sample_op subtracts it, so
-        padding is never drawn (build_logits_mask, ttml/common/utils.py @cbd83a2)."""
-        if self._logits_mask is None:
-            mask = np.zeros((1, 1, 1, V), dtype=np.float32)
-            mask[..., VOCAB_SIZE:] = 1e4
-            self._logits_mask = self.ttml.autograd.Tensor.from_numpy(mask, self.Layout.TILE, self.DataType.BFLOAT16)
-        return self._logits_mask
-
-    def _chosen_id(self, ids):
-        """argmax and sample_op leave one uint32 per device (to_numpy keeps 32-bit ints, nanobind/nb_util.cpp
-        @28fa477); every device ran the same row with the same seed, so the first one is the choice."""
-        return int(np.asarray(self._to_numpy(self.ttml.autograd.Tensor(ids, False))).reshape(-1)[0])
-
-    def _host_choice(self, last, temperature, top_k, seed):
-        """The one host path: the whole [V] row comes back and numpy chooses. Taken on builds without
-        ops.sample.sample_op, for top_k on a ttnn without topk, and when a padded column wins greedy."""
-        return sample_on_host(self._host(last)[0, 0, 0, :VOCAB_SIZE], temperature, top_k, seed)
-
-    def set_grad_enabled(self, flag):
-        # the previous mode is tracked here: get_gradient_mode is missing from some bindings (nb_autograd.cpp @2e72286)
-        prev, self._grad_enabled = self._grad_enabled, bool(flag)
-        mode = self.ttml.autograd.GradMode
-        self.ctx.set_gradient_mode(mode.ENABLED if flag else mode.DISABLED)
-        return prev
-
-    def set_train(self, flag):
-        # RunMode TRAIN/EVAL switches dropout only; autograd is set_grad_enabled's job (nanobind/nb_modules.cpp)
-        prev, self._training = self._training, bool(flag)
-        if flag:
-            self.model.train()
-        else:
-            self.model.eval()
-        return prev
-
-    def rng_state(self):
-        # ttml's generator does not reach Python in a savable form, so a resumed run reseeds from the seed and the
-        # micro-steps done: dropout goes on with fresh masks, not with exactly the ones an unbroken run would draw
-        return {"seed": self.cfg.seed, "micro_steps": self._micro_steps}
-
-    def set_rng_state(self, s):
-        self._micro_steps = s["micro_steps"]
-        self.ctx.set_seed((s["seed"] + s["micro_steps"]) % 2**32)
-
-    def save(self, path, meta):
-        """Weights and AdamW's moments as float32 numpy (as train_nanogpt.py pickles weights), written with
-        torch.save so ckpt.pt opens the same way for both backends (read_checkpoint reads it with torch.load)."""
-        opt = {}
-        for key, v in self.optimizer.get_state_dict().items():  # moments (NamedParameters), the step count, lr
-            if hasattr(v, "items"):
-                opt[key] = {k: self._replica(t) for k, t in v.items()}
-            elif isinstance(v, (bool, int, float, str)):
-                opt[key] = v
-        state = {"backend": "ttml", "model": {k: self._replica(t) for k, t in self.model.parameters().items()},
-                 "optimizer": opt, "meta": meta}
-        with atomic_write(path) as f:  # a kill at any moment leaves the previous checkpoint intact
-            torch.save(state, f)
-
-    def load(self, state):
-        """A read_checkpoint() dict onto the device: weights and moments are overwritten in place, then the step
-        count goes through set_state_dict, which AdamW's bias correction reads."""
-        if state.get("backend") != "ttml":
-            raise UserError("the checkpoint was written by the torch backend; load it with --backend=torch")
-        params = self.model.parameters()
-        for k, a in state["model"].items():
-            if k not in params or list(params[k].shape()) != list(a.shape):
-                raise UserError(f"checkpoint parameter {k} {a.shape} does not fit this model; same n_layer, n_head, "
-                                  "n_embd and seq_len as the run that wrote it?")
-            self._assign(params[k], a)
-        live = self.optimizer.get_state_dict()
-        for key, v in state["optimizer"].items():
-            if isinstance(v, dict):
-                for k, a in v.items():
-                    self._assign(live[key][k], a)
-            else:
-                live[key] = v
-        # AdamW reads "steps" as size_t (optimizers/adamw.cpp @4ca8c04), but nanobind hands a Python int that fits
-        # an `int` to the first alternative that takes it, and serialization/msgpack_file.hpp @433653b lists int
-        # before size_t. So the count restores only where get_value_type widens integers (serialization/
-        # serializable.hpp @04b3405); no Python value gets it through on older builds.
-        try:
-            self.optimizer.set_state_dict(live)
-        except (TypeError, ValueError, RuntimeError):  # nanobind's RuntimeError for std::bad_variant_access
-            pass
-        steps = state["optimizer"].get("steps")
-        if steps is not None and self.optimizer.get_state_dict().get("steps") != steps:
-            print(f"load: this ttml build cannot restore AdamW's step count ({steps}), so a resumed run's bias "
-                  "correction restarts from step 1 (see the README)")
-
-    def export_hf(self, out, card=""):
-        print(f"export_hf: skipped, the Hugging Face export is torch-only; the ttml weights are in "
-              f"{os.path.join(self.cfg.out_dir, 'ckpt.pt')}")
-
-    def close(self):
-        if not self._closed:
-            self._closed = True
-            self.ctx.close_device()
+def make_backend(cfg, dist, tt):
+    """The backend check_system chose: ttml (tt = its modules) or PyTorch."""
+    return TtmlBackend(cfg, *tt) if tt else TorchBackend(cfg, dist)
 
 
 # -----------------------------------------------------------------------------
-# Schedule: pure functions of the optimizer step k (0-based), applied once per optimizer step
+# 9. Train: the schedule (pure functions of the optimizer step k, 0-based), then the loop
 
 
 def lr_at(k, cfg):
@@ -1655,120 +1595,33 @@ def lr_at(k, cfg):
 def beta1_at(k, cfg):
     """Momentum warmup: beta1 linear from beta1_start to beta1_end over beta1_warmup_steps, then flat."""
     end = cfg.beta1 if cfg.beta1_end is None else cfg.beta1_end
-    if cfg.beta1_start is None:
-        return end
-    if k >= cfg.beta1_warmup_steps:
+    if cfg.beta1_start is None or k >= cfg.beta1_warmup_steps:
         return end
     return cfg.beta1_start + (end - cfg.beta1_start) * k / cfg.beta1_warmup_steps
 
 
 @contextlib.contextmanager
-def no_grad(backend):
-    """Like torch.no_grad() + model.eval(), for any backend: both are restored on exit, exceptions included."""
-    prev_grad = backend.set_grad_enabled(False)
-    prev_train = backend.set_train(False)
+def stop_flag():
+    """The first Ctrl-C or SIGTERM (what SLURM, Kubernetes and preemptible clouds send before a kill) only raises
+    a flag, so the loop stops at the next optimizer-step boundary (never inside an optimizer step, which would leave
+    half-updated weights) and checkpoints there; a second one stops at once."""
+    flag = {"signum": None}
+
+    def handler(signum, frame):
+        if flag["signum"] is not None:
+            raise KeyboardInterrupt
+        flag["signum"] = signum
+        print(f"\n{signal.Signals(signum).name}: stopping at the end of this optimizer step to save a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
     try:
-        yield
+        prev = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread (a test runner's thread): no handler to install
+        prev = {}
+    try:
+        yield flag
     finally:
-        backend.set_train(prev_train)
-        backend.set_grad_enabled(prev_grad)
-
-
-# -----------------------------------------------------------------------------
-# Train loop
-
-
-class TrainingDiverged(Exception):
-    pass
-
-
-def init_distributed(cfg):
-    """torchrun sets WORLD_SIZE > 1: join the process group (NCCL on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
-                int(os.environ.get("GROUP_RANK", "0")))
-    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    tdist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
-    return dist
-
-
-def all_sum(values, dist):
-    """Sum a list of floats over the ranks (a no-op in a single process)."""
-    if dist.world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    tdist.all_reduce(t)
-    return t.tolist()
-
-
-def on_every_rank(dist, fn):
-    """fn() on this rank; a UserError on any rank is raised on every rank, naming its node, so no rank is left
-    waiting in a collective for one that stopped."""
-    try:
-        result, problem = fn(), None
-    except UserError as e:
-        result, problem = None, f"node {dist.node}: {e}" if dist.world > 1 else str(e)
-    problems = [p for p in gather_objects(problem, dist) if p]
-    if problems:
-        raise UserError(problems[0])
-    return result
-
-
-def gather_objects(obj, dist):
-    if dist.world == 1:
-        return [obj]
-    out = [None] * dist.world
-    tdist.all_gather_object(out, obj)
-    return out
-
-
-PREPARE_LOCK = ".prepare.lock"  # held while a process prepares out_dir (the run lock is .lock)
-
-
-def prepare_on_node(cfg, dist):
-    """Local rank 0 of every node prepares (or reuses) the shards in its own out_dir, so node-local disks work;
-    the node's other ranks wait for that manifest. Nodes sharing one out_dir take turns under the prepare lock:
-    the first builds, the others then reuse what it wrote."""
-    if dist.local_rank != 0:
-        return wait_for_manifest(cfg, dist)
-    lock = try_lock(cfg.out_dir, PREPARE_LOCK)
-    while lock is None:  # another node is preparing this out_dir; its lock goes when it finishes or dies
-        time.sleep(0.2)
-        lock = try_lock(cfg.out_dir, PREPARE_LOCK)
-    with lock:
-        return prepare(cfg)
-
-
-def wait_for_manifest(cfg, dist):
-    """Wait until out_dir holds a valid manifest for this data config. A prepare can take hours, so the clock runs
-    only while no live process holds the prepare lock: ddp_wait_s bounds the wait for a prepare that never comes."""
-    fp, t0, path = fingerprint(data_identity(cfg)), time.time(), os.path.join(cfg.out_dir, "manifest.json")
-    while True:
-        manifest, why = load_manifest(cfg.out_dir, fp)
-        if manifest is not None:
-            return manifest
-        probe = try_lock(cfg.out_dir, PREPARE_LOCK)
-        if probe is None:
-            t0 = time.time()
-        else:
-            probe.close()
-        if time.time() - t0 > cfg.ddp_wait_s:
-            raise UserError(f"rank {dist.rank} on node {dist.node}: no valid {path} ({why}) after "
-                              f"{cfg.ddp_wait_s:.0f}s, and nothing is preparing it; local rank 0 of node "
-                              f"{dist.node} writes it: did it fail? (--ddp_wait_s sets this wait)")
-        time.sleep(0.2)
-
-
-def check_same_data(manifest, dist):
-    """Every node must train on the same tokens: their manifests' content hashes (every format-2 manifest has one)
-    must agree. One line naming the nodes that differ from node 0's."""
-    seen = dict(gather_objects((dist.node, manifest["content_hash"]), dist))
-    odd = sorted(node for node, h in seen.items() if h != seen[0])
-    if odd:
-        raise UserError(f"the nodes prepared different data: node(s) {', '.join(map(str, odd))} have content hash "
-                        f"{seen[odd[0]]}, node 0 has {seen[0]}; give every node the same data files and data options")
+        for s, h in prev.items():
+            signal.signal(s, h)
 
 
 def git_commit():
@@ -1781,39 +1634,13 @@ def git_commit():
     return p.stdout.strip() if p.returncode == 0 else None
 
 
-def ttml_version(backend):
-    """TT-Train's version when it is the backend, where its build says one."""
-    # only the module's own __version__: an installed distribution named "ttml" may be PyPI's unrelated package
-    return getattr(backend.ttml, "__version__", None) if isinstance(backend, TtmlBackend) else None
-
-
 def run_record(cfg, manifest, backend, dist, state):
     """The `run` row that opens metrics.jsonl at every start and resume: what it takes to reproduce the numbers."""
     return {"kind": "run", "config": dataclasses.asdict(cfg), "fingerprint": manifest["fingerprint"],
-            "git": git_commit(), "torch": str(torch.__version__), "ttml": ttml_version(backend),
-            "device": backend.device_name, "world": dist.world,
-            "data_parallel": dist.world * backend.devices_per_process,
-            "resumed_from": None if state is None else state["meta"]["step"]}
-
-
-def start_wandb(cfg, state, dist):
-    """Rank 0's Weights & Biases run, or None without --wandb_project. A resumed run continues the W&B run whose id
-    its checkpoint holds, so one run's curves stay in one place."""
-    if not (cfg.wandb_project and dist.main):
-        return None
-    run_id = None if state is None else state["meta"].get("wandb_id")
-    return import_wandb().init(project=cfg.wandb_project, name=cfg.wandb_run_name, id=run_id,
-                               resume="allow" if run_id else None)
-
-
-def wandb_log(wandb_run, row):
-    """One metrics.jsonl row to W&B: a train or eval row as history at its micro-step, the run row as the run's
-    config (the TrainConfig fields at the top, the other facts under `run`)."""
-    if row["kind"] == "run":
-        facts = {k: v for k, v in row.items() if k not in ("kind", "config")}
-        wandb_run.config.update({**row["config"], "run": facts}, allow_val_change=True)  # a resume may change some
-    else:
-        wandb_run.log({k: v for k, v in row.items() if k not in ("kind", "step") and v is not None}, step=row["step"])
+            "git": git_commit(), "torch": str(torch.__version__), "ttml": TT_METAL_COMMIT if cfg.backend == "ttml"
+            else None, "device": backend.device_name, "world": dist.world, "dist_backend": dist.backend,
+            "data_parallel": dist.world * backend.replicas, "resumed_from": state and state["meta"]["step"],
+            "changed": state and state["changes"]}
 
 
 class Metrics:
@@ -1830,79 +1657,57 @@ class Metrics:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
 
     def write(self, **row):
-        if self.enabled:
-            try:
-                with open(self.path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            except OSError as e:
-                raise_if_disk_full(e, self.path)
-                raise
-            if self.wandb_run is not None:
-                wandb_log(self.wandb_run, row)
-
-
-def read_jsonl(path):
-    """The rows of a .jsonl file; a partial last line (what a kill or a full disk leaves) is dropped."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    rows = []
-    for i, line in enumerate(lines):
+        if not self.enabled:
+            return
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise UserError(f"{path}: line {i + 1} is not JSON; move the file away to start a fresh log") from None
-    return rows
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+        except OSError as e:
+            check_disk(e, self.path)
+            raise
+        if self.wandb_run is not None:
+            if row["kind"] == "run":  # the config at the top, the other facts under `run`; a resume may change some
+                facts = {k: v for k, v in row.items() if k not in ("kind", "config")}
+                self.wandb_run.config.update({**row["config"], "run": facts}, allow_val_change=True)
+            else:
+                self.wandb_run.log({k: v for k, v in row.items() if k not in ("kind", "step") and v is not None},
+                                   step=row["step"])
 
 
 def evaluate(backend, batches, dist):
     """Mean val loss over the fixed val batches; each rank scores its share, so any world size gives the same."""
     mine = batches[dist.rank::dist.world]
-    with no_grad(backend):
-        total = sum(backend.eval_loss(x, y) for x, y in mine)
-    total, count = all_sum([total, len(mine)], dist)
+    total, count = all_sum([sum(backend.eval_loss(x, y) for x, y in mine), len(mine)], dist)
     return total / count
-
-
-class Interrupted(Exception):
-    """Ctrl-C: during prepare (finished shards kept), or during training after the checkpoint at the current
-    optimizer-step boundary was written. Exit code 130, as a shell gives a command stopped by SIGINT."""
-
-
-@contextlib.contextmanager
-def ctrl_c_flag():
-    """The first Ctrl-C only raises a flag, so the loop stops at the next optimizer-step boundary (never inside an
-    optimizer step, which would leave half-updated weights) and checkpoints there; a second Ctrl-C stops at once."""
-    flag = {"set": False}
-
-    def handler(signum, frame):
-        if flag["set"]:
-            raise KeyboardInterrupt
-        flag["set"] = True
-        print("\nCtrl-C: stopping at the end of this optimizer step to save a checkpoint (Ctrl-C again to abort)",
-              file=sys.stderr)
-    try:
-        prev = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread (e.g. called from a test runner thread): no handler to install
-        yield flag
-        return
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, prev)
 
 
 def save_checkpoint(path, cfg, backend, batches, dist, optim_step, manifest, wandb_id=None):
     """Every rank's RNG state (batch order and dropout) goes in, so a resumed run draws what an unbroken one would;
     the W&B run id, so a resumed run logs to the same W&B run."""
-    rng = gather_objects({"batches": batches.state(), "backend": backend.rng_state()}, dist)
+    state = backend.state_dict(weights=dist.writer)
+    rng = gather_objects({"batches": batches.state(), "backend": state.pop("rng")}, dist)
     if dist.writer:
-        backend.save(path, {"step": optim_step * cfg.accumulation_steps, "optim_step": optim_step, "rng": rng,
-                            "config": dataclasses.asdict(cfg), "fingerprint": manifest["fingerprint"],
-                            "content_hash": manifest.get("content_hash"),
-                            "model_shape": model_shape(cfg), "wandb_id": wandb_id})
+        meta = {"step": optim_step * cfg.accumulation_steps, "optim_step": optim_step, "rng": rng,
+                "config": dataclasses.asdict(cfg), "fingerprint": manifest["fingerprint"],
+                "content_hash": manifest["content_hash"], "replicas": dist.world * backend.replicas,
+                "wandb_id": wandb_id}
+        with atomic_write(path) as f:  # a kill at any moment leaves the previous checkpoint intact
+            torch.save({**state, "meta": meta}, f)
+
+
+def start_training(cfg, backend, dist, state):
+    """The start-up line; a run that replaces another (--init_from=scratch --overwrite=true) removes the old
+    outputs only now, when the new run has its data and its model and is about to write its own."""
+    if dist.main:
+        dp, gb = dist.world * backend.replicas, cfg.seq_len * cfg.batch_size * cfg.accumulation_steps
+        print(f"device: {backend.device_name} ({backend.dtype}); data_parallel {dp}; global batch {gb * dp:,} tokens "
+              f"= seq_len {cfg.seq_len} x batch_size {cfg.batch_size} x accumulation_steps {cfg.accumulation_steps} "
+              f"x data_parallel {dp}; {cfg.optim_steps} optimizer steps")
+    if state is None and dist.local_rank == 0:  # every node's own out_dir, or the shared one (twice is harmless)
+        shutil.rmtree(os.path.join(cfg.out_dir, "hf"), ignore_errors=True)
+        delete_files(cfg.out_dir, ("loss_curve.png", "metrics.jsonl", "ckpt.pt"))
+    if dist.backend is not None:
+        tdist.barrier()  # no rank writes before the old outputs are gone
 
 
 def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
@@ -1912,15 +1717,16 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
     metrics row. Returns the last val loss."""
     accum = cfg.accumulation_steps
     n_iters, eval_interval = cfg.steps // accum, cfg.eval_every // accum
-    rows = cfg.batch_size * backend.devices_per_process
+    rows = cfg.batch_size * backend.replicas
     batches = TrainBatches(TokenStream(cfg.out_dir, manifest["splits"]["train"]), cfg, dist.rank, rows)
     val = val_batches(TokenStream(cfg.out_dir, manifest["splits"]["val"]), cfg, rows, dist.world)
     ckpt, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
     start = 0
     if state is not None:
-        start = state["meta"]["optim_step"]
-        batches.set_state(state["meta"]["rng"][dist.rank]["batches"])
-        backend.set_rng_state(state["meta"]["rng"][dist.rank]["backend"])
+        start, rng = state["meta"]["optim_step"], state["meta"]["rng"][dist.rank]
+        batches.set_state(rng["batches"])
+        backend.load_state_dict({**{k: v for k, v in state.items() if k not in ("meta", "changes")},
+                                 "rng": rng["backend"]})
         if dist.main:
             print(f"resume: from {ckpt} at micro-step {start * accum} (optimizer step {start})")
     metrics = Metrics(metrics_path, dist.main, None if state is None else start * accum, wandb_run)
@@ -1932,7 +1738,7 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
     bar = tqdm(total=cfg.steps, initial=start * accum, unit="step", desc="train", disable=not dist.main,
                dynamic_ncols=True)
     val_loss = None
-    with ctrl_c_flag() as interrupted:
+    with stop_flag() as stop:
         for it in range(start, n_iters + 1):
             step, last = it * accum, it == n_iters
             if last or it % eval_interval == 0:
@@ -1948,17 +1754,18 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
                     save_checkpoint(ckpt, cfg, backend, batches, dist, it, manifest, wandb_id)
             if last:
                 break
-            if interrupted["set"] if dist.world == 1 else all_sum([float(interrupted["set"])], dist)[0]:
+            if stop["signum"] if dist.world == 1 else all_sum([float(stop["signum"] or 0)], dist)[0]:
                 save_checkpoint(ckpt, cfg, backend, batches, dist, it, manifest, wandb_id)
-                raise Interrupted(f"interrupted at micro-step {step}; checkpoint saved to {ckpt}. Resume with "
-                                  "the same command (init_from=auto continues it)")
+                bar.close()
+                raise Interrupted(f"{signal.Signals(stop['signum'] or signal.SIGTERM).name} at micro-step {step}; "
+                                  f"checkpoint saved to {ckpt}; the same command continues the run",
+                                  stop["signum"] or signal.SIGTERM)
             t0 = time.perf_counter()
-            for micro in range(accum):  # DDP all-reduces gradients on the window's last micro-step only
-                x, y = batches.next()
-                backend.train_micro_step(x, y, 1.0 / accum, sync=micro == accum - 1)
+            for _ in range(accum):
+                backend.train_micro_step(*batches.next())
                 batches.prefetch()  # the host reads the next batch while the device runs this one
-            lr = lr_at(it, cfg)
-            loss, beta1 = backend.optimizer_step(lr, beta1_at(it, cfg))  # the window's mean loss: one host sync
+            lr, beta1 = lr_at(it, cfg), beta1_at(it, cfg)
+            loss = backend.optimizer_step(lr, beta1)  # the window's mean loss: one host sync
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"loss is {loss} at micro-step {step + accum} (optimizer step {it}); the last "
                                        f"good checkpoint is {ckpt}: lower lr, raise warmup_steps or use "
@@ -1966,7 +1773,7 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
             tok_s = tokens_per_window / (time.perf_counter() - t0)
             mfu = flops_per_token * tok_s / peak if peak else None
             metrics.write(kind="train", step=step + accum, optim_step=it, loss=loss, lr=lr, beta1=beta1,
-                          tok_per_s=tok_s, mfu=mfu)
+                          tok_per_s=tok_s, mfu=mfu, tokens=(it + 1) * tokens_per_window)
             bar.update(accum)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
                             mfu=f"{100 * mfu:.1f}%" if mfu else "?", refresh=False)
@@ -1974,229 +1781,36 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
     return val_loss
 
 
-def model_shape(cfg):
-    return {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "seq_len")}
-
-
-def read_checkpoint(path):
-    """The one reader of ckpt.pt (resume and --sample_only): read once, every tensor on the CPU. Model and optimizer
-    states are copied onto the training device by load_state_dict; RNG states must stay CPU byte tensors (a GPU
-    copy is what broke resume on CUDA)."""
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}; train first (or point --out_dir at a run)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        state["meta"]["model_shape"], state["meta"]["config"]  # noqa: B018 - a checkpoint without them is not ours
-    except Exception as e:  # truncated, empty, random bytes, another program's file
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:120]}); delete it and "
-                          "train from scratch, or restore a good copy") from None
-    return state
-
-
-def resume_problem(meta, cfg, dist, manifest=None):
-    """Why a checkpoint cannot continue this run, or None: another model shape, other data, another rank count.
-    Before prepare the data config is compared (so a resume never rebuilds shards it cannot use); after it, the
-    tokens themselves (the shards' content hash), so a moved or touched dump still resumes."""
-    if meta["model_shape"] != model_shape(cfg):
-        return f"it holds a model of shape {meta['model_shape']}, this run asks for {model_shape(cfg)}"
-    if manifest is None and meta["fingerprint"] != fingerprint(data_identity(cfg)):
-        return "it was trained on another data config (data_files/wiki_config, max_docs, shard_tokens, val_fraction)"
-    if manifest is not None and meta.get("content_hash") != manifest.get("content_hash"):
-        return "it was trained on other tokens than the shards in out_dir now hold"
-    if len(meta["rng"]) != dist.world:
-        return f"it was written by {len(meta['rng'])} ranks, this run has {dist.world}"
-    return None
-
-
-def choose_start(cfg, dist):
-    """The checkpoint to continue (read once, on the CPU), or None to start from scratch. A run is never silently
-    destroyed: auto continues this run's checkpoint and refuses another run's; scratch over a run needs --overwrite."""
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if not os.path.exists(path):
-        if cfg.init_from == "resume":
-            raise UserError(f"--init_from=resume: no checkpoint at {path}; start with --init_from=scratch")
-        return None
-    if cfg.init_from == "scratch":
-        if not cfg.overwrite:
-            raise UserError(f"{cfg.out_dir} holds a run (ckpt.pt) that --init_from=scratch would replace; add "
-                              "--overwrite=true to replace it, use another --out_dir, or drop --init_from to continue "
-                              "it")
-        if dist.local_rank == 0:  # the old run's outputs go with it, on every node; the new run writes its own
-            shutil.rmtree(os.path.join(cfg.out_dir, "hf"), ignore_errors=True)
-            delete_files(cfg.out_dir, ("loss_curve.png", "metrics.jsonl", "ckpt.pt"))
-        return None
-    state = read_checkpoint(path)
-    if why := resume_problem(state["meta"], cfg, dist):
-        raise UserError(f"{path} cannot continue this run: {why}; use another --out_dir, or replace it with "
-                        "--init_from=scratch --overwrite=true")
-    if dist.main:
-        step = state["meta"]["step"]
-        print(f"init_from={cfg.init_from}: continuing the run in {cfg.out_dir} at micro-step {step} "
-              "(--init_from=scratch --overwrite=true starts over)")
-    return state
-
-
-def check_same_start(state, dist):
-    """Each node reads its own ckpt.pt, so they must agree on where training continues (a kill between two nodes'
-    checkpoint writes leaves them one eval apart). One line naming what each node has."""
-    seen = gather_objects((dist.node, None if state is None else state["meta"]["step"]), dist)
-    if len({step for _, step in seen}) > 1:
-        starts = ", ".join(f"node {n}: " + ("no checkpoint" if step is None else f"micro-step {step}")
-                           for n, step in sorted(set(seen), key=str))
-        raise UserError(f"the nodes' checkpoints disagree ({starts}); copy the newest ckpt.pt into every node's "
-                          "out_dir, or start over with --init_from=scratch --overwrite=true")
-
-
-def try_lock(out_dir, name):
-    """Make out_dir and open out_dir/name with its advisory lock taken, or None while another process holds it.
-    The kernel drops a flock when its holder exits, however it exits, so a lock left by a dead process never blocks."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        f = open(os.path.join(out_dir, name), "a+")
-    except OSError as e:  # a file, under a file, read-only, no permission
-        raise UserError(f"--out_dir={out_dir} is not a writable directory ({e.strerror}); point --out_dir "
-                          "elsewhere") from None
-    if fcntl is not None:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            return None
-    return f
-
-
-def lock_holder(path):
-    """The pid that holds a flock on `path`, read from /proc/locks (Linux), or "?". The lock file itself stays empty,
-    so a rerun leaves every file in out_dir as it was."""
-    try:
-        inode = str(os.stat(path).st_ino)
-        with open("/proc/locks") as f:
-            for fields in (line.split() for line in f if "->" not in line):  # "->": a waiter, not a holder
-                if fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == inode:
-                    return fields[4]
-    except (OSError, IndexError):
-        pass
-    return "?"
-
-
-def claim_out_dir(out_dir):
-    """Hold out_dir's run lock while this process lives: a second main.py on the same out_dir is refused at once,
-    naming the holder."""
-    f = try_lock(out_dir, ".lock")
-    if f is None:
-        raise UserError(f"{out_dir} is in use by another main.py (pid {lock_holder(os.path.join(out_dir, '.lock'))}"
-                        "); wait for it to finish, or use another --out_dir")
-    return f
-
-
-def shares_rank0_out_dir(cfg, dist):
-    """True on a node whose out_dir is global rank 0's own (shared storage): rank 0 leaves a probe file for the
-    other ranks to look for, then removes it."""
-    probe = os.path.join(cfg.out_dir, f".probe-{gather_objects(os.urandom(8).hex(), dist)[0]}")
-    if dist.main:
-        open(probe, "w").close()
-    gather_objects(None, dist)  # the probe exists before anyone looks
-    seen = not dist.main and os.path.exists(probe)
-    gather_objects(None, dist)  # everyone has looked
-    if dist.main:
-        os.remove(probe)
-    return seen
-
-
-def claim_run(cfg, dist):
-    """The run lock, taken before any work: global rank 0 claims its out_dir, then local rank 0 of every node with
-    an out_dir of its own (node-local disks) claims that. Returns the lock held (or None) and the Dist with `writer`
-    set, so each distinct out_dir gets exactly one checkpoint writer."""
-    first = on_every_rank(dist, lambda: claim_out_dir(cfg.out_dir) if dist.main else None)
-    if dist.world == 1:
-        return first, dataclasses.replace(dist, writer=True)
-    shared = shares_rank0_out_dir(cfg, dist)  # a collective: every rank takes part
-    own_dir = dist.local_rank == 0 and not dist.main and not shared
-    later = on_every_rank(dist, lambda: claim_out_dir(cfg.out_dir) if own_dir else None)
-    lock = first or later
-    return lock, dataclasses.replace(dist, writer=lock is not None)
-
-
 # -----------------------------------------------------------------------------
-# Outputs: sampling, loss plot
+# 10. Outputs: the host sampler, the loss plot, the HF export
 
 
-def generate(backend, prompt_ids, cfg, rng):
-    """Continue prompt_ids by sample_tokens tokens: greedy when temperature == 0, else softmax sampling
-    (optionally from the top_k), chosen by the backend on its device. The context is cropped to the last seq_len
-    tokens. Each sampled token gets a seed drawn from rng, so samples are reproducible from cfg.seed."""
-    ids = list(prompt_ids)
-    with no_grad(backend):
-        for _ in range(cfg.sample_tokens):
-            # never 0: ttnn.rand, under ttml's sample_op, takes seed 0 to mean fresh host entropy
-            seed = int(rng.integers(1, 2**32)) if cfg.temperature > 0 else 0
-            context = np.array(ids[-cfg.seq_len:], dtype=np.int64)
-            ids.append(backend.next_token(context, cfg.temperature, cfg.top_k, seed))
-    return ids
+def sample_token(logits, temperature, top_k, rng):
+    """The next id from a row of real-vocab logits, on the host for both backends (the same seed gives the same
+    sample on either): greedy at temperature 0, else softmax sampling, from the top_k only if set."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64)
+    if top_k:
+        z[z < np.sort(z)[-min(top_k, len(z))]] = -np.inf
+    with np.errstate(over="ignore"):  # shifted before the division, so a tiny temperature gives -inf, never nan
+        p = np.exp((z - z.max()) / temperature)
+    return int(rng.choice(len(p), p=p / p.sum()))
 
 
 def print_samples(backend, cfg):
-    """Print num_samples continuations of sample_prompt and return their texts."""
-    enc = get_tokenizer()
-    rng = np.random.default_rng(cfg.seed)
+    """Print num_samples continuations of sample_prompt (the context cropped to the last seq_len tokens) and return
+    their texts; samples are reproducible from cfg.seed."""
+    enc, rng, texts = get_tokenizer(), np.random.default_rng(cfg.seed), []
     prompt = enc.encode_ordinary(cfg.sample_prompt) or [EOS_ID]  # an empty prompt: start as a new article does
-    texts = []
     for i in range(cfg.num_samples):
-        text = enc.decode(generate(backend, prompt, cfg, rng))
-        print(f"--- sample {i + 1}/{cfg.num_samples} ({'greedy' if cfg.temperature == 0 else 'sampled'}) ---\n{text}")
-        texts.append(text)
+        ids = list(prompt)
+        for _ in range(cfg.sample_tokens):
+            ids.append(sample_token(backend.next_logits(np.array(ids[-cfg.seq_len:])), cfg.temperature, cfg.top_k, rng))
+        texts.append(enc.decode(ids))
+        print(f"--- sample {i + 1}/{cfg.num_samples} ({'greedy' if cfg.temperature == 0 else 'sampled'}) ---\n"
+              f"{texts[-1]}", flush=True)
     return texts
-
-
-def wandb_log_outputs(wandb_run, cfg, samples):
-    """The end of a run in W&B: the final loss curve and the sample texts."""
-    if wandb_run is None:
-        return
-    wandb = import_wandb()
-    table = wandb.Table(columns=["prompt", "sample"], data=[[cfg.sample_prompt, t] for t in samples])
-    wandb_run.log({"loss_curve": wandb.Image(os.path.join(cfg.out_dir, "loss_curve.png")), "samples": table})
-
-
-def model_card(rows):
-    """hf/README.md from metrics.jsonl's rows: the latest run row's facts (data, code, versions), the tokens seen and
-    the final val loss, and how to use and benchmark the model."""
-    run = [r for r in rows if r["kind"] == "run"][-1]
-    c = run["config"]
-    steps = [r["step"] for r in rows if r["kind"] == "train"]
-    tokens = (steps[-1] if steps else 0) * c["seq_len"] * c["batch_size"] * run["data_parallel"]
-    val = [r["val_loss"] for r in rows if r["kind"] == "eval"]
-    facts = {"data": c["data_files"] or f"wikimedia/wikipedia {c['wiki_config']}",
-             "data fingerprint": run["fingerprint"], "tokens seen": f"{tokens:,}",
-             "final val loss": f"{val[-1]:.4f} nats/token" if val else "none",
-             "model": f"{c['n_layer']} layers, {c['n_head']} heads, width {c['n_embd']}, context {c['seq_len']}",
-             "trained on": f"{run['device']} x {run['data_parallel']}", "code": f"main.py at git {run['git']}",
-             "versions": f"torch {run['torch']}, ttml {run['ttml']}"}
-    table = "\n".join(f"| {k} | {v} |" for k, v in facts.items())
-    return f"""---
-library_name: transformers
-pipeline_tag: text-generation
-datasets: [wikimedia/wikipedia]
----
-# GPT-2 trained on Wikipedia with main.py
-
-| | |
-|---|---|
-{table}
-
-```python
-from transformers import pipeline
-generate = pipeline("text-generation", model="path/to/hf")
-print(generate("The history of", max_new_tokens=32, do_sample=False)[0]["generated_text"])
-```
-
-Benchmark with EleutherAI's harness: `lm_eval --model hf --model_args pretrained=path/to/hf --tasks hellaswag`
-
-The full configuration (main.py's TrainConfig):
-
-```json
-{json.dumps(c, indent=1)}
-```
-"""
 
 
 def plot_losses(metrics_path, png_path, cfg):
@@ -2231,66 +1845,165 @@ def plot_losses(metrics_path, png_path, cfg):
     plt.close(fig)
 
 
-# -----------------------------------------------------------------------------
-# main: config -> prepare -> train -> eval -> sample -> plot -> export
+def model_card(rows):
+    """hf/README.md from metrics.jsonl's rows: the latest run row's facts (data, code, versions), the tokens
+    trained on and the final val loss, and how to use and benchmark the model."""
+    run = [r for r in rows if r["kind"] == "run"][-1]
+    c = run["config"]
+    tokens = ([r.get("tokens", 0) for r in rows if r["kind"] == "train"] or [0])[-1]
+    val = [r["val_loss"] for r in rows if r["kind"] == "eval"]
+    facts = {"data": c["data_files"] or f"wikimedia/wikipedia {c['wiki_config']}",
+             "data fingerprint": run["fingerprint"], "tokens seen": f"{tokens:,}",
+             "final val loss": f"{val[-1]:.4f} nats/token" if val else "none",
+             "model": f"{c['n_layer']} layers, {c['n_head']} heads, width {c['n_embd']}, context {c['seq_len']}",
+             "trained on": f"{run['device']} x {run['data_parallel']}", "code": f"main.py at git {run['git']}",
+             "versions": f"torch {run['torch']}, tt-metal {run['ttml']}"}
+    table = "\n".join(f"| {k} | {v} |" for k, v in facts.items())
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+datasets: [wikimedia/wikipedia]
+---
+# GPT-2 trained on Wikipedia with main.py
+
+| | |
+|---|---|
+{table}
+
+```python
+from transformers import pipeline
+generate = pipeline("text-generation", model="path/to/hf")
+print(generate("The history of", max_new_tokens=32, do_sample=False)[0]["generated_text"])
+```
+
+Benchmark with EleutherAI's harness: `lm_eval --model hf --model_args pretrained=path/to/hf --tasks hellaswag`
+
+The full configuration (main.py's TrainConfig):
+
+```json
+{json.dumps(c, indent=1)}
+```
+"""
 
 
-def sample_only(cfg):
-    """Load out_dir/ckpt.pt (its own model shape) and print continuations of sample_prompt."""
-    state = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-    saved = state["meta"]["config"]
-    model_cfg = dataclasses.replace(cfg, compile="false", **{k: saved[k] for k in (*model_shape(cfg), "backend")})
-    backend = make_backend(model_cfg, Dist())
+def export_hf(model_state, cfg, out, card, step):
+    """Save a self-contained transformers directory: GPT2LMHeadModel (config.json + model.safetensors), the
+    tokenizer, generation_config.json, the model card and trained.json (the checkpoint step it was made from).
+    Written beside `out` and renamed over it (through a symlink, to its target), so `out` is never half an export."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    c, out = cfg, os.path.realpath(out)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB_SIZE, n_positions=c.seq_len, n_embd=c.n_embd, n_layer=c.n_layer,
+                                    n_head=c.n_head, activation_function="gelu_new", resid_pdrop=c.dropout,
+                                    embd_pdrop=c.dropout, attn_pdrop=c.dropout, tie_word_embeddings=True))
+    sd = {}
+    for k, v in model_state.items():
+        if k == "lm_head.weight":
+            continue  # tied to wte
+        if k == "transformer.wte.weight":
+            v = v[:VOCAB_SIZE]
+        if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            v = v.t()  # HF's Conv1D stores (in, out)
+        sd[k] = v.detach().float().cpu().contiguous()
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and all("attn.bias" in k or k == "lm_head.weight" for k in missing), (missing, unexpected)
+    hf.tie_weights()
+    tmp = out + ".tmp"
     try:
-        backend.load(state)
+        shutil.rmtree(tmp, ignore_errors=True)
+        hf.save_pretrained(tmp)
+        save_hf_extras(tmp, c, card)
+        write_json_atomic(os.path.join(tmp, "trained.json"), {"step": step})
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in os.listdir(tmp):  # safetensors writes 0600; the export follows the umask like every output
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        check_disk(e, tmp)
+        raise
+
+
+def save_hf_extras(out, cfg, card):
+    """What pipeline("text-generation", model=out) needs beside the weights: the GPT-2 tokenizer, built offline from
+    the same BPE files as the training tokens, generation defaults that stop at EOS, and a model card."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GenerationConfig, GPT2TokenizerFast
+    bpe = Tokenizer(models.BPE.from_file(*gpt2_bpe_files()))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split regex, then bytes
+    bpe.decoder = decoders.ByteLevel()
+    # tokenizer_object is how transformers 4 and 5 both take a built tokenizer; no space clean-up, so decode gives
+    # back exactly the text main.py's own sampler prints
+    tok = GPT2TokenizerFast(tokenizer_object=bpe, model_max_length=cfg.seq_len, clean_up_tokenization_spaces=False)
+    tok.save_pretrained(out)
+    GenerationConfig(bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID).save_pretrained(out)
+    with atomic_write(os.path.join(out, "README.md"), "w") as f:
+        f.write(card)
+
+
+def finish(cfg, backend, dist, wandb_run):
+    """Rank 0's end of a run: the HF export unless hf/ already holds this checkpoint's model, the samples, and the
+    final plot and samples in W&B."""
+    if not dist.main:
+        return
+    hf, step = os.path.join(cfg.out_dir, "hf"), cfg.steps
+    if cfg.export_hf and cfg.backend == "ttml":
+        print(f"export_hf: skipped, the Hugging Face export is torch-only; the weights are in {cfg.out_dir}/ckpt.pt")
+    elif cfg.export_hf and (read_json(os.path.join(hf, "trained.json")) or {}).get("step") != step:
+        card = model_card(read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl")))
+        export_hf(backend.state_dict()["model"], cfg, hf, card, step)
+    samples = print_samples(backend, cfg)
+    if wandb_run is not None:
+        wandb = import_wandb()
+        table = wandb.Table(columns=["prompt", "sample"], data=[[cfg.sample_prompt, t] for t in samples])
+        wandb_run.log({"loss_curve": wandb.Image(os.path.join(cfg.out_dir, "loss_curve.png")), "samples": table})
+
+
+def sample_only(cfg, tt):
+    """Load out_dir/ckpt.pt (its own model shape) and print continuations of sample_prompt."""
+    state = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), parts=("model",))
+    saved = state["meta"]["config"]
+    if saved["backend"] != cfg.backend:
+        raise UserError(f"the checkpoint was written by the {saved['backend']} backend; use --backend="
+                        f"{saved['backend']}")
+    model_cfg = dataclasses.replace(cfg, compile="false", **{k: saved[k] for k in model_shape(cfg)})
+    backend = make_backend(model_cfg, Dist(), tt)
+    try:
+        backend.load_state_dict({"model": state["model"]})
         print_samples(backend, model_cfg)
     finally:
         backend.close()
 
 
+# -----------------------------------------------------------------------------
+# 11. run, main
+
+
 def run(cfg):
     dist = init_distributed(cfg)
-    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device, dist.local_rank))  # before any work
+    cfg, tt = check_system(cfg, dist)  # every refusal this machine can give, before any work
     if cfg.sample_only:
-        return sample_only(cfg)
+        return sample_only(cfg, tt)
     lock, dist = claim_run(cfg, dist)  # noqa: F841 - the lock is held until this process exits
     state = None if cfg.prepare_only else on_every_rank(dist, lambda: choose_start(cfg, dist))
     check_same_start(state, dist)
-    manifest = prepare_on_node(cfg, dist)
-    check_same_data(manifest, dist)
-    check_enough_tokens(manifest, cfg.seq_len)
-    if cfg.prepare_only:
-        return
-    why = state is not None and resume_problem(state["meta"], cfg, dist, manifest)  # now the tokens themselves
-    if why:
-        raise UserError(f"{cfg.out_dir}/ckpt.pt cannot continue this run: {why}; use another --out_dir")
-    finished = state is not None and state["meta"]["optim_step"] >= cfg.steps // cfg.accumulation_steps
-    backend = make_backend(cfg, dist)
-    wandb_run = None
+    wandb_run = None if cfg.prepare_only else start_wandb(cfg, state, dist)
     try:
-        if state is not None:
-            backend.load(state)
-        dp = dist.world * backend.devices_per_process
-        if cfg.data_parallel is not None and cfg.data_parallel != dp:
-            raise UserError(f"data_parallel={cfg.data_parallel} but this run has {dp} replicas "
-                              f"({dist.world} processes x {backend.devices_per_process} devices each); "
-                              "launch with torchrun --nproc_per_node=N or leave data_parallel unset")
-        if dist.main:
-            gb = cfg.seq_len * cfg.batch_size * cfg.accumulation_steps * dp
-            print(f"device: {backend.device_name} ({backend.dtype}); data_parallel {dp}; global batch "
-                  f"{gb:,} tokens = seq_len {cfg.seq_len} x batch_size {cfg.batch_size} x accumulation_steps "
-                  f"{cfg.accumulation_steps} x data_parallel {dp}; {cfg.optim_steps} optimizer steps")
-        wandb_run = start_wandb(cfg, state, dist)
-        train(cfg, manifest, backend, dist, state, wandb_run)
-        if dist.main:  # the final eval already redrew loss_curve.png
-            hf = os.path.join(cfg.out_dir, "hf")
-            if cfg.export_hf and not (finished and os.path.isdir(hf)):  # a finished run's export is already there
-                backend.export_hf(hf, model_card(read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"))))
-            wandb_log_outputs(wandb_run, cfg, print_samples(backend, cfg))
+        manifest = prepare_on_node(cfg, dist, state)
+        check_same_data(manifest, state, cfg, dist)
+        if cfg.prepare_only:
+            return
+        backend = make_backend(cfg, dist, tt)
+        try:
+            start_training(cfg, backend, dist, state)
+            train(cfg, manifest, backend, dist, state, wandb_run)
+            finish(cfg, backend, dist, wandb_run)
+        finally:
+            backend.close()
     finally:
         if wandb_run is not None:  # marked failed when an exception is on its way out
             wandb_run.finish(exit_code=1 if sys.exc_info()[0] else 0)
-        backend.close()
 
 
 def lost_peer(e):
@@ -2305,25 +2018,42 @@ def lost_peer(e):
             "if that rank failed on its own, it printed the cause")
 
 
+def shut_down(clean):
+    """Leave no thread or half-made directory behind. After a clean run every rank meets at a barrier before the
+    group is destroyed, so no rank tears down its side while another still talks to it."""
+    if tdist.is_available() and tdist.is_initialized():
+        if clean:
+            tdist.barrier()
+        tdist.destroy_process_group()
+    for d in CREATED_DIRS:  # a failure that wrote nothing leaves no out_dir holding only lock files
+        with contextlib.suppress(OSError):
+            if set(os.listdir(d)) <= {".lock", ".prepare.lock"}:
+                shutil.rmtree(d)
+
+
 def main(argv=None):
+    code, line = 0, None
     try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv)
-        run(cfg)
-    except (UserError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        run(parse_config(sys.argv[1:] if argv is None else argv))
+    except UserError as e:
+        code, line = 2, f"error: {e}"
     except Interrupted as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        raise SystemExit(130)
+        code, line = e.code, f"stopped: {e}"
+    except KeyboardInterrupt:
+        code, line = 130, "stopped: interrupted; what was finished is kept (the last checkpoint, the finished shards)"
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
     except RuntimeError as e:  # a peer died or hung: say so in one line instead of a traceback
-        line = lost_peer(e)
-        if line is None:
+        if (line := lost_peer(e)) is None:
             raise
-        print(f"\nerror: {line}", file=sys.stderr)  # on a line of its own, after any progress bar
-        raise SystemExit(3)
+        code, line = 3, f"\nerror: {line}"  # on a line of its own, after any progress bar
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        shut_down(clean=code == 0 and sys.exc_info()[0] is None)
+    if line:
+        print(line, file=sys.stderr)
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":
