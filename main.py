@@ -32,6 +32,7 @@ import dataclasses
 import datetime
 import errno
 import functools
+import gc
 import glob
 import hashlib
 import importlib
@@ -370,7 +371,19 @@ def init_distributed(cfg):
     tdist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), **kw)
     if cuda:
         torch.cuda.set_device(env["LOCAL_RANK"])
+    global CONTROL
+    CONTROL = tdist.new_group(backend="gloo")
     return Dist(env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["GROUP_RANK"], backend)
+
+
+# The gloo group of main.py's own collectives (stop flag, eval sums, object gathers, barriers); DDP keeps the
+# default group. A gloo worker thread can drop its last reference to one of these Python tensors just after wait()
+# returned; if the interpreter is finalizing by then, the thread cannot take the GIL, Python ends it, and the unwind
+# through a noexcept destructor is std::terminate ("terminate called without an active exception", SIGABRT).
+# destroy_process_group() joins a group's threads only once nothing holds the group, and DDP's reducer holds its
+# group for good, so these collectives run on a group of their own that shut_down() can free. A module global,
+# never in an object a traceback keeps alive.
+CONTROL = None
 
 
 def all_sum(values, dist):
@@ -378,7 +391,7 @@ def all_sum(values, dist):
     if dist.backend is None:
         return values
     t = torch.tensor(values, dtype=torch.float64)
-    tdist.all_reduce(t)
+    tdist.all_reduce(t, group=CONTROL)
     return t.tolist()
 
 
@@ -386,7 +399,7 @@ def gather_objects(obj, dist):
     if dist.backend is None:
         return [obj]
     out = [None] * dist.world
-    tdist.all_gather_object(out, obj)
+    tdist.all_gather_object(out, obj, group=CONTROL)
     return out
 
 
@@ -469,7 +482,15 @@ def check_system(cfg, dist):
             if missing:
                 raise UserError(f"export_hf needs {', '.join(missing)}: pip install {' '.join(missing)}, or pass "
                                 "--export_hf=false")
-    elif dist.world > 1:
+    elif cfg.batch_size > TT_DEFAULT_BATCH and cfg.batch_size % TT_DEFAULT_BATCH == 0:
+        k = cfg.batch_size // TT_DEFAULT_BATCH  # the same global batch and schedule, in micro-batches that fit
+        cfg = dataclasses.replace(cfg, batch_size=TT_DEFAULT_BATCH, accumulation_steps=cfg.accumulation_steps * k,
+                                  steps=cfg.steps * k, eval_every=cfg.eval_every * k)
+        if dist.main:
+            print(f"ttml: batch_size {TT_DEFAULT_BATCH} per device x accumulation_steps {cfg.accumulation_steps} "
+                  f"(batch_size {TT_DEFAULT_BATCH * k} does not fit a 12 GB Wormhole chip); the global batch, the "
+                  "steps and the schedule are unchanged")
+    if tt is not None and dist.world > 1:
         raise UserError("backend=ttml drives all its devices from one process: launch without torchrun and set "
                         "--data_parallel=N for a [1, N] device mesh")
     if cfg.wandb_project and dist.main and not cfg.sample_only:
@@ -531,9 +552,9 @@ def shares_rank0_out_dir(cfg, dist):
     probe = os.path.join(cfg.out_dir, f".probe-{gather_objects(os.urandom(8).hex(), dist)[0]}")
     if dist.main:
         open(probe, "w").close()
-    tdist.barrier()  # the probe exists before anyone looks
+    tdist.barrier(group=CONTROL)  # the probe exists before anyone looks
     seen = not dist.main and os.path.exists(probe)
-    tdist.barrier()  # everyone has looked
+    tdist.barrier(group=CONTROL)  # everyone has looked
     if dist.main:
         os.remove(probe)
     return seen
@@ -666,7 +687,7 @@ def start_wandb(cfg, state, dist):
 # read or deleted. The progress record of an unfinished build, prepare_progress.json, is
 #   {"fingerprint": the data identity's hash, "files": the input files' identity, "replaces": the shards of the
 #    manifest it will replace, "splits": {"train": [shard, ...], "val": [...]}, "next": {"article": a, "skip_tokens": t}}
-# where a shard is {"file", "tokens", "sha256", "mtime_ns"} and "next" is the input position after the last finished
+# where a shard is {"file", "tokens", "sha256"} and "next" is the input position after the last finished
 # shard: article a, of which the first t tokens are already written. A rerun with the same data continues there.
 
 FORMAT_VERSION = 2
@@ -937,8 +958,7 @@ class ShardWriter:
         path = os.path.join(self.out_dir, name)
         with atomic_write(path) as f:
             f.write(memoryview(data))  # not ndarray.tofile, whose OSError loses the errno of a full disk
-        self.shards.append({"file": name, "tokens": int(self.fill), "sha256": hashlib.sha256(data).hexdigest(),
-                            "mtime_ns": os.stat(path).st_mtime_ns})
+        self.shards.append({"file": name, "tokens": int(self.fill), "sha256": hashlib.sha256(data).hexdigest()})
         self.fill = 0
         return True
 
@@ -965,16 +985,22 @@ def first_damaged_shard(out_dir, record):
 
 
 def verify_shards(out_dir, manifest):
-    """Every shard written since it was recorded (another mtime) must still hash to its recorded sha256: a
-    damaged shard would train on garbage ids."""
+    """Every shard must hash to the sha256 the manifest records: a damaged shard would train on garbage ids. A shard
+    whose size and mtime are those of its last good check (out_dir/.verified.json) is not read again."""
+    path = os.path.join(out_dir, ".verified.json")
+    stamps, seen = read_json(path) or {}, {}
     for s in manifest["splits"]["train"] + manifest["splits"]["val"]:
         p = os.path.join(out_dir, s["file"])
-        if os.stat(p).st_mtime_ns == s.get("mtime_ns"):
+        st = os.stat(p)
+        seen[s["file"]] = [st.st_size, st.st_mtime_ns]
+        if stamps.get(s["file"]) == seen[s["file"]]:
             continue
         with open(p, "rb") as f:
             if hashlib.file_digest(f, "sha256").hexdigest() != s["sha256"]:
                 raise UserError(f"shard {p} does not match the sha256 that manifest.json records (damaged on disk?); "
                                 "delete it and rerun: the shards are rebuilt from the input")
+    if seen != stamps:
+        write_json_atomic(path, seen)
 
 
 def load_manifest(out_dir):
@@ -1174,6 +1200,7 @@ def build(cfg, fp, files, log):
         raise
     write_json_atomic(os.path.join(cfg.out_dir, "manifest.json"), manifest)  # the switch: it vouches for the shards
     finish_switch(cfg.out_dir, manifest)
+    verify_shards(cfg.out_dir, manifest)  # records each shard's size and mtime, so later runs need not hash it
     n_tok, dt = sum(manifest["num_tokens"].values()), time.time() - t0
     log(f"prepare: {n_docs:,} articles -> {n_tok:,} tokens in {dt:.1f}s{' (resumed at article %d)' % a0 if a0 else ''}"
         f", train {n_train:,} / val {n_val:,} articles, content hash {manifest['content_hash'][:16]}")
@@ -1354,8 +1381,8 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
-        if targets is None:  # sampling: the last position, the real vocabulary only
-            return self.lm_head(x[:, -1])[..., :VOCAB_SIZE]
+        if targets is None:  # sampling and the export check: the real vocabulary only
+            return self.lm_head(x)[..., :VOCAB_SIZE]
         # One loss path: fp32 log-softmax over the padded logits. Compiled (the CUDA default), inductor fuses
         # matmul -> log-softmax -> loss, so no fp32 copy of the (B*T, 50304) logits is ever held.
         logits = self.lm_head(x).view(B * T, -1).float() + self.pad_bias
@@ -1525,7 +1552,7 @@ class TorchBackend:
 
     def next_logits(self, ids):
         with self._inference():  # the uncompiled model: prompt lengths vary
-            return self.raw(self._tensor(np.asarray(ids)[None]))[0].float().cpu().numpy()
+            return self.raw(self._tensor(np.asarray(ids)[None]))[0, -1].float().cpu().numpy()
 
     def state_dict(self, weights=True):
         rng = {"torch": torch.get_rng_state(),
@@ -1552,23 +1579,309 @@ class TorchBackend:
                 torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
 
     def close(self):
-        pass
+        self.model = None  # drop the DDP wrapper, so shut_down() can destroy what it still references
 
 
-TT_METAL_COMMIT = "placeholder"
+# TT-Train (ttml): one pinned tt-metal build; the README's TT-Train section installs it at that commit.
+TT_METAL_COMMIT = "00cb91b3141186a0769ac82c74fdc52d98bbd45d"
+TT_DEFAULT_BATCH = 4  # per device: tt-train's GPT-2-small config uses 4; batch > 8 did not fit a 12 GB N150
+TT_VOCAB = 50304  # tt-train's NanoGPTConfig default for GPT-2: 50257 padded to 128 * 393 (50272 = 32 * prime)
+TT_1X8_MGD = "tests/tt_metal/tt_fabric/custom_mesh_descriptors/t3k_1x8_mesh_graph_descriptor.textproto"
+# what this file calls: a build without one of them is the wrong build, said in one line
+TT_NEEDS = ("autograd.AutoContext", "models.nanogpt.NanoGPTConfig", "models.nanogpt.create_nanogpt",
+            "models.RunnerType.MemoryEfficient", "models.WeightTyingType.Enabled", "optimizers.AdamWFullPrecision",
+            "optimizers.AdamWFullPrecisionConfig.make", "optimizers.AdamWConfig.make", "core.clip_grad_norm",
+            "core.distributed.synchronize_gradients", "core.distributed.enable_fabric", "ops.binary.mul",
+            "ops.loss.cross_entropy_loss")
 
 
 def tt_signs():
+    """What says this machine is meant for Tenstorrent: then a ttml that does not import stops the run."""
     signs = ["TT_METAL_HOME is set"] if os.environ.get("TT_METAL_HOME") else []
-    return signs + (["/dev/tenstorrent exists"] if glob.glob("/dev/tenstorrent*") else [])
+    if glob.glob("/dev/tenstorrent*"):
+        signs.append("/dev/tenstorrent exists")
+    with contextlib.suppress(ImportError, ValueError):
+        if importlib.util.find_spec("ttnn") is not None:  # find_spec only: importing ttnn starts its runtime
+            signs.append("ttnn is importable")
+    return signs
+
+
+def _attr_path(mod, dotted):
+    return functools.reduce(lambda m, part: getattr(m, part, None), dotted.split("."), mod)
 
 
 def import_ttml():
-    raise UserError("TT-Train is not installed")
+    """(ttml, ttnn) from the pinned build, or UserError in one line naming what was tried and what is missing.
+    `./build_metal.sh --build-tt-train` leaves the nanobind module _ttml in $TT_METAL_HOME/build/tt-train/sources/ttml
+    (build_Release/... for other presets) and the ttml package lives in $TT_METAL_HOME/tt-train/sources/ttml; the
+    package finds no build folder itself, so both go first on sys.path, ahead of any stale tt-train/build entry."""
+    rebuild = f"build tt-metal at {TT_METAL_COMMIT[:12]} with ./build_metal.sh --build-tt-train"
+    home = os.environ.get("TT_METAL_HOME")
+    tried = []
+    if home:
+        # the runtime reads TT_METAL_RUNTIME_ROOT (kernels, mesh descriptors); tt-train's examples export it
+        os.environ.setdefault("TT_METAL_RUNTIME_ROOT", home)
+        builds = [os.path.join(home, b, "tt-train", "sources", "ttml") for b in ("build", "build_Release")]
+        src = os.path.join(home, "tt-train", "sources", "ttml")
+        tried = builds + [src]
+        found = [b for b in builds if glob.glob(os.path.join(b, "_ttml*"))][:1]
+        sys.path[:0] = [p for p in found + [src] if os.path.isdir(p) and p not in sys.path]
+        importlib.invalidate_caches()
+        if found and "_ttml" not in sys.modules:
+            try:
+                low = importlib.import_module("_ttml")
+            except Exception as e:  # a .so that does not load: wrong build, missing libtt_metal
+                raise UserError(f"TT-Train is broken: {found[0]}/_ttml does not load ({type(e).__name__}: "
+                                f"{_one_line(e)}); {rebuild}") from None
+            # one copy of the .so under both names: the package's `from . import _ttml` then reuses it
+            sys.modules.setdefault("ttml._ttml", low)
+    where = ", ".join(tried) if tried else "no TT_METAL_HOME, so only the installed packages"
+    try:
+        ttml = importlib.import_module("ttml")
+    except ModuleNotFoundError as e:
+        if e.name not in ("ttml", "_ttml", "ttml._ttml"):
+            raise UserError(f"TT-Train is broken: importing ttml needs {e.name} ({where}); {rebuild}") from None
+        raise UserError(f"TT-Train is not installed (tried {where}); {rebuild} and export TT_METAL_HOME") from None
+    except Exception as e:
+        raise UserError(f"TT-Train is broken: import ttml raised {type(e).__name__}: {_one_line(e)} (tried "
+                        f"{where}); {rebuild}") from None
+    if _attr_path(ttml, "autograd.AutoContext") is None:
+        raise UserError(f"the importable 'ttml' ({getattr(ttml, '__file__', '?')}) is not TT-Train (no autograd."
+                        f"AutoContext: PyPI's unrelated tensor-train 'ttml'?); pip uninstall ttml and {rebuild}")
+    try:
+        ttnn = importlib.import_module("ttnn")
+    except Exception as e:
+        raise UserError(f"TT-Train imports but tt-metal's ttnn does not ({_one_line(e)}); activate tt-metal's "
+                        "python_env") from None
+    missing = [n for n in TT_NEEDS if _attr_path(ttml, n) is None]
+    cfg_fields = getattr(_attr_path(ttml, "models.nanogpt.NanoGPTConfig"), "__dataclass_fields__", {})
+    missing += [f"NanoGPTConfig.{f}" for f in ("runner_type", "weight_tying") if cfg_fields and f not in cfg_fields]
+    if missing:
+        raise UserError(f"this TT-Train ({getattr(ttml, '__file__', '?')}) lacks {', '.join(missing)}; {rebuild}")
+    return ttml, ttnn
+
+
+def _one_line(e):
+    return " ".join(str(e).split())[:200]
+
+def tt_peak_flops(ttnn, device, n_devices=1):
+    """bf16 peak as train_nanogpt.py computes it: cores x 1.0 TFLOP/s (Wormhole), x 1.35 (Blackhole); else None."""
+    try:
+        grid = device.compute_with_storage_grid_size()
+        return grid.x * grid.y * (1.35e12 if ttnn.device.is_blackhole(device) else 1.0e12) * n_devices
+    except Exception:  # no such query on this device object: MFU is left out, nothing else depends on it
+        return None
 
 
 class TtmlBackend:
-    pass
+    """GPT-2 on Tenstorrent through TT-Train, as tt-train's examples/nano_gpt/train_nanogpt.py trains it: the Python
+    ttml.models.nanogpt model, mask=None (the fused SDPA kernel's causal mode, which skips tiles above the diagonal),
+    a [1, N] mesh for data parallelism. Checked against tests/fake_ttml.py only, never on hardware."""
+    dtype = "bfloat16"
+
+    def __init__(self, cfg, ttml, ttnn):
+        if cfg.seq_len % 32 or cfg.n_embd % 32:  # tile size
+            raise UserError(f"backend=ttml: seq_len={cfg.seq_len} and n_embd={cfg.n_embd} must be multiples of 32")
+        if cfg.dtype not in ("auto", "bfloat16"):
+            raise UserError(f"backend=ttml trains in bfloat16; dtype={cfg.dtype} is torch-only (use --dtype=auto)")
+        if cfg.beta1_start is not None:  # no beta setter is bound (nanobind/nb_optimizers.cpp): the schedule can't run
+            raise UserError("backend=ttml cannot change beta1 during training (TT-Train binds no beta setter); "
+                            "drop --beta1_start")
+        self.cfg, self.ttml, self.ttnn = cfg, ttml, ttnn
+        self.replicas = n = cfg.data_parallel or 1
+        self.device_name = f"Tenstorrent {n}x device mesh [1, {n}] (ttml)"
+        self.ctx = ttml.autograd.AutoContext.get_instance()
+        if n > 1:
+            # enable_fabric picks the [2, 4] T3K descriptor for 8 devices unless told otherwise; a [1, 8] mesh
+            # needs the 1x8 one, which tt-train's DDP scripts ask for (TT_MESH_GRAPH_DESC_PATH)
+            root = os.environ.get("TT_METAL_RUNTIME_ROOT")
+            if n == 8 and root and not os.environ.get("TT_MESH_GRAPH_DESC_PATH"):
+                os.environ["TT_MESH_GRAPH_DESC_PATH"] = os.path.join(root, TT_1X8_MGD)
+            ttml.core.distributed.enable_fabric(n)
+        # the mesh first: get_device() and from_numpy open a 1x1 device lazily, and a later [1, N] open fails
+        self.ctx.open_device([1, n])
+        self._closed = False
+        try:
+            self._build(cfg, ttml, ttnn, n)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg, ttml, ttnn, n):
+        self.ctx.set_seed(cfg.seed)
+        device = self.ctx.get_device()
+        self.mapper = self.composer = None
+        if n > 1:
+            dist = ttml.core.distributed
+            self.mapper = dist.shard_tensor_to_mesh_mapper(device, 0)  # rows split across devices
+            self.composer = dist.concat_mesh_to_tensor_composer(device, 0)
+            # DDP on the mesh's long axis; synchronize_gradients(params) is a no-op without this context
+            self.ctx.initialize_parallelism_context(ttml.autograd.DistributedConfig(enable_ddp=True, enable_tp=False))
+        m = ttml.models
+        runner = m.RunnerType.MemoryEfficient if cfg.tt_runner == "memory_efficient" else m.RunnerType.Default
+        gcfg = m.nanogpt.NanoGPTConfig(
+            vocab_size=TT_VOCAB, block_size=cfg.seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
+            dropout=float(cfg.dropout), bias=True, runner_type=runner,
+            weight_tying=m.WeightTyingType.Enabled)  # wte is the lm_head, as in the torch GPT
+        self.model = m.nanogpt.create_nanogpt(gcfg)
+        self.optimizer = self._optimizer(cfg, ttml.optimizers)
+        self.peak_flops = tt_peak_flops(ttnn, device, n)
+        self.model.train()
+        self._losses, self._micro_steps, self._checked, self._seed = [], 0, n == 1, cfg.seed
+
+    def _optimizer(self, cfg, opt):
+        """fp32_master: fp32 master weights and moments (AdamWFullPrecision), so the warmup's and decay's tiny updates
+        are not rounded away in bf16; bf16_stochastic: bf16 weights, rounded stochastically; bf16: plain bf16 AdamW."""
+        args = (float(cfg.lr), float(cfg.beta1), float(cfg.beta2), 1e-8, float(cfg.weight_decay))
+        params = self.model.parameters()
+        if cfg.tt_optimizer == "fp32_master":
+            return opt.AdamWFullPrecision(params, opt.AdamWFullPrecisionConfig.make(*args))
+        sr = cfg.tt_optimizer == "bf16_stochastic"
+        return opt.AdamW(params, opt.AdamWConfig.make(*args, amsgrad=False, stochastic_rounding=sr))
+
+    def _params(self):
+        # Python modules hand back Parameter objects (.tensor), C++ ones the tensors themselves
+        return {k: getattr(p, "tensor", p) for k, p in self.model.parameters().items()}
+
+    def _tokens(self, x, y=None):
+        """uint16 rows -> UINT32 row-major tensors ([B,1,1,T] inputs, [B,T] targets); only 32-bit numpy crosses."""
+        L, D, Tensor = self.ttnn.Layout, self.ttnn.DataType, self.ttml.autograd.Tensor
+        kw = {} if self.mapper is None else {"mapper": self.mapper}
+        B, T = x.shape
+        tx = Tensor.from_numpy(np.ascontiguousarray(x, np.uint32).reshape(B, 1, 1, T), L.ROW_MAJOR, D.UINT32, **kw)
+        ty = None if y is None else Tensor.from_numpy(np.ascontiguousarray(y, np.uint32), L.ROW_MAJOR, D.UINT32, **kw)
+        return tx, ty
+
+    def _host(self, t):
+        """float32 numpy; a mesh tensor comes back with every device's part along dim 0."""
+        kw = {} if self.composer is None else {"composer": self.composer}
+        return np.asarray(t.to_numpy(self.ttnn.DataType.FLOAT32, **kw), dtype=np.float32)
+
+    def _replica(self, t):  # every device holds the same copy: keep the first
+        return self._host(t)[:t.shape()[0]]
+
+    def _loss(self, x, y):
+        tx, ty = self._tokens(x, y)
+        logits = self.model(tx, None)  # mask=None: causal inside the fused SDPA kernel
+        return self.ttml.ops.loss.cross_entropy_loss(logits, ty, self.ttml.ops.ReduceType.MEAN)
+
+    def train_micro_step(self, x, y):
+        scale = 1.0 / self.cfg.accumulation_steps
+        loss = self._loss(x, y)
+        scaled = loss if scale == 1.0 else self.ttml.ops.binary.mul(loss, scale)
+        scaled.backward(False)  # retain_graph=False; gradients add up until zero_grad
+        self.ctx.reset_graph()
+        self._losses.append((loss, scale))  # read back once per window, in optimizer_step
+        self._micro_steps += 1
+
+    def optimizer_step(self, lr, beta1):
+        # beta1 is fixed when the optimizer is built (__init__ refuses a schedule that would move it)
+        params = self.model.parameters()
+        if self.replicas > 1:
+            self.ttml.core.distributed.synchronize_gradients(params, [1])  # mean over the [1, N] mesh's axis 1
+        if self.cfg.grad_clip > 0:
+            self.ttml.core.clip_grad_norm(params, float(self.cfg.grad_clip), 2.0, False)
+        self.optimizer.set_lr(float(lr))
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        if not self._checked:
+            self._check_replicas()
+        loss, self._losses = sum(s * float(self._host(t).mean()) for t, s in self._losses), []  # one host read
+        return loss
+
+    def _check_replicas(self):
+        """After the first step every device must hold the same weights, or the gradient sync did nothing."""
+        self._checked = True
+        name, t = min(self._params().items(), key=lambda kv: int(np.prod(kv[1].shape())))
+        first, *rest = np.split(self._host(t), self.replicas)
+        if not all(np.array_equal(first, r) for r in rest):
+            raise UserError(f"data_parallel={self.replicas}: the devices' copies of {name} differ after the first "
+                            "step, so the gradient sync did not average them; run with --data_parallel=1")
+
+    @contextlib.contextmanager
+    def _inference(self):
+        GM = self.ttml.autograd.GradMode
+        self.ctx.set_gradient_mode(GM.DISABLED)
+        self.model.eval()  # dropout off; autograd is the gradient mode's job
+        try:
+            yield
+        finally:
+            self.ctx.reset_graph()
+            self.model.train()
+            self.ctx.set_gradient_mode(GM.ENABLED)
+
+    def eval_loss(self, x, y):
+        with self._inference():
+            return float(self._host(self._loss(x, y)).mean())
+
+    def next_logits(self, ids):
+        """The model is built for seq_len tokens: right-pad with EOS (causal, so the padding never reaches earlier
+        positions), slice the last real position on the device and bring back that one row."""
+        T, n = self.cfg.seq_len, self.replicas
+        ids = np.asarray(ids)[-T:]
+        row = np.full(T, EOS_ID, dtype=np.uint32)
+        row[:len(ids)] = ids
+        with self._inference():
+            tx, _ = self._tokens(np.tile(row, (n, 1)))  # one copy per device on a mesh
+            logits = self.model(tx, None)  # [1, 1, T, TT_VOCAB] per device
+            V, t = logits.shape()[-1], len(ids) - 1
+            last = self.ttnn.slice(logits.get_value(), [0, 0, t, 0], [1, 1, t + 1, V])
+            out = self._host(self.ttml.autograd.Tensor(last, False))
+        return out.reshape(n, -1)[0, :VOCAB_SIZE].astype(np.float32)
+
+    def state_dict(self, weights=True):
+        # ttml's generator state does not reach Python: a resume reseeds from the seed and the micro-steps done
+        state = {"rng": {"seed": int(self._seed), "micro_steps": int(self._micro_steps)}}
+        if not weights:
+            return state
+        opt = {}
+        for key, v in self.optimizer.get_state_dict().items():  # moments, fp32 master weights, the step count
+            if hasattr(v, "items"):
+                opt[key] = {k: torch.from_numpy(self._replica(getattr(t, "tensor", t))) for k, t in v.items()}
+            elif isinstance(v, (bool, int, float, str)):
+                opt[key] = v
+        state["model"] = {k: torch.from_numpy(self._replica(t)) for k, t in self._params().items()}
+        state["optimizer"] = opt
+        return state
+
+    def _assign(self, dst, value, name):
+        a = value.detach().cpu().float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, np.float32)
+        if list(dst.shape()) != list(a.shape):
+            raise UserError(f"checkpoint parameter {name} {tuple(a.shape)} does not fit this model "
+                            f"{tuple(dst.shape())}; same n_layer, n_head, n_embd and seq_len as the run that wrote it?")
+        src = self.ttml.autograd.Tensor.from_numpy(np.ascontiguousarray(a), self.ttnn.Layout.TILE, dst.dtype())
+        dst.assign(src)  # replicated to every device, in place: the optimizer keeps pointing at it
+
+    def load_state_dict(self, state):
+        if "model" in state:
+            params = self._params()
+            unknown = sorted(set(state["model"]) - set(params))
+            if unknown:
+                raise UserError(f"checkpoint parameter {unknown[0]} is not in this model; was it written by the "
+                                "torch backend? load it with --backend=torch")
+            for k, v in state["model"].items():
+                self._assign(params[k], v, k)
+        if "optimizer" in state:
+            live = self.optimizer.get_state_dict()
+            for key, v in state["optimizer"].items():
+                if isinstance(v, dict):
+                    for k, a in v.items():
+                        t = live[key][k]
+                        self._assign(getattr(t, "tensor", t), a, f"optimizer/{key}/{k}")
+                else:
+                    live[key] = v
+            try:  # the step count, which bias correction reads; some builds take no Python int for size_t
+                self.optimizer.set_state_dict(live)
+            except (TypeError, ValueError, RuntimeError) as e:
+                print(f"load: AdamW's step count did not restore ({_one_line(e)}); bias correction restarts")
+        if "rng" in state:
+            self._seed, self._micro_steps = int(state["rng"]["seed"]), int(state["rng"]["micro_steps"])
+            self.ctx.set_seed((self._seed + self._micro_steps) % 2**32)
+
+    def close(self):
+        if not self._closed:
+            self._closed = True
+            self.ctx.close_device()
 
 
 def make_backend(cfg, dist, tt):
@@ -1707,7 +2020,7 @@ def start_training(cfg, backend, dist, state):
         shutil.rmtree(os.path.join(cfg.out_dir, "hf"), ignore_errors=True)
         delete_files(cfg.out_dir, ("loss_curve.png", "metrics.jsonl", "ckpt.pt"))
     if dist.backend is not None:
-        tdist.barrier()  # no rank writes before the old outputs are gone
+        tdist.barrier(group=CONTROL)  # no rank writes before the old outputs are gone
 
 
 def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
@@ -1733,7 +2046,7 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
     metrics.write(**run_record(cfg, manifest, backend, dist, state))
     wandb_id = None if wandb_run is None else wandb_run.id
     tokens_per_window = cfg.seq_len * rows * dist.world * accum
-    peak = peak_flops(backend.device_name, backend.dtype, cfg.peak_flops)
+    peak = peak_flops(backend.device_name, backend.dtype, cfg.peak_flops or getattr(backend, "peak_flops", None))
     flops_per_token = model_flops_per_token(cfg)
     bar = tqdm(total=cfg.steps, initial=start * accum, unit="step", desc="train", disable=not dist.main,
                dynamic_ncols=True)
@@ -1798,16 +2111,20 @@ def sample_token(logits, temperature, top_k, rng):
     return int(rng.choice(len(p), p=p / p.sum()))
 
 
+def generate(backend, ids, cfg, rng):
+    """ids continued by sample_tokens tokens, the context cropped to the last seq_len tokens."""
+    ids = list(ids)
+    for _ in range(cfg.sample_tokens):
+        ids.append(sample_token(backend.next_logits(np.array(ids[-cfg.seq_len:])), cfg.temperature, cfg.top_k, rng))
+    return ids
+
+
 def print_samples(backend, cfg):
-    """Print num_samples continuations of sample_prompt (the context cropped to the last seq_len tokens) and return
-    their texts; samples are reproducible from cfg.seed."""
+    """Print num_samples continuations of sample_prompt and return their texts; reproducible from cfg.seed."""
     enc, rng, texts = get_tokenizer(), np.random.default_rng(cfg.seed), []
     prompt = enc.encode_ordinary(cfg.sample_prompt) or [EOS_ID]  # an empty prompt: start as a new article does
     for i in range(cfg.num_samples):
-        ids = list(prompt)
-        for _ in range(cfg.sample_tokens):
-            ids.append(sample_token(backend.next_logits(np.array(ids[-cfg.seq_len:])), cfg.temperature, cfg.top_k, rng))
-        texts.append(enc.decode(ids))
+        texts.append(enc.decode(generate(backend, prompt, cfg, rng)))
         print(f"--- sample {i + 1}/{cfg.num_samples} ({'greedy' if cfg.temperature == 0 else 'sampled'}) ---\n"
               f"{texts[-1]}", flush=True)
     return texts
@@ -2021,10 +2338,14 @@ def lost_peer(e):
 def shut_down(clean):
     """Leave no thread or half-made directory behind. After a clean run every rank meets at a barrier before the
     group is destroyed, so no rank tears down its side while another still talks to it."""
+    global CONTROL
     if tdist.is_available() and tdist.is_initialized():
         if clean:
-            tdist.barrier()
+            tdist.barrier(group=CONTROL)
+        CONTROL = None
+        gc.collect()  # the DDP wrapper (and references to CONTROL) may sit in reference cycles
         tdist.destroy_process_group()
+        gc.collect()
     for d in CREATED_DIRS:  # a failure that wrote nothing leaves no out_dir holding only lock files
         with contextlib.suppress(OSError):
             if set(os.listdir(d)) <= {".lock", ".prepare.lock"}:

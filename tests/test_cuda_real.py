@@ -60,10 +60,26 @@ def test_kill_9_then_resume_ends_near_the_unbroken_run(tmp_path, compiled_run):
     assert abs(a - b) / a < 0.01
 
 
-def test_torchrun_one_process_smoke(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
-                        os.path.join(ROOT, "main.py"), "--smoke", f"--out_dir={tmp_path}", "--steps=40",
-                        "--eval_every=20", "--sample_tokens=8"], capture_output=True, text=True, cwd=ROOT,
-                       timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def test_torchrun_one_gpu_makes_the_nccl_group_and_a_kill_9_continues(tmp_path):
+    """One GPU under torchrun takes every collective, checkpoint and resume path that eight do (on NCCL)."""
+    import signal
+    import time
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+           os.path.join(ROOT, "main.py"), "--smoke", f"--out_dir={tmp_path}", "--steps=160", "--eval_every=40",
+           "--sample_tokens=8"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 400
+    while proc.poll() is None and time.time() < deadline and not any(
+            r["kind"] == "eval" and r["step"] >= 40 for r in read_jsonl(tmp_path / "metrics.jsonl")):
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before the kill"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
-    print(f"\ntorchrun --nproc_per_node=1 smoke: final val {evals(tmp_path)[40]:.4f}")
+    assert "resume: from" in p.stdout
+    runs = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "run"]
+    assert runs[-1]["dist_backend"] == "cpu:gloo,cuda:nccl"
+    print(f"\ntorchrun x1 on NCCL, kill -9 at step >= 40, rerun: final val {evals(tmp_path)[160]:.4f}")

@@ -70,9 +70,9 @@ def test_rerun_reuses_shards_without_opening_the_dataset(tmp_path, monkeypatch):
     main.prepare(cfg, log=lambda *a: None)
     before = {n: os.stat(tmp_path / n).st_mtime_ns for n in os.listdir(tmp_path)}
 
-    def loader_must_not_run(cfg):
-        raise AssertionError("the dataset was opened on a rerun")
-    monkeypatch.setattr(main, "open_articles", loader_must_not_run)
+    def build_must_not_run(*a):
+        raise AssertionError("the articles were read again on a rerun")
+    monkeypatch.setattr(main, "build", build_must_not_run)
     main.prepare(tiny_cfg(tmp_path, lr=1e-2, n_layer=3, steps=7), log=lambda *a: None)  # non-data fields differ
     assert {n: os.stat(tmp_path / n).st_mtime_ns for n in os.listdir(tmp_path)} == before
 
@@ -83,7 +83,7 @@ def test_changed_max_docs_rebuilds_and_removes_stale_shards(tmp_path):
     m = main.prepare(tiny_cfg(tmp_path, shard_tokens=10000, max_docs=20), log=lambda *a: None)
     assert m["num_docs"] == 20
     listed = {s["file"] for sp in m["splits"].values() for s in sp}
-    assert set(os.listdir(tmp_path)) == listed | {"manifest.json"}
+    assert {n for n in os.listdir(tmp_path) if n[0] != "."} == listed | {"manifest.json"}
 
 
 @pytest.mark.parametrize("damage", ["truncate_shard", "delete_shard", "corrupt_manifest"])
