@@ -532,6 +532,8 @@ def hold_lock(out_dir, name, timeout=-1):
         os.makedirs(out_dir, exist_ok=True)
         lock = FileLock(os.path.join(out_dir, name), timeout=timeout)
         lock.acquire()
+    except Timeout:
+        raise
     except OSError as e:  # a file, under a file, read-only, no permission
         raise UserError(f"--out_dir={out_dir} is not a writable directory ({e.strerror}); point --out_dir "
                         "elsewhere") from None

@@ -20,6 +20,7 @@ b = main.TorchBackend(cfg, main.Dist())
 x = np.zeros((1, cfg.seq_len), dtype=np.uint16)
 b.train_micro_step(x, x)  # one step, so AdamW's moments exist and are saved too
 b.optimizer_step(1e-4, 0.9)
+os.makedirs(out, exist_ok=True)
 path = os.path.join(out, "ckpt.pt")
 for _ in range(3):
     t = time.perf_counter()

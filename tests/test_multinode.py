@@ -17,7 +17,7 @@ from conftest import ROOT, cli_args, main, read_jsonl, run_main
 pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed"),
               pytest.mark.skipif(not os.path.isdir("/proc"), reason="kills a node's workers found through /proc")]
 ARGS = dict(n_layer=1, n_embd=32, steps=30, eval_every=10, lr=3e-3, warmup_steps=4, total_optim_steps=30,
-            export_hf="false", sample_tokens=4, eval_iters=4, ddp_wait_s=60)
+            export_hf="false", sample_tokens=4, eval_iters=4)
 LAYOUTS = ("node-local", "shared")
 
 
@@ -166,4 +166,4 @@ def test_a_node_killed_mid_run_gives_one_line_on_the_other(tmp_path, layout):
 def test_nodes_with_different_tokens_are_named_in_one_line(monkeypatch):
     monkeypatch.setattr(main, "gather_objects", lambda obj, dist: [(0, "aaa"), (0, "aaa"), (1, "bbb"), (2, "aaa")])
     with pytest.raises(main.UserError, match=r"node\(s\) 1 have content hash bbb, node 0 has aaa"):
-        main.check_same_data({"content_hash": "aaa"}, main.Dist(0, 4))
+        main.check_same_data({"content_hash": "aaa"}, None, None, main.Dist(0, 4))

@@ -109,12 +109,13 @@ def test_resume_continues_the_wandb_run_and_adds_a_run_row(tmp_path):
 def test_run_row_opens_metrics_with_config_data_code_and_versions(tmp_path):
     cfg = tiny_cfg(tmp_path, steps=4, eval_every=2)
     manifest = main.prepare(cfg, log=lambda *a: None)
-    backend = main.make_backend(cfg, main.Dist())
+    backend = main.make_backend(cfg, main.Dist(), None)
     main.train(cfg, manifest, backend, main.Dist())
     row = read_jsonl(tmp_path / "metrics.jsonl")[0]
     assert row == {"kind": "run", "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
                    "fingerprint": manifest["fingerprint"], "git": main.git_commit(), "torch": torch.__version__,
-                   "ttml": None, "device": "cpu", "world": 1, "data_parallel": 1, "resumed_from": None}
+                   "ttml": None, "device": "cpu", "world": 1, "data_parallel": 1, "resumed_from": None,
+                   "dist_backend": None, "changed": None}
     assert row["git"] is None or len(row["git"]) == 40
 
 
