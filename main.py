@@ -1141,6 +1141,7 @@ def reusable(cfg, manifest, log):
 def prepare(cfg, log=print, state=None):
     """Idempotent: reuse valid shards for the same data, continue an interrupted build, or build a new set beside
     the old one. A rebuild for other data never replaces the shards of a run in out_dir. Returns the manifest."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
     manifest, why = load_manifest(cfg.out_dir)
     reuse, files = reusable(cfg, manifest, log)
     if not reuse:
@@ -1184,9 +1185,10 @@ def build(cfg, fp, files, log):
     except Exception as e:
         kept = f"the {len(listed_shards(progress))} finished shards are kept"
         detail = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-        if cfg.data_files:  # a local file reads the same way every time: a rerun would stop at the same place
+        if isinstance(e, (UnicodeError, pa.ArrowInvalid)) or re.search(r"(?i)corrupt|deserializ|invalid", str(e)):
+            # the file itself is bad: it reads the same way every time, so a rerun would stop at the same place
             raise UserError(f"the input is damaged ({detail}); repair or leave out that file; {kept}") from None
-        raise UserError(f"reading the hub failed ({detail}); {kept} and a rerun continues after them") from None
+        raise UserError(f"reading the input failed ({detail}); {kept} and a rerun continues after them") from None
     if end != n_docs:
         raise UserError(f"the input ended after {end:,} of the {n_docs:,} articles it announced")
     splits = progress["splits"]

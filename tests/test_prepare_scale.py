@@ -268,11 +268,11 @@ def test_failed_rebuild_keeps_the_old_set_usable(tmp_path):
     m = main.prepare(cfg, **quiet)
     before = digest(cfg.out_dir)
     damaged_copy(FIXTURE, tmp_path / "damaged.parquet")
-    with pytest.raises(main.UserError, match="reading the input failed"):
+    with pytest.raises(main.UserError, match="the input is damaged"):
         main.prepare(tiny_cfg(cfg.out_dir, data_files=str(tmp_path / "damaged.parquet"), shard_tokens=20000), **quiet)
     after = digest(cfg.out_dir)
     assert {n: after[n] for n in before} == before  # every old file, byte for byte
-    assert main.load_manifest(cfg.out_dir, m["fingerprint"])[0] == m
+    assert main.load_manifest(cfg.out_dir)[0] == m
     notes = []
     assert main.prepare(cfg, log=notes.append) == m and "reusing" in notes[0]
 
@@ -315,7 +315,7 @@ def test_cleanup_deletes_only_files_main_py_recorded(dump, tmp_path):
         (tmp_path / n).write_bytes(b"mine")
     old = main.prepare(tiny_cfg(tmp_path, data_files=dump, shard_tokens=40000), **quiet)
     new = main.prepare(tiny_cfg(tmp_path, data_files=dump, shard_tokens=40000, max_docs=50), **quiet)
-    assert set(os.listdir(tmp_path)) == set(strays) | set(main.listed_shards(new)) | {"manifest.json"}
+    assert set(os.listdir(tmp_path)) == set(strays) | set(main.listed_shards(new)) | {"manifest.json", ".verified.json"}
     assert all((tmp_path / n).read_bytes() == b"mine" for n in strays)
     assert old["fingerprint"] != new["fingerprint"]
 
