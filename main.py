@@ -688,7 +688,8 @@ def start_wandb(cfg, state, dist):
 # deleted. Only files whose names have the shard pattern and that a manifest or the progress record lists are ever
 # read or deleted. The progress record of an unfinished build, prepare_progress.json, is
 #   {"fingerprint": the data identity's hash, "files": the input files' identity, "replaces": the shards of the
-#    manifest it will replace, "splits": {"train": [shard, ...], "val": [...]}, "next": {"article": a, "skip_tokens": t}}
+#    manifest it will replace, "splits": {"train": [shard, ...], "val": [...]},
+#    "next": {"article": a, "skip_tokens": t}}
 # where a shard is {"file", "tokens", "sha256"} and "next" is the input position after the last finished
 # shard: article a, of which the first t tokens are already written. A rerun with the same data continues there.
 
