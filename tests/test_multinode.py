@@ -41,6 +41,8 @@ def start_nodes(tmp, layout, **kw):
         with open(tmp / f"node{node}.log", "w") as log:
             procs.append(subprocess.Popen(cmd + cli_args(out, **{**ARGS, **kw}), stdout=log, stderr=subprocess.STDOUT,
                                           env=env, cwd=ROOT))
+        if node == 0:  # node 0's agent hosts the rendezvous store, so killing node 1 leaves it standing
+            wait_until(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, timeout=60)
     return procs
 
 
