@@ -1075,10 +1075,10 @@ def start_or_resume(out_dir, fp, files, log):
         log("prepare: the progress record is damaged; starting over")
     if progress:
         abandon_build(out_dir, progress)
-    manifest = read_json(os.path.join(out_dir, "manifest.json"))
-    with contextlib.suppress(KeyError, TypeError):
+    manifest, replaces = read_json(os.path.join(out_dir, "manifest.json")), []
+    with contextlib.suppress(KeyError, TypeError):  # a corrupt manifest vouches for nothing, so nothing is replaced
         replaces = listed_shards(manifest)
-    progress = {"fingerprint": fp, "files": files, "replaces": replaces if manifest else [],
+    progress = {"fingerprint": fp, "files": files, "replaces": replaces,
                 "splits": {"train": [], "val": []}, "next": {"article": 0, "skip_tokens": 0}}
     write_json_atomic(os.path.join(out_dir, PROGRESS), progress)
     return progress
@@ -1149,7 +1149,8 @@ def prepare(cfg, log=print, state=None):
         files = files or scan_input(cfg)
         fp = fingerprint(data_identity(cfg, files))
         reuse = manifest is not None and manifest["fingerprint"] == fp  # the same input, moved or renamed
-        why = why if manifest is None else "the input files changed" if reuse is False else why
+        if manifest is not None and not reuse:
+            why = "the data options or the input files changed"
     if reuse:
         finish_switch(cfg.out_dir, manifest)  # in case a kill came between the last switch and its clean-up
         log(f"prepare: reusing {sum(manifest['num_tokens'].values()):,} tokens in {cfg.out_dir} "
