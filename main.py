@@ -157,8 +157,8 @@ class TrainConfig:
     max_docs: H[Optional[int], "use only the first max_docs articles"] = None
     shard_tokens: H[int, "tokens per uint16 shard file (256 MiB)"] = 134217728
     val_fraction: H[float, "the last val_fraction of the articles form the validation split"] = 0.1
-    num_proc: H[int, "tokenizer worker processes"] = field(default_factory=lambda: os.cpu_count() or 1)
     prepare_only: H[bool, "stop after writing the shards"] = False
+    num_proc: H[int, "tokenizer worker processes"] = field(default_factory=lambda: os.cpu_count() or 1)
     # model (GPT-2 small)
     n_layer: H[int, "transformer blocks"] = 12
     n_head: H[int, "attention heads"] = 12
@@ -166,15 +166,16 @@ class TrainConfig:
     dropout: H[float, "dropout on embeddings, attention and residuals"] = 0.0
     # batch: global batch tokens = seq_len * batch_size * accumulation_steps * data_parallel
     seq_len: H[int, "tokens per training window (and the context length)"] = 1024
+    data_parallel: H[Optional[int], "replicas; None = torchrun's WORLD_SIZE (torch) / 1 (ttml)"] = None
     batch_size: H[int, "sequences per micro-step (per replica)"] = 16
     accumulation_steps: H[int, "micro-steps per optimizer step"] = 1
     steps: H[int, "training length in micro-steps"] = 5000
+    total_optim_steps: H[Optional[int], "end of the linear decay; None = steps / accumulation_steps"] = None
     # optimizer and speedrun schedule (functions of the optimizer step)
     lr: H[float, "peak learning rate"] = 3e-4
     min_lr: H[float, "learning rate at the end of the decay"] = 0.0
     warmup_steps: H[int, "linear warmup (optimizer steps)"] = 2000
     hold_steps: H[int, "flat at lr after warmup (optimizer steps)"] = 0
-    total_optim_steps: H[Optional[int], "end of the linear decay; None = steps / accumulation_steps"] = None
     beta1: H[float, "AdamW beta1 when no beta1 warmup is set"] = 0.9
     beta1_start: H[Optional[float], "beta1 warmup: from beta1_start ..."] = None
     beta1_end: H[Optional[float], "... to beta1_end (None = beta1) ..."] = None
@@ -183,6 +184,7 @@ class TrainConfig:
     weight_decay: H[float, "on matrices only"] = 0.1
     grad_clip: H[float, "max global grad norm; 0 disables"] = 1.0
     # eval, sampling, checkpoints
+    init_from: H[Literal["auto", "scratch", "resume"], "auto: continue out_dir's run if there is one"] = "auto"
     eval_every: H[int, "micro-steps between evals and checkpoints (a multiple of accumulation_steps)"] = 200
     eval_iters: H[int, "fixed val batches per eval"] = 20
     sample_prompt: H[str, "continued at the end of training"] = "The history of machine learning"
@@ -191,7 +193,6 @@ class TrainConfig:
     top_k: H[Optional[int], "sample from the top_k tokens only (temperature > 0)"] = None
     num_samples: H[int, "samples printed"] = 1
     sample_only: H[bool, "load out_dir/ckpt.pt, print samples, exit"] = False
-    init_from: H[Literal["auto", "scratch", "resume"], "auto: continue out_dir's run if there is one"] = "auto"
     overwrite: H[bool, "let init_from=scratch (or other data) replace the run in out_dir"] = False
     export_hf: H[bool, "write out_dir/hf/ (transformers GPT2LMHeadModel) at the end"] = True
     wandb_project: H[Optional[str], "also log to this W&B project (rank 0; pip install wandb)"] = None
@@ -201,7 +202,6 @@ class TrainConfig:
     device: H[str, "auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps"] = "auto"
     dtype: H[Literal["auto", "float32", "bfloat16", "float16"], "auto: bf16 (fp16) on CUDA, fp32 elsewhere"] = "auto"
     compile: H[Literal["auto", "true", "false"], "torch.compile the training step; auto = CUDA on Linux"] = "auto"
-    data_parallel: H[Optional[int], "replicas; None = torchrun's WORLD_SIZE (torch) / 1 (ttml)"] = None
     peak_flops: H[Optional[float], "device peak FLOP/s for MFU; None = look the device up"] = None
     seed: H[int, "model init, batch order (with the rank), sampling"] = 1337
     tt_runner: H[Literal["default", "memory_efficient"], "ttml: memory_efficient recomputes activations"] = "default"
