@@ -8,51 +8,50 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import FIXTURE, ROOT, cli_args, main, read_jsonl, run_main, tiny_cfg
+from conftest import FIXTURE, ROOT, RUN, cli_args, main, one_line_error, read_jsonl, tiny_cfg
 
 
 def sample_text(stdout):
     return stdout.split("--- sample 1/1 (greedy) ---\n", 1)[1].strip()
 
 
-def test_sample_only_prints_the_end_of_training_greedy_text_without_training(tmp_path):
-    args = cli_args(tmp_path, steps=30, eval_every=30, lr=3e-3, sample_tokens=12, export_hf="false")
-    trained = run_main(args)
-    assert trained.returncode == 0, trained.stderr[-2000:]
-    rows = len(read_jsonl(tmp_path / "metrics.jsonl"))
-    sampled = run_main(args + ["--sample_only=true"])
-    assert sampled.returncode == 0, sampled.stderr[-2000:]
-    assert sample_text(sampled.stdout) == sample_text(trained.stdout)
-    assert sample_text(sampled.stdout).startswith("The history of machine learning")
-    assert len(sample_text(sampled.stdout)) > len("The history of machine learning")
-    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == rows  # nothing trained
+def test_sample_only_prints_the_end_of_training_greedy_text_without_training(trained, run_copy, capsys):
+    rows = read_jsonl(run_copy / "metrics.jsonl")
+    main.main(cli_args(run_copy, **RUN, sample_only="true"))
+    sampled = capsys.readouterr().out
+    assert sample_text(sampled) == sample_text(trained.stdout)
+    assert sample_text(sampled).startswith("The history of machine learning")
+    assert len(sample_text(sampled)) > len("The history of machine learning")
+    assert read_jsonl(run_copy / "metrics.jsonl") == rows  # nothing trained
 
 
-def test_sample_only_without_checkpoint_is_one_clear_error(tmp_path):
-    p = run_main(["--sample_only=true", f"--out_dir={tmp_path}"])
-    assert p.returncode == 2 and "no checkpoint at" in p.stderr and "Traceback" not in p.stderr
+def test_sample_only_without_checkpoint_is_one_clear_error(tmp_path, capsys):
+    one_line_error(capsys, ["--sample_only=true", f"--out_dir={tmp_path}"], "no checkpoint at")
 
 
-def test_sampling_with_a_fixed_seed_is_reproducible(tmp_path):
-    cfg = tiny_cfg(tmp_path, temperature=1.0, top_k=50, sample_tokens=20)
-    b = main.TorchBackend(cfg, main.Dist())
-    draw = lambda seed: main.generate(b, [464, 2106], cfg, np.random.default_rng(seed))
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory):
+    return main.TorchBackend(tiny_cfg(tmp_path_factory.mktemp("b")), main.Dist())
+
+
+def test_sampling_with_a_fixed_seed_is_reproducible(backend, tmp_path):
+    cfg = tiny_cfg(tmp_path, temperature=1.0, top_k=50, sample_tokens=10)
+    draw = lambda seed: main.generate(backend, [464, 2106], cfg, np.random.default_rng(seed))  # noqa: E731
     assert draw(3) == draw(3)
     assert draw(3) != draw(4)
-    greedy = main.generate(b, [464, 2106], tiny_cfg(tmp_path, sample_tokens=20), np.random.default_rng(0))
-    assert greedy == main.generate(b, [464, 2106], tiny_cfg(tmp_path, sample_tokens=20), np.random.default_rng(9))
+    greedy = tiny_cfg(tmp_path, sample_tokens=10)
+    assert main.generate(backend, [464, 2106], greedy, np.random.default_rng(0)) == \
+        main.generate(backend, [464, 2106], greedy, np.random.default_rng(9))
 
 
-def test_top_k_1_sampling_equals_greedy(tmp_path):
-    b = main.TorchBackend(tiny_cfg(tmp_path), main.Dist())
-    k1 = main.generate(b, [464], tiny_cfg(tmp_path, temperature=0.7, top_k=1), np.random.default_rng(0))
-    assert k1 == main.generate(b, [464], tiny_cfg(tmp_path), None)
+def test_top_k_1_sampling_equals_greedy(backend, tmp_path):
+    k1 = main.generate(backend, [464], tiny_cfg(tmp_path, temperature=0.7, top_k=1), np.random.default_rng(0))
+    assert k1 == main.generate(backend, [464], tiny_cfg(tmp_path), None)
 
 
-def test_context_is_cropped_to_seq_len_when_sampling(tmp_path):
-    cfg = tiny_cfg(tmp_path, seq_len=16, sample_tokens=40)  # more tokens than the position table holds
-    b = main.TorchBackend(cfg, main.Dist())
-    assert len(main.generate(b, list(range(10)), cfg, None)) == 50
+def test_context_is_cropped_to_seq_len_when_sampling(backend, tmp_path):
+    cfg = tiny_cfg(tmp_path, sample_tokens=40)  # 10 + 40 tokens: more than the position table's 32
+    assert len(main.generate(backend, list(range(10)), cfg, None)) == 50
 
 
 @pytest.mark.parametrize("cuda,mps,want", [(True, True, "cuda:0"), (False, True, "mps"), (False, False, "cpu")])
@@ -72,9 +71,8 @@ def test_precision_bf16_on_modern_gpus_fp16_with_scaler_on_older_fp32_elsewhere(
     assert main.choose_dtype("float32", "cuda", bf16_ok=True) == "float32"
 
 
-def test_grad_scaler_is_only_enabled_for_fp16(tmp_path):
-    b = main.TorchBackend(tiny_cfg(tmp_path), main.Dist())
-    assert b.dtype == "float32" and not b.scaler.is_enabled()
+def test_grad_scaler_is_only_enabled_for_fp16(backend):
+    assert backend.dtype == "float32" and not backend.scaler.is_enabled()
 
 
 def test_flops_per_token_matches_a_hand_count_of_the_real_model(tmp_path):

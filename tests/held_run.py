@@ -1,0 +1,50 @@
+"""`python tests/held_run.py ARGS` is `python main.py ARGS`, except that one optimizer step waits for the test:
+
+    HOLD_AT=N HOLD_FILE=path python tests/held_run.py ARGS
+
+Before the N-th optimizer step of this process runs, it creates HOLD_FILE and waits there until the process gets
+SIGINT or SIGTERM (main.py's handler has run by then; the step then runs and the loop stops at its end), or until
+something kills it (kill -9). So a test's signal lands mid-training at a known step, however fast or slow the
+machine: the test waits for HOLD_FILE to appear, not for a guessed number of seconds. Without HOLD_AT nothing waits.
+"""
+import os
+import signal
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+state = {"signalled": False, "steps": 0}
+real_signal, real_step = signal.signal, torch.optim.AdamW.step
+
+
+def patched_signal(signum, handler):
+    """main.py's SIGINT/SIGTERM handler, with a note that the signal came."""
+    if signum in (signal.SIGINT, signal.SIGTERM) and callable(handler):
+        inner = handler
+
+        def handler(s, frame):
+            state["signalled"] = True
+            return inner(s, frame)
+        handler.inner = inner
+    prev = real_signal(signum, handler)
+    return getattr(prev, "inner", prev)
+
+
+def step(self, *args, **kwargs):
+    state["steps"] += 1
+    if state["steps"] == int(os.environ.get("HOLD_AT", "0")):
+        open(os.environ["HOLD_FILE"], "w").close()
+        deadline = time.time() + 600  # a test that died meanwhile does not leave this process behind for ever
+        while not state["signalled"] and time.time() < deadline:
+            time.sleep(0.05)
+    return real_step(self, *args, **kwargs)
+
+
+signal.signal, torch.optim.AdamW.step = patched_signal, step
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    import main
+    main.main(sys.argv[1:])
