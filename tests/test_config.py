@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import main, run_main
+from conftest import main, one_line_error
 
 
 def test_defaults_match_the_spec(monkeypatch):
@@ -65,17 +65,18 @@ def test_smoke_preset_yields_to_explicit_fields():
     assert c.steps == 7 and c.n_layer == main.SMOKE_PRESET["n_layer"] and c.data_files == main.FIXTURE
 
 
-def test_help_lists_every_field_with_its_default():
-    p = run_main(["--help"])
-    assert p.returncode == 0
+def test_help_lists_every_field_with_its_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        main.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
     for f in dataclasses.fields(main.TrainConfig):
-        assert f"--{f.name}" in p.stdout
-    assert "tokens per uint16 shard file (256 MiB) (default 134217728)" in " ".join(p.stdout.split())
+        assert f"--{f.name}" in out
+    assert "tokens per uint16 shard file (256 MiB) (default 134217728)" in " ".join(out.split())
 
 
-def test_unknown_option_exits_2_with_one_line():
-    p = run_main(["--bogus=1"])
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("error:")
+def test_unknown_option_exits_2_with_one_line(capsys):
+    one_line_error(capsys, ["--bogus=1"], "unknown option")
 
 
 def test_out_dir_expands_the_home_directory():

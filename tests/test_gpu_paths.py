@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import cli_args, main, run_main, tiny_cfg
+from conftest import RUN, cli_args, main, one_line_error, tiny_cfg
 
 
 class PlacedOnCuda(Exception):
@@ -55,10 +55,8 @@ def test_default_on_a_gpu_is_bf16_and_compiled():
     assert not main.choose_compile("auto", "cpu") and main.choose_compile("true", "cpu")
 
 
-def test_cuda_asked_for_on_a_cpu_only_machine_is_one_line_before_prepare(tmp_path):
-    p = run_main(cli_args(tmp_path / "run", device="cuda"))
-    assert p.returncode == 2
-    assert p.stderr.strip().count("\n") == 0 and "no CUDA GPU" in p.stderr
+def test_cuda_asked_for_on_a_cpu_only_machine_is_one_line_before_prepare(tmp_path, capsys):
+    one_line_error(capsys, cli_args(tmp_path / "run", device="cuda"), "no CUDA GPU")
     assert not (tmp_path / "run").exists()  # nothing was prepared
 
 
@@ -69,12 +67,10 @@ def test_unavailable_or_misspelled_devices_are_one_line(tmp_path, device, says):
         main.resolve_device(device)
 
 
-def test_resume_restores_rng_from_cpu_tensors_whatever_the_map_location(tmp_path, monkeypatch):
+def test_resume_restores_rng_from_cpu_tensors_whatever_the_map_location(run_copy, monkeypatch):
     """What broke resume on CUDA: the checkpoint was loaded onto the training device, so the CPU generator's state
     came back as a CUDA tensor. Here torch.load sends tensors to the 'meta' device for any map_location but an
     explicit "cpu" (as if the training device were elsewhere), which fails the same way on a CPU-only machine."""
-    cfg = tiny_cfg(tmp_path, steps=4, eval_every=2, export_hf=False)
-    main.run(cfg)
     real_load = torch.load
 
     def load_elsewhere(f, map_location=None, **kw):
@@ -83,10 +79,10 @@ def test_resume_restores_rng_from_cpu_tensors_whatever_the_map_location(tmp_path
     seen = []
     real_set = torch.set_rng_state
     monkeypatch.setattr(torch, "set_rng_state", lambda s: (seen.append((s.device.type, s.dtype)), real_set(s)))
-    main.run(tiny_cfg(tmp_path, steps=8, eval_every=2, init_from="resume", export_hf=False))
+    main.run(tiny_cfg(run_copy, **{**RUN, "steps": 16}, init_from="resume", export_hf=False))
     assert seen == [("cpu", torch.uint8)]
-    rows = main.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
-    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2, 4, 6, 8]
+    rows = main.read_jsonl(os.path.join(run_copy, "metrics.jsonl"))
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 4, 8, 12, 16]
 
 
 def test_compile_failure_falls_back_to_eager_with_one_line(tmp_path, monkeypatch, capsys):

@@ -315,7 +315,7 @@ def test_cleanup_deletes_only_files_main_py_recorded(dump, tmp_path):
         (tmp_path / n).write_bytes(b"mine")
     old = main.prepare(tiny_cfg(tmp_path, data_files=dump, shard_tokens=40000), **quiet)
     new = main.prepare(tiny_cfg(tmp_path, data_files=dump, shard_tokens=40000, max_docs=50), **quiet)
-    assert set(os.listdir(tmp_path)) == set(strays) | set(main.listed_shards(new)) | {"manifest.json", ".verified.json"}
+    assert set(os.listdir(tmp_path)) == set(strays) | set(main.listed_shards(new)) | {"manifest.json"}
     assert all((tmp_path / n).read_bytes() == b"mine" for n in strays)
     assert old["fingerprint"] != new["fingerprint"]
 

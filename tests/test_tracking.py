@@ -1,104 +1,123 @@
-"""Experiment tracking: the W&B run (offline) gets what metrics.jsonl gets, the `run` row, the self-contained hf/."""
+"""Experiment tracking: the W&B run gets what metrics.jsonl gets (through a recording stand-in for the wandb module,
+held to the real wandb's signatures where it is installed), the `run` row, the self-contained hf/."""
+import contextlib
 import dataclasses
-import glob
+import importlib.util
+import io
+import inspect
 import json
 import os
-import struct
 import sys
+import types
 
 import pytest
 import torch
 
-from conftest import cli_args, main, read_jsonl, run_main, tiny_cfg
+from conftest import RUN, cli_args, copy_run, main, read_jsonl
 
-WANDB_ARGS = dict(steps=8, eval_every=4, warmup_steps=2, lr=3e-3, export_hf="false", sample_tokens=4,
-                  peak_flops=1e12, wandb_project="tracking-test")  # a peak FLOP/s so the CPU run has an MFU to log
-
-
-def wandb_env(tmp_path):
-    return {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+WANDB_ARGS = dict(RUN, steps=8, export_hf="false", peak_flops=1e12,  # a peak FLOP/s, so the CPU run has an MFU
+                  wandb_project="tracking-test")
+REAL = importlib.import_module("wandb") if importlib.util.find_spec("wandb") else None
 
 
-def offline_runs(tmp_path):
-    """{run id: [.wandb files]}: an offline run's folder is wandb/offline-run-<time>-<id>."""
-    runs = {}
-    for f in sorted(glob.glob(os.path.join(tmp_path, "wandb", "offline-run-*", "*.wandb"))):
-        runs.setdefault(os.path.basename(os.path.dirname(f)).rsplit("-", 1)[1], []).append(f)
-    return runs
+def check_call(real, *args, **kwargs):
+    """The call must fit the real wandb's signature (when wandb is installed)."""
+    if REAL is not None:
+        inspect.signature(real(REAL)).bind(*args, **kwargs)
 
 
-def wandb_records(path):
-    """The protobuf Records of an offline run file: W&B's 7-byte header, then a LevelDB log (32 KiB blocks of
-    chunks, each crc32, length, type; FULL=1 and LAST=4 end a record; a block tail under 7 bytes is padding)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-    with open(path, "rb") as f:
-        data = f.read()
-    assert data[:4] == b":W&B"
-    pos, buf = 7, b""
-    while pos + 7 <= len(data):
-        left = 32768 - pos % 32768
-        if left < 7:
-            pos += left
-            continue
-        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
-        buf += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(buf)
-            yield record
-            buf = b""
+class FakeRun:
+    def __init__(self, run_id):
+        self.id, self.history, self.media, self.exit_code = run_id, {}, [], None
+        self.config = types.SimpleNamespace(values={}, update=self.update_config)
+
+    def update_config(self, d, allow_val_change=None):
+        check_call(lambda w: w.Config.update, None, d, allow_val_change=allow_val_change)
+        self.config.values.update(d)
+
+    def log(self, data, step=None, commit=None):
+        check_call(lambda w: w.Run.log, None, data, step=step, commit=commit)
+        if step is None:
+            self.media.append(data)
+        else:
+            self.history.setdefault(step, {}).update(data)
+
+    def finish(self, exit_code=None):
+        check_call(lambda w: w.Run.finish, None, exit_code=exit_code)
+        self.exit_code = exit_code
 
 
-def wandb_history(paths):
-    """{step: {key: value}} over the files' history records, and the config keys they set."""
-    history, config = {}, {}
-    for path in paths:
-        for r in wandb_records(path):
-            if r.HasField("history"):
-                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
-                history.setdefault(items.pop("_step"), {}).update(items)
-            elif r.HasField("config"):
-                config.update({i.key: json.loads(i.value_json) for i in r.config.update})
-    return history, config
+def fake_wandb(monkeypatch):
+    """A wandb module that records: .inits (each init's arguments) and .runs (FakeRun each)."""
+    w = types.ModuleType("wandb")
+    w.inits, w.runs = [], []
+
+    def init(**kw):
+        check_call(lambda w: w.init, **kw)
+        w.inits.append(kw)
+        w.runs.append(FakeRun(kw.get("id") or f"fake{len(w.runs)}"))
+        return w.runs[-1]
+
+    def settings(**kw):
+        check_call(lambda w: w.Settings, **kw)
+        return kw
+
+    def table(columns=None, data=None):
+        check_call(lambda w: w.Table, columns=columns, data=data)
+        return types.SimpleNamespace(columns=columns, data=data)
+
+    def image(path):
+        with open(path, "rb") as f:  # what W&B uploads: the PNG as it is when logged
+            return types.SimpleNamespace(png=f.read())
+    w.init, w.Settings, w.Table, w.Image = init, settings, table, image
+    monkeypatch.setitem(sys.modules, "wandb", w)
+    return w
 
 
 def numbers(rows):
     return [r for r in rows if r["kind"] in ("train", "eval")]
 
 
-def test_offline_wandb_run_holds_every_metrics_row_the_config_curve_and_samples(tmp_path):
-    out = tmp_path / "run"
-    p = run_main(cli_args(out, **WANDB_ARGS, wandb_run_name="tiny"), env=wandb_env(tmp_path))
-    assert p.returncode == 0, p.stderr[-2000:]
-    (run_id, files), = offline_runs(tmp_path).items()
-    history, config = wandb_history(files)
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """An 8-step run with --wandb_project: (its out_dir, the fake wandb it logged to, what it printed)."""
+    out = tmp_path_factory.mktemp("tracked") / "run"
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        w = fake_wandb(mp)
+        main.main(cli_args(out, **WANDB_ARGS, wandb_run_name="tiny"))
+    return out, w, printed.getvalue()
+
+
+def test_wandb_run_gets_every_metrics_row_the_config_the_curve_and_the_samples(tracked):
+    out, w, printed = tracked
+    (init,), (run,) = w.inits, w.runs
+    assert (init["project"], init["name"], init["id"]) == ("tracking-test", "tiny", None)
     rows = numbers(read_jsonl(out / "metrics.jsonl"))
     assert {r["kind"] for r in rows} == {"train", "eval"}
     for r in rows:  # every number metrics.jsonl got, at the same micro-step
         for k in ("loss", "lr", "beta1", "tok_per_s", "mfu", "val_loss"):
             if k in r:
-                assert history[r["step"]][k] == pytest.approx(r[k], rel=1e-6), (r["step"], k)
+                assert run.history[r["step"]][k] == r[k], (r["step"], k)
+    config = run.config.values
     assert config["n_embd"] == 32 and config["steps"] == 8  # the TrainConfig, as the run's config
     assert config["run"]["fingerprint"] == read_jsonl(out / "metrics.jsonl")[0]["fingerprint"]
-    media = os.path.join(os.path.dirname(files[0]), "files", "media")
-    assert glob.glob(os.path.join(media, "images", "loss_curve_*.png"))
-    table, = glob.glob(os.path.join(media, "table", "samples_*.table.json"))
-    with open(table) as f:
-        assert json.load(f)["data"][0][1] == p.stdout.split("(greedy) ---\n", 1)[1].strip()
-    assert torch.load(out / "ckpt.pt", weights_only=False)["meta"]["wandb_id"] == run_id
+    (media,) = run.media
+    assert media["loss_curve"].png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert media["samples"].data[0][1] == printed.split("(greedy) ---\n", 1)[1].strip()
+    assert run.exit_code == 0
+    assert torch.load(out / "ckpt.pt", weights_only=False)["meta"]["wandb_id"] == run.id
 
 
-def test_resume_continues_the_wandb_run_and_adds_a_run_row(tmp_path):
-    out = tmp_path / "run"
-    assert run_main(cli_args(out, **WANDB_ARGS), env=wandb_env(tmp_path)).returncode == 0
-    p = run_main(cli_args(out, **{**WANDB_ARGS, "steps": 12}) + ["--init_from=resume"], env=wandb_env(tmp_path))
-    assert p.returncode == 0, p.stderr[-2000:]
-    (run_id, files), = offline_runs(tmp_path).items()  # one W&B run id, in two offline run folders
-    assert len(files) == 2
-    assert torch.load(out / "ckpt.pt", weights_only=False)["meta"]["wandb_id"] == run_id
-    history, _ = wandb_history(files[1:])
-    assert min(history) > 8 and history[12]["val_loss"] > 0  # the resumed run logs on from the checkpoint
+def test_resume_continues_the_wandb_run_and_adds_a_run_row(tracked, tmp_path, monkeypatch):
+    out = copy_run(tracked[0], tmp_path / "run")
+    first = tracked[1].runs[0].id
+    w = fake_wandb(monkeypatch)
+    main.main(cli_args(out, **{**WANDB_ARGS, "steps": 12}, init_from="resume"))
+    (init,), (run,) = w.inits, w.runs
+    assert (init["id"], init["resume"]) == (first, "allow")  # the same W&B run, continued
+    assert min(run.history) > 8 and run.history[12]["val_loss"] > 0  # it logs on from the checkpoint
+    assert torch.load(out / "ckpt.pt", weights_only=False)["meta"]["wandb_id"] == first
     rows = read_jsonl(out / "metrics.jsonl")
     runs = [r for r in rows if r["kind"] == "run"]
     assert rows[0] == runs[0] and runs[0]["resumed_from"] is None and runs[1]["resumed_from"] == 8
@@ -106,25 +125,21 @@ def test_resume_continues_the_wandb_run_and_adds_a_run_row(tmp_path):
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 4, 8, 12]
 
 
-def test_run_row_opens_metrics_with_config_data_code_and_versions(tmp_path):
-    cfg = tiny_cfg(tmp_path, steps=4, eval_every=2)
-    manifest = main.prepare(cfg, log=lambda *a: None)
-    backend = main.make_backend(cfg, main.Dist(), None)
-    main.train(cfg, manifest, backend, main.Dist())
-    row = read_jsonl(tmp_path / "metrics.jsonl")[0]
+def test_run_row_opens_metrics_with_config_data_code_and_versions(trained):
+    cfg = main.parse_config(trained.args)
+    row = read_jsonl(trained.out / "metrics.jsonl")[0]
     assert row == {"kind": "run", "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
-                   "fingerprint": manifest["fingerprint"], "git": main.git_commit(), "torch": torch.__version__,
-                   "ttml": None, "device": "cpu", "world": 1, "data_parallel": 1, "resumed_from": None,
-                   "dist_backend": None, "changed": None}
+                   "fingerprint": main.load_manifest(str(trained.out))[0]["fingerprint"], "git": main.git_commit(),
+                   "torch": torch.__version__, "ttml": None, "device": "cpu", "world": 1, "data_parallel": 1,
+                   "resumed_from": None, "dist_backend": None, "changed": None}
     assert row["git"] is None or len(row["git"]) == 40
 
 
-def test_pipeline_on_the_export_generates_main_py_greedy_text_offline(tmp_path, capsys):
+def test_pipeline_on_the_export_generates_main_py_greedy_text_offline(trained):
     from transformers import AutoTokenizer, pipeline
-    cfg = tiny_cfg(tmp_path, steps=20, eval_every=10, lr=3e-3, sample_tokens=12)
-    main.run(cfg)
-    ours = capsys.readouterr().out.split("(greedy) ---\n", 1)[1].strip()
-    hf = str(tmp_path / "hf")
+    cfg = main.parse_config(trained.args)
+    ours = trained.stdout.split("(greedy) ---\n", 1)[1].strip()
+    hf = str(trained.out / "hf")
     tok = AutoTokenizer.from_pretrained(hf)
     text = "The history of machine learning <|endoftext|> don't 123\n\n  é"
     assert tok(text)["input_ids"] == main.get_tokenizer().encode(text, allowed_special="all")
@@ -136,9 +151,9 @@ def test_pipeline_on_the_export_generates_main_py_greedy_text_offline(tmp_path, 
     assert theirs == ours.partition("<|endoftext|>")[0]  # transformers stops at EOS; main.py's sampler goes on
     with open(os.path.join(hf, "README.md")) as f:
         card = f.read()
-    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    rows = read_jsonl(trained.out / "metrics.jsonl")
     val = [r["val_loss"] for r in rows if r["kind"] == "eval"][-1]
-    assert f"{val:.4f}" in card and f"{20 * 32 * 4:,}" in card and cfg.data_files in card and "lm_eval" in card
+    assert f"{val:.4f}" in card and f"{12 * 32 * 4:,}" in card and cfg.data_files in card and "lm_eval" in card
 
 
 def test_wandb_project_without_wandb_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
