@@ -863,22 +863,17 @@ def first_damaged_shard(out_dir, record):
             return s["file"]
     return None
 
-def verify_shards(out_dir, manifest):
-    """Every shard must hash to the sha256 the manifest records: a damaged shard would train on garbage ids. A shard
-    whose size and mtime are those of its last good check (out_dir/.verified.json) is not read again."""
-    path = os.path.join(out_dir, ".verified.json")
-    stamps, seen = read_json(path) or {}, {}
-    for s in manifest["splits"]["train"] + manifest["splits"]["val"]:
+def verify_shards(out_dir, record, since=0):
+    """Every shard must hash to the sha256 its record holds: a damaged shard would train on garbage ids. Only shards
+    changed after `since` (an mtime in ns) are read: shards are written before the manifest that lists them, so one
+    older than manifest.json is as it was when hashed, and out_dir holds no state that differs from run to run."""
+    for s in record["splits"]["train"] + record["splits"]["val"]:
         p = os.path.join(out_dir, s["file"])
-        seen[s["file"]] = [os.stat(p).st_size, os.stat(p).st_mtime_ns]
-        if stamps.get(s["file"]) == seen[s["file"]]:
-            continue
-        with open(p, "rb") as f:
-            if hashlib.file_digest(f, "sha256").hexdigest() != s["sha256"]:
-                raise UserError(f"shard {p} does not match the sha256 that manifest.json records (damaged on disk?); "
-                                "delete it and rerun: the shards are rebuilt from the input")
-    if seen != stamps:
-        write_json_atomic(path, seen)
+        if os.stat(p).st_mtime_ns > since:
+            with open(p, "rb") as f:
+                if hashlib.file_digest(f, "sha256").hexdigest() != s["sha256"]:
+                    raise UserError(f"shard {p} does not match the sha256 that its record holds (damaged on disk?); "
+                                    "delete it and rerun: the shards are rebuilt from the input")
 
 def load_manifest(out_dir):
     """(manifest, why): the manifest if it is intact and every shard has its listed size and content, else None."""
@@ -894,7 +889,7 @@ def load_manifest(out_dir):
         return None, "manifest.json is corrupt"
     if bad:
         return None, f"shard {bad} is missing or truncated"
-    verify_shards(out_dir, m)
+    verify_shards(out_dir, m, os.stat(path).st_mtime_ns)
     return m, "ok"
 
 def delete_files(out_dir, names, keep=()):
@@ -1047,9 +1042,9 @@ def build(cfg, fp, files, log):
     except UserError:
         abandon_build(cfg.out_dir, progress)  # nothing half-way: no shards without a manifest
         raise
+    verify_shards(cfg.out_dir, manifest)  # also the shards of a killed run this build continued
     write_json_atomic(os.path.join(cfg.out_dir, "manifest.json"), manifest)  # the switch: it vouches for the shards
     finish_switch(cfg.out_dir, manifest)
-    verify_shards(cfg.out_dir, manifest)  # records each shard's size and mtime, so later runs need not hash it
     log(f"prepare: {n_docs:,} articles -> {sum(manifest['num_tokens'].values()):,} tokens in {time.time() - t0:.1f}s, "
         f"train {n_train:,} / val {n_val:,} articles, content hash {manifest['content_hash'][:16]}")
     return manifest
