@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # second thread buys little and, on a busy 2-core machine, costs several times over; and runs compared number for
 # number run with the same thread count.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never touch the network, in this process or in the ones it starts
 sys.path.insert(0, ROOT)
 import main  # noqa: E402
 

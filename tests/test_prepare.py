@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import FIXTURE, digest, kill_9_when, main, run_main, tiny_cfg
+from conftest import FIXTURE, digest, main, tiny_cfg
 
 
 def stream(out_dir, split):
@@ -65,16 +65,18 @@ def test_val_split_is_the_last_articles_at_a_boundary(prepared, fixture_texts):
     assert m["num_docs_split"]["train"] + n_val == len(fixture_texts)
 
 
-def test_rerun_reuses_shards_without_opening_the_dataset(tmp_path, monkeypatch):
+def test_rerun_reuses_shards_without_reading_the_articles(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path)
     main.prepare(cfg, log=lambda *a: None)
     before = {n: os.stat(tmp_path / n).st_mtime_ns for n in os.listdir(tmp_path)}
 
-    def build_must_not_run(*a):
+    def must_not_read(*a):
         raise AssertionError("the articles were read again on a rerun")
-    monkeypatch.setattr(main, "build", build_must_not_run)
+    monkeypatch.setattr(main, "read_rows", must_not_read)
     main.prepare(tiny_cfg(tmp_path, lr=1e-2, n_layer=3, steps=7), log=lambda *a: None)  # non-data fields differ
     assert {n: os.stat(tmp_path / n).st_mtime_ns for n in os.listdir(tmp_path)} == before
+    with pytest.raises(main.UserError, match="read again"):  # what a rebuild would do
+        main.prepare(tiny_cfg(tmp_path, max_docs=20), log=lambda *a: None)
 
 
 def test_changed_max_docs_rebuilds_and_removes_stale_shards(tmp_path):
@@ -104,65 +106,55 @@ def test_damaged_output_is_detected_and_rebuilt_with_a_notice(tmp_path, damage):
     assert len(notes) == 2 and "rebuilding" in notes[0]
 
 
-def test_kill_9_mid_prepare_then_rerun_gives_identical_bytes(tmp_path):
-    big = tmp_path / "x8.parquet"
-    pq.write_table(pa.concat_tables([pq.read_table(FIXTURE)] * 8), big)
-    args = [f"--data_files={big}", "--prepare_only=true", "--num_proc=2", "--shard_tokens=40000"]
-    assert run_main(args + [f"--out_dir={tmp_path / 'clean'}"]).returncode == 0
-    killed = tmp_path / "killed"
-    few_shards_on_disk = lambda: killed.exists() and sum(n.endswith(".bin") for n in os.listdir(killed)) >= 3
-    was_running = kill_9_when([f"--out_dir={killed}"] + args, few_shards_on_disk, timeout=120)
-    assert was_running, "prepare finished before it could be killed"
-    assert not (killed / "manifest.json").exists()
-    assert run_main(args + [f"--out_dir={killed}"]).returncode == 0
-    assert digest(killed) == digest(tmp_path / "clean")
-
-
 # --- bad input: one clear error, nothing half-written -------------------------------------------------------
 
-def assert_fails_cleanly(args, out_dir, *words):
-    p = run_main(args + [f"--out_dir={out_dir}", "--prepare_only=true"], timeout=120)
-    assert p.returncode == 2, p.stderr[-2000:]
-    err = p.stderr.strip().splitlines()
-    assert err[-1].startswith("error:") and "Traceback" not in p.stderr, p.stderr[-2000:]
+def assert_fails_cleanly(capsys, args, out_dir, *words):
+    """main.main(ARGS) in this process: exit 2 and, as its last line on stderr, one `error:` line naming every word;
+    nothing half-written left in out_dir."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main.main(args + [f"--out_dir={out_dir}", "--prepare_only=true"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error:"), err[-5:]
     for w in words:
         assert w in err[-1], err[-1]
     leftover = os.listdir(out_dir) if os.path.exists(out_dir) else []
     assert not [n for n in leftover if n.endswith((".bin", ".json", ".tmp"))], leftover
 
 
-def test_unknown_dump_is_one_clear_error_naming_both_families(tmp_path):
-    assert_fails_cleanly(["--wiki_config=20220301.xx"], tmp_path / "o", "20231101.en", "20220301", "unknown")
-    p = run_main(["--prepare_only=true", f"--out_dir={tmp_path / 'o3'}"], env={"WIKI_DUMP": "en"})
-    assert p.returncode == 2 and "unknown Wikipedia dump 'en'" in p.stderr
+def test_unknown_dump_is_one_clear_error_naming_both_families(tmp_path, monkeypatch, capsys):
+    assert_fails_cleanly(capsys, ["--wiki_config=20220301.xx"], tmp_path / "o", "20231101.en", "20220301", "unknown")
+    monkeypatch.setenv("WIKI_DUMP", "en")
+    assert_fails_cleanly(capsys, [], tmp_path / "o3", "unknown Wikipedia dump 'en'")
 
 
-def test_unreachable_hub_says_how_to_use_local_parquet(tmp_path):
-    assert_fails_cleanly(["--wiki_config=20231101.en"], tmp_path / "o", "--data_files")
+def test_unreachable_hub_says_how_to_use_local_parquet(tmp_path, capsys):
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # conftest: the tests never touch the network
+    assert_fails_cleanly(capsys, ["--wiki_config=20231101.en"], tmp_path / "o", "--data_files")
 
 
-def test_parquet_without_text_column(tmp_path):
+def test_parquet_without_text_column(tmp_path, capsys):
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"id": ["1"], "body": ["hello"]}), bad)
-    assert_fails_cleanly([f"--data_files={bad}"], tmp_path / "o", "no 'text' column")
+    assert_fails_cleanly(capsys, [f"--data_files={bad}"], tmp_path / "o", "no 'text' column")
 
 
-def test_empty_dataset(tmp_path):
+def test_empty_dataset(tmp_path, capsys):
     empty = tmp_path / "empty.parquet"
     pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}), empty)
-    assert_fails_cleanly([f"--data_files={empty}"], tmp_path / "o", "no articles")
+    assert_fails_cleanly(capsys, [f"--data_files={empty}"], tmp_path / "o", "no articles")
 
 
 @pytest.mark.parametrize("arg,words", [("--val_fraction=0", "(0, 1)"), ("--val_fraction=1.0", "(0, 1)"),
                                        ("--shard_tokens=0", "positive"), ("--shard_tokens=-5", "positive")])
-def test_bad_config_values(tmp_path, arg, words):
-    assert_fails_cleanly([f"--data_files={FIXTURE}", arg], tmp_path / "o", words)
+def test_bad_config_values(tmp_path, capsys, arg, words):
+    assert_fails_cleanly(capsys, [f"--data_files={FIXTURE}", arg], tmp_path / "o", words)
 
 
-def test_too_few_tokens_for_one_window(tmp_path):
-    assert_fails_cleanly([f"--data_files={FIXTURE}", "--max_docs=3", "--seq_len=4096"], tmp_path / "o",
+def test_too_few_tokens_for_one_window(tmp_path, capsys):
+    assert_fails_cleanly(capsys, [f"--data_files={FIXTURE}", "--max_docs=3", "--seq_len=4096"], tmp_path / "o",
                          "fewer than one seq_len+1")
 
 
-def test_missing_data_files(tmp_path):
-    assert_fails_cleanly([f"--data_files={tmp_path}/nothing*.parquet"], tmp_path / "o", "no file matches")
+def test_missing_data_files(tmp_path, capsys):
+    assert_fails_cleanly(capsys, [f"--data_files={tmp_path}/nothing*.parquet"], tmp_path / "o", "no file matches")

@@ -14,89 +14,116 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import FIXTURE, ROOT, digest, main, run_main, tiny_cfg
+from conftest import FIXTURE, ROOT, digest, main, tiny_cfg, wait_for
 
 quiet = dict(log=lambda *a: None)
 
 
+SHARD = 20000  # tokens per shard: the dump below makes about 17 train shards
+
+
 @pytest.fixture(scope="module")
 def dump(tmp_path_factory):
-    """A dump-shaped input: 3 parquet files of 80 articles each, in row groups of 16."""
+    """A dump-shaped input: 3 parquet files of 32 articles each (about 380k tokens), in row groups of 16."""
     d = tmp_path_factory.mktemp("dump")
-    tbl = pq.read_table(FIXTURE)
+    twice = pq.read_table(FIXTURE)
+    twice = pa.concat_tables([twice, twice])
     for i in range(3):
-        pq.write_table(pa.concat_tables([tbl, tbl.slice(i * 20, 20)]), d / f"train-{i:05d}-of-00003.parquet",
-                       row_group_size=16)
+        pq.write_table(twice.slice(i * 20, 32), d / f"train-{i:05d}-of-00003.parquet", row_group_size=16)
     return str(d / "*.parquet")
 
 
 def args_for(data_files, out_dir, **kw):
     kw = {"data_files": data_files, "out_dir": out_dir, "prepare_only": "true", "num_proc": 2,
-          "shard_tokens": 40000, **kw}
+          "shard_tokens": SHARD, **kw}
     return [f"--{k}={v}" for k, v in kw.items()]
 
 
 @pytest.fixture(scope="module")
 def clean(dump, tmp_path_factory):
-    """An unbroken prepare of `dump`, to compare every interrupted one with."""
+    """An unbroken prepare of `dump`, to compare every interrupted one with: (out_dir, digest, manifest)."""
     out = tmp_path_factory.mktemp("clean")
-    p = run_main(args_for(dump, out))
-    assert p.returncode == 0, p.stderr[-2000:]
+    main.main(args_for(dump, out))
     return out, digest(out), json.load(open(out / "manifest.json"))
 
 
-# A wrapper that runs main.py and SIGKILLs it (no clean-up of any kind) at the nth call of module.attr whose first
-# argument contains `match`, just before or just after that call.
+# Runs main.main(ARGS) once per job, each in a child forked from one process that has imported main.py once (a
+# fresh interpreter per job would import torch each time), and SIGKILLs the child (no clean-up of any kind) at the
+# nth call of module.attr whose first argument contains `match`, just before or just after that call. Prints each
+# child's wait status.
 KILLER = """
-import os, signal, sys
+import json, os, signal, sys
 sys.path.insert(0, {root!r})
 import main
-owner, attr, match, when, nth = {owner}, {attr!r}, {match!r}, {when!r}, {nth}
-real, calls = getattr(owner, attr), [0]
-def wrapped(*a, **k):
-    hit = match in str(a[0]) if a else True
-    calls[0] += hit
-    if hit and when == "before" and calls[0] == nth: os.kill(os.getpid(), signal.SIGKILL)
-    out = real(*a, **k)
-    if hit and when == "after" and calls[0] == nth: os.kill(os.getpid(), signal.SIGKILL)
-    return out
-setattr(owner, attr, wrapped)
-main.main(sys.argv[1:])
+for args, owner, attr, match, when, nth in json.loads(sys.argv[1]):
+    pid = os.fork()
+    if pid == 0:
+        owner = main if owner == "main" else os
+        real, calls = getattr(owner, attr), [0]
+        def wrapped(*a, **k):
+            hit = match in str(a[0]) if a else True
+            calls[0] += hit
+            if hit and when == "before" and calls[0] == nth: os.kill(os.getpid(), signal.SIGKILL)
+            out = real(*a, **k)
+            if hit and when == "after" and calls[0] == nth: os.kill(os.getpid(), signal.SIGKILL)
+            return out
+        setattr(owner, attr, wrapped)
+        try:
+            main.main(args)
+        finally:
+            os._exit(0)
+    print("wait status", os.waitpid(pid, 0)[1], flush=True)
 """
 
 
-def run_killed(args, owner, attr, match, when, nth):
-    code = KILLER.format(root=ROOT, owner=owner, attr=attr, match=match, when=when, nth=nth)
-    p = subprocess.run([sys.executable, "-c", code] + args, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr[-2000:])
+def run_killed(*jobs):
+    """Each job (args, "main" or "os", attr, match, "before" or "after", nth) runs and must die by SIGKILL."""
+    p = subprocess.run([sys.executable, "-c", KILLER.format(root=ROOT), json.dumps(jobs)], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    statuses = [int(line.split()[-1]) for line in p.stdout.splitlines() if line.startswith("wait status")]
+    assert statuses == [signal.SIGKILL] * len(jobs), (statuses, p.stderr[-2000:])
 
 
 def progress(out_dir):
     return json.load(open(os.path.join(out_dir, main.PROGRESS)))
 
 
-@pytest.mark.parametrize("point", ["between a shard's rename and its progress record", "after a progress record",
-                                   "inside a shard write (temp file left)", "at the train/val boundary"])
-def test_kill_9_then_rerun_gives_identical_bytes_and_resumes(dump, clean, tmp_path, point):
-    clean_dir, clean_digest, m = clean
-    n_train = len(m["splits"]["train"])
-    owner, attr, match, when, nth = {  # progress record #1 is written before any shard; #k+1 follows shard k
-        "between a shard's rename and its progress record": ("main", "write_json_atomic", main.PROGRESS, "before", 4),
-        "after a progress record": ("main", "write_json_atomic", main.PROGRESS, "after", 8),
-        "inside a shard write (temp file left)": ("os", "replace", ".bin.tmp", "before", 6),
-        "at the train/val boundary": ("main", "write_json_atomic", main.PROGRESS, "before", n_train + 1),
-    }[point]
-    run_killed(args_for(dump, tmp_path), owner, attr, match, when, nth)
-    assert not (tmp_path / "manifest.json").exists()
-    done = len(progress(tmp_path)["splits"]["train"])
+POINTS = {  # progress record #1 is written before any shard; #k+1 follows shard k
+    "between a shard's rename and its progress record": ("main", "write_json_atomic", main.PROGRESS, "before", 4),
+    "after a progress record": ("main", "write_json_atomic", main.PROGRESS, "after", 8),
+    "inside a shard write (temp file left)": ("os", "replace", ".bin.tmp", "before", 6),
+    "at the train/val boundary": ("main", "write_json_atomic", main.PROGRESS, "before", None),  # n_train + 1
+}
+
+
+@pytest.fixture(scope="module")
+def killed(dump, clean, tmp_path_factory):
+    """{point: out_dir of a prepare of `dump` killed -9 there}, all killed in one go; and "after the switch": an
+    out_dir holding a finished prepare of `dump`, then a prepare of its first 50 articles killed just after its
+    manifest.json took the old one's place, before the old set is deleted."""
+    n_train = len(clean[2]["splits"]["train"])
+    dirs = {point: tmp_path_factory.mktemp("killed") for point in [*POINTS, "after the switch"]}
+    main.prepare(tiny_cfg(dirs["after the switch"], data_files=dump, shard_tokens=SHARD), **quiet)
+    run_killed(*[(args_for(dump, str(dirs[point])), owner, attr, match, when, nth or n_train + 1)
+                 for point, (owner, attr, match, when, nth) in POINTS.items()],
+               (args_for(dump, str(dirs["after the switch"]), max_docs=50), "os", "replace", "manifest.json", "after",
+                1))
+    return dirs
+
+
+@pytest.mark.parametrize("point", list(POINTS))
+def test_kill_9_then_rerun_gives_identical_bytes_and_resumes(dump, clean, killed, capsys, point):
+    out, (owner, attr, _, when, _) = killed[point], POINTS[point]
+    assert not (out / "manifest.json").exists()
+    done = len(progress(out)["splits"]["train"])
     assert done >= 2
     if attr == "write_json_atomic" and when == "before":  # the shard is on disk, its record is not
-        assert os.path.exists(tmp_path / main.shard_name("train", m["fingerprint"][:8], done))
-    p = run_main(args_for(dump, tmp_path))
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert f"resuming after {done} train" in p.stdout  # less work: it starts after the finished shards
-    assert digest(tmp_path) == clean_digest
+        assert os.path.exists(out / main.shard_name("train", clean[2]["fingerprint"][:8], done))
+    capsys.readouterr()
+    main.main(args_for(dump, out))
+    assert f"resuming after {done} train" in capsys.readouterr().out  # less work: it starts after finished shards
+    assert digest(out) == clean[1]
 
 
 def prepare_until_reading_fails(cfg, monkeypatch, fails, error):
@@ -119,9 +146,9 @@ def prepare_until_reading_fails(cfg, monkeypatch, fails, error):
 
 def test_reader_error_mid_stream_keeps_finished_shards_and_rerun_continues(dump, clean, tmp_path, monkeypatch):
     clean_dir, clean_digest, _ = clean
-    cfg = tiny_cfg(tmp_path, data_files=dump, shard_tokens=40000, num_proc=1)
+    cfg = tiny_cfg(tmp_path, data_files=dump, shard_tokens=SHARD, num_proc=1)
     calls = []
-    prepare_until_reading_fails(cfg, monkeypatch, lambda task: calls.append(task) or len(calls) == 9,
+    prepare_until_reading_fails(cfg, monkeypatch, lambda task: calls.append(task) or len(calls) == 4,
                                 OSError("connection reset by peer"))
     notes = []
     main.prepare(cfg, log=notes.append)
@@ -130,7 +157,7 @@ def test_reader_error_mid_stream_keeps_finished_shards_and_rerun_continues(dump,
 
 @pytest.mark.parametrize("num_proc", [1, 2, 3])
 def test_same_bytes_whatever_the_number_of_workers(dump, clean, tmp_path, num_proc):
-    main.prepare(tiny_cfg(tmp_path, data_files=dump, shard_tokens=40000, num_proc=num_proc), **quiet)
+    main.prepare(tiny_cfg(tmp_path, data_files=dump, shard_tokens=SHARD, num_proc=num_proc), **quiet)
     assert digest(tmp_path) == clean[1]
 
 
@@ -163,7 +190,7 @@ def fake_hub(dump, tmp_path, monkeypatch):
 
 
 def hub_cfg(out_dir, **kw):
-    return tiny_cfg(out_dir, **{"data_files": None, "wiki_config": "20220301.en", "shard_tokens": 40000, **kw})
+    return tiny_cfg(out_dir, **{"data_files": None, "wiki_config": "20220301.en", "shard_tokens": SHARD, **kw})
 
 
 @pytest.mark.parametrize("dump_name,files", [
@@ -277,16 +304,17 @@ def test_failed_rebuild_keeps_the_old_set_usable(tmp_path):
     assert main.prepare(cfg, log=notes.append) == m and "reusing" in notes[0]
 
 
-def test_kill_9_after_the_switch_still_deletes_the_old_set(dump, tmp_path):
-    old = main.prepare(tiny_cfg(tmp_path, data_files=dump, shard_tokens=40000), **quiet)
-    run_killed(args_for(dump, tmp_path, max_docs=100), "main", "finish_switch", "", "before", 1)
-    p = run_main(args_for(dump, tmp_path, max_docs=100))
-    assert p.returncode == 0 and "reusing" in p.stdout, p.stderr[-2000:]
-    new = json.load(open(tmp_path / "manifest.json"))
-    assert new["num_docs"] == 100
-    kept = {n for n in os.listdir(tmp_path) if n[0] != "."}  # not the lock files
+def test_kill_9_after_the_switch_still_deletes_the_old_set(dump, clean, killed, capsys):
+    out, old = killed["after the switch"], clean[2]  # the old set: the same as the clean prepare's
+    assert json.load(open(out / "manifest.json"))["num_docs"] == 50
+    assert set(main.listed_shards(old)) <= set(os.listdir(out))  # still there
+    capsys.readouterr()
+    main.main(args_for(dump, out, max_docs=50))
+    assert "reusing" in capsys.readouterr().out
+    new = json.load(open(out / "manifest.json"))
+    kept = {n for n in os.listdir(out) if n[0] != "."}  # not the lock files
     assert kept == set(main.listed_shards(new)) | {"manifest.json"}
-    assert not set(main.listed_shards(old)) & set(os.listdir(tmp_path))
+    assert not set(main.listed_shards(old)) & set(os.listdir(out))
 
 
 def test_touch_move_or_copy_of_the_source_does_not_rebuild(tmp_path):
@@ -313,8 +341,8 @@ def test_cleanup_deletes_only_files_main_py_recorded(dump, tmp_path):
     strays = ["manifest.json.bak", "train_000000.bin", "val_000001.bin", "train_deadbeef_000000.bin", "notes.txt"]
     for n in strays:
         (tmp_path / n).write_bytes(b"mine")
-    old = main.prepare(tiny_cfg(tmp_path, data_files=dump, shard_tokens=40000), **quiet)
-    new = main.prepare(tiny_cfg(tmp_path, data_files=dump, shard_tokens=40000, max_docs=50), **quiet)
+    old = main.prepare(tiny_cfg(tmp_path, data_files=dump, shard_tokens=SHARD), **quiet)
+    new = main.prepare(tiny_cfg(tmp_path, data_files=dump, shard_tokens=SHARD, max_docs=50), **quiet)
     assert set(os.listdir(tmp_path)) == set(strays) | set(main.listed_shards(new)) | {"manifest.json"}
     assert all((tmp_path / n).read_bytes() == b"mine" for n in strays)
     assert old["fingerprint"] != new["fingerprint"]
@@ -344,18 +372,9 @@ def alive(pid):
 
 
 def big_dump(tmp_path):
-    big = tmp_path / "x10.parquet"
-    pq.write_table(pa.concat_tables([pq.read_table(FIXTURE)] * 10), big, row_group_size=16)
+    big = tmp_path / "x5.parquet"  # 1.2M tokens: 60 shards, time enough to see workers and shards appear
+    pq.write_table(pa.concat_tables([pq.read_table(FIXTURE)] * 5), big, row_group_size=16)
     return str(big)
-
-
-def wait_for(cond, proc=None, timeout=120):
-    """Poll cond() until it holds, the deadline passes, or proc (if given) has exited."""
-    import time
-    deadline = time.time() + timeout
-    while time.time() < deadline and (proc is None or proc.poll() is None) and not cond():
-        time.sleep(0.01)
-    return cond()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -373,7 +392,7 @@ def test_workers_exit_when_main_is_killed(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_ctrl_c_during_prepare_is_one_line_and_the_rerun_continues(tmp_path):
+def test_ctrl_c_during_prepare_is_one_line_and_the_rerun_continues(tmp_path, capsys):
     data, out = big_dump(tmp_path), tmp_path / "o"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py")] + args_for(data, out),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -383,7 +402,8 @@ def test_ctrl_c_during_prepare_is_one_line_and_the_rerun_continues(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode in (130, 2) and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1].startswith(("stopped:", "error:")), err[-2000:]
-    p = run_main(args_for(data, out))
-    assert p.returncode == 0 and "resuming after" in p.stdout, p.stderr[-2000:]
-    main.prepare(tiny_cfg(tmp_path / "clean", data_files=data, shard_tokens=40000, num_proc=2), **quiet)
+    capsys.readouterr()
+    main.main(args_for(data, out))
+    assert "resuming after" in capsys.readouterr().out
+    main.prepare(tiny_cfg(tmp_path / "clean", data_files=data, shard_tokens=SHARD, num_proc=2), **quiet)
     assert digest(out) == digest(tmp_path / "clean")
