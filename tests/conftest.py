@@ -25,7 +25,7 @@ FIXTURE, read_jsonl = main.FIXTURE, main.read_jsonl
 TINY = dict(n_layer=2, n_head=2, n_embd=32, seq_len=32, batch_size=4, eval_iters=2, num_proc=1,
             device="cpu", sample_tokens=8, backend="torch")
 # The shared run (see `trained`): long enough to learn visibly, evals and checkpoints every 4 micro-steps.
-RUN = dict(steps=12, eval_every=4, lr=1e-2, warmup_steps=2)
+RUN = dict(steps=12, eval_every=4, lr=2e-2, warmup_steps=2)
 
 
 def tiny_cfg(out_dir, **kw):

@@ -3,26 +3,26 @@
 tests/nccl_standin.py runs main.py as a torchrun rank that believes it is on a node of two H100s: a group made as
 "nccl" refuses CPU tensors ("No backend type associated with device type cpu", as NCCL does), and every collective
 refuses to run before the rank has called torch.cuda.set_device(cuda:LOCAL_RANK) (else every rank is on cuda:0,
-which NCCL refuses or hangs on). The model itself trains on the CPU. Two ranks go through a smoke run: eval,
-checkpoint, Ctrl-C, and a rerun of the same command that continues to the end; then one rank under torchrun, which
-must make a process group too, and a plain run, which must not."""
+which NCCL refuses or hangs on). The model itself trains on the CPU. Two ranks go through a short run: eval,
+checkpoint, Ctrl-C, and a rerun of the same command that continues to the end with every number of the unbroken
+two-rank run of tests/test_ddp.py (this is the suite's end-to-end resume under torchrun); then one rank under
+torchrun, which must make a process group too, and a plain run, which must not."""
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import ROOT, cli_args, read_jsonl
+from conftest import ROOT, TWO_RANKS, cli_args, logged, read_jsonl, wait_for
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
 STANDIN = os.path.join(ROOT, "tests", "nccl_standin.py")
-SMALL = dict(n_layer=1, n_head=2, n_embd=32, seq_len=32, batch_size=2, eval_iters=2, steps=12, eval_every=4,
-             warmup_steps=1, export_hf="false", sample_tokens=2, dtype="float32", compile="false", device="auto")
+# test_ddp's two-rank run, with the device left to main.py (so it takes its CUDA path) and its CPU defaults kept
+SMALL = dict(TWO_RANKS, dtype="float32", compile="false", device="auto")
 GROUP = "cpu:gloo,cuda:nccl"
 HOLD_AT = 3  # the optimizer step at which each rank of the interrupted run waits for its Ctrl-C
 REASONS = {  # what each failure of the stand-in means, in the issue's words
@@ -44,7 +44,7 @@ def command(nproc, out_dir, **kw):
 
 def start(cmd, logs, tmp_path, name, hold=None):
     """Popen in a session of its own (a terminal's Ctrl-C reaches the launcher's process group), output to files."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "NCCL_STANDIN_LOG": str(logs)}
+    env = {**os.environ, "NCCL_STANDIN_LOG": str(logs)}
     env.pop("NCCL_STANDIN_HOLD", None)
     if hold:
         env["NCCL_STANDIN_HOLD"] = str(hold)
@@ -131,7 +131,7 @@ def check_group_and_device(logs, nproc, why):
         assert log["set_device"][-1] == me, f"rank {rank} ended on {log['set_device'][-1]}, not {me}"
 
 
-def test_two_ranks_eval_checkpoint_ctrl_c_and_resume_on_nccl_rules(tmp_path):
+def test_two_ranks_eval_checkpoint_ctrl_c_and_resume_on_nccl_rules(two_ranks, tmp_path):
     out = tmp_path / "run"
     cmd = command(2, out)
 
@@ -139,9 +139,9 @@ def test_two_ranks_eval_checkpoint_ctrl_c_and_resume_on_nccl_rules(tmp_path):
     # lands mid-training whatever the speed of this machine.
     logs1 = tmp_path / "logs-interrupted"
     proc = start(cmd, logs1, tmp_path, "interrupted", hold=HOLD_AT)
-    deadline = time.time() + 300
-    while proc.poll() is None and not rows(out, "train") and time.time() < deadline:
-        time.sleep(0.05)
+    holding = lambda: all(any(e.startswith("holding") for e in log["events"])  # noqa: E731
+                          for log in rank_logs(logs1).values()) and len(rank_logs(logs1)) == 2
+    wait_for(holding, proc)
     running = proc.poll() is None
     if running:
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends torchrun; it passes SIGINT to each rank
@@ -152,12 +152,12 @@ def test_two_ranks_eval_checkpoint_ctrl_c_and_resume_on_nccl_rules(tmp_path):
     exits = {rank: log["exit"] for rank, log in rank_logs(logs1).items()}
     assert exits == {0: 130, 1: 130}, f"each rank should stop with 130 after Ctrl-C, got {exits}\n{why}"
     assert rc in (1, 130), why  # torchrun itself ends with its own SignalException (1) or passes 130 on
-    assert re.search(r"stopped: .*micro-step \d+; checkpoint saved", stderr), why
+    assert re.search(rf"stopped: .*micro-step {HOLD_AT}; checkpoint saved", stderr), why
     assert (out / "ckpt.pt").exists(), why
     check_group_and_device(logs1, 2, why)
-    stopped_at = rows(out, "train")[-1]["step"]
+    assert [r["step"] for r in rows(out, "train")] == list(range(1, HOLD_AT + 1))
 
-    # 2. The same command again continues the checkpoint to the end.
+    # 2. The same command again continues the checkpoint to the end: the numbers of an unbroken run.
     logs2 = tmp_path / "logs-resumed"
     rc, stdout, stderr = finish(start(cmd, logs2, tmp_path, "resumed"))
     why = diagnosis(logs2, rc, stdout, stderr)
@@ -167,14 +167,15 @@ def test_two_ranks_eval_checkpoint_ctrl_c_and_resume_on_nccl_rules(tmp_path):
     check_group_and_device(logs2, 2, why)
     runs = rows(out, "run")
     assert [r.get("dist_backend", "(no dist_backend)") for r in runs] == [GROUP, GROUP], runs
-    assert runs[-1]["resumed_from"] == stopped_at
+    assert runs[-1]["resumed_from"] == HOLD_AT
     assert [r["step"] for r in rows(out, "eval")] == [0, 4, 8, 12]
     assert [r["step"] for r in rows(out, "train")] == list(range(1, 13))  # one writer, no step twice or missing
+    assert logged(out) == logged(two_ranks[0])  # every train and eval number, bit for bit (gloo on the CPU)
 
 
 def test_one_rank_under_torchrun_makes_the_group_and_a_plain_run_does_not(tmp_path):
     one, logs = tmp_path / "torchrun1", tmp_path / "logs-torchrun1"
-    rc, stdout, stderr = finish(start(command(1, one, steps=4, eval_every=2), logs, tmp_path, "torchrun1"))
+    rc, stdout, stderr = finish(start(command(1, one, steps=2, eval_every=2), logs, tmp_path, "torchrun1"))
     why = diagnosis(logs, rc, stdout, stderr)
     assert rc == 0, why
     runs = rows(one, "run")
@@ -184,7 +185,7 @@ def test_one_rank_under_torchrun_makes_the_group_and_a_plain_run_does_not(tmp_pa
     check_group_and_device(logs, 1, why)
 
     plain, logs = tmp_path / "plain", tmp_path / "logs-plain"
-    rc, stdout, stderr = finish(start(command(None, plain, steps=4, eval_every=2), logs, tmp_path, "plain"))
+    rc, stdout, stderr = finish(start(command(None, plain, steps=2, eval_every=2), logs, tmp_path, "plain"))
     why = diagnosis(logs, rc, stdout, stderr)
     assert rc == 0, why
     runs = rows(plain, "run")

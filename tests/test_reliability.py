@@ -133,7 +133,7 @@ def test_resume_refuses_a_changed_step_meaning_and_announces_allowed_changes(run
                    "accumulation_steps 1 -> 2", "batch_size 4 -> 8")
     assert (run_copy / "ckpt.pt").read_bytes() == before
     out = run(run_copy, capsys, steps=16, lr=1e-3)
-    assert "lr 0.01 -> 0.001" in out and "steps 12 -> 16" in out
+    assert "lr 0.02 -> 0.001" in out and "steps 12 -> 16" in out
     assert [r for r in read_jsonl(run_copy / "metrics.jsonl") if r["kind"] == "run"][-1]["changed"]["steps"] == [12, 16]
 
 
