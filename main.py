@@ -200,6 +200,7 @@ class TrainConfig:
     # system
     backend: H[Literal["auto", "torch", "ttml"], "auto: ttml when TT-Train imports, else torch"] = "auto"
     device: H[str, "auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps"] = "auto"
+    ddp_wait_s: H[int, "seconds a rank waits for the others in a collective (a slower node's prepare too)"] = 1800
     dtype: H[Literal["auto", "float32", "bfloat16", "float16"], "auto: bf16 (fp16) on CUDA, fp32 elsewhere"] = "auto"
     compile: H[Literal["auto", "true", "false"], "torch.compile the training step; auto = CUDA on Linux"] = "auto"
     peak_flops: H[Optional[float], "device peak FLOP/s for MFU; None = look the device up"] = None
@@ -261,7 +262,7 @@ def check_config(cfg):
     cfg.out_dir, problems = os.path.expanduser(cfg.out_dir), []
     for name in ("shard_tokens", "seq_len", "batch_size", "accumulation_steps", "steps", "eval_every", "eval_iters",
                  "n_layer", "n_head", "n_embd", "num_proc", "num_samples", "data_parallel", "max_docs",
-                 "total_optim_steps", "top_k", "peak_flops", "lr"):
+                 "total_optim_steps", "top_k", "peak_flops", "lr", "ddp_wait_s"):
         if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
             problems.append(f"{name}={getattr(cfg, name)} must be positive")
     for name in ("min_lr", "warmup_steps", "hold_steps", "beta1_warmup_steps", "weight_decay", "grad_clip",
@@ -328,11 +329,12 @@ def init_distributed(cfg):
                         "cuda:LOCAL_RANK)")
     backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
     kw = {"device_id": torch.device("cuda", env["LOCAL_RANK"])} if cuda else {}
-    tdist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), **kw)
+    wait = datetime.timedelta(seconds=cfg.ddp_wait_s)
+    tdist.init_process_group(backend, timeout=wait, **kw)
     if cuda:
         torch.cuda.set_device(env["LOCAL_RANK"])
     global CONTROL
-    CONTROL = tdist.new_group(backend="gloo")
+    CONTROL = tdist.new_group(backend="gloo", timeout=wait)
     return Dist(env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["GROUP_RANK"], backend, env["RANK"] == 0)
 
 # The gloo group of main.py's own collectives (stop flag, eval sums, object gathers, barriers); DDP keeps the
