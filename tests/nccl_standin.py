@@ -223,7 +223,7 @@ def step(self, *args, **kwargs):
         event(f"holding at optimizer step {state['optim_steps']} for a signal")
         deadline = time.time() + 300
         while not state["signalled"] and time.time() < deadline:
-            time.sleep(0.01)
+            time.sleep(0.05)
         event(f"released (signal: {state['signalled']})")
     return real_step(self, *args, **kwargs)
 

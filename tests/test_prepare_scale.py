@@ -114,7 +114,7 @@ def killed(dump, clean, tmp_path_factory):
 
 @pytest.mark.parametrize("point", list(POINTS))
 def test_kill_9_then_rerun_gives_identical_bytes_and_resumes(dump, clean, killed, capsys, point):
-    out, (owner, attr, _, when, _) = killed[point], POINTS[point]
+    out, (_, attr, _, when, _) = killed[point], POINTS[point]
     assert not (out / "manifest.json").exists()
     done = len(progress(out)["splits"]["train"])
     assert done >= 2

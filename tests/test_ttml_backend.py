@@ -1,8 +1,4 @@
 """TtmlBackend against tests/fake_ttml.py (the pinned build's stand-in): outcomes, not call logs; no hardware."""
-import contextlib
-import functools
-import glob
-import importlib
 import os
 import sys
 import types
