@@ -32,19 +32,23 @@ def patched_signal(signum, handler):
     return getattr(prev, "inner", prev)
 
 
-def step(self, *args, **kwargs):
-    state["steps"] += 1
-    if state["steps"] == int(os.environ.get("HOLD_AT", "0")):
-        open(os.environ["HOLD_FILE"], "w").close()
-        deadline = time.time() + 600  # a test that died meanwhile does not leave this process behind for ever
-        while not state["signalled"] and time.time() < deadline:
-            time.sleep(0.05)
-    return real_step(self, *args, **kwargs)
+def hold_at(n, on_hold, on_release=lambda signalled: None):
+    """From now on, the n-th optimizer step of this process (0: none) calls on_hold(n), then waits until a SIGINT or
+    SIGTERM has come (or 600 s, so a test that died meanwhile leaves nothing behind), then on_release(signalled)."""
+    def step(self, *args, **kwargs):
+        state["steps"] += 1
+        if state["steps"] == n:
+            on_hold(n)
+            deadline = time.time() + 600
+            while not state["signalled"] and time.time() < deadline:
+                time.sleep(0.05)
+            on_release(state["signalled"])
+        return real_step(self, *args, **kwargs)
+    signal.signal, torch.optim.AdamW.step = patched_signal, step
 
-
-signal.signal, torch.optim.AdamW.step = patched_signal, step
 
 if __name__ == "__main__":
+    hold_at(int(os.environ.get("HOLD_AT", "0")), lambda n: open(os.environ["HOLD_FILE"], "w").close())
     sys.path.insert(0, ROOT)
     import main
     main.main(sys.argv[1:])

@@ -37,12 +37,12 @@ import functools
 import importlib.util
 import json
 import os
-import signal
 import sys
-import time
 
 import torch
 import torch.distributed as tdist
+
+from held_run import hold_at
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAIN = os.environ.get("NCCL_STANDIN_MAIN") or os.path.join(os.path.dirname(HERE), "main.py")
@@ -58,7 +58,7 @@ COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor"
 LOG = {"rank": RANK, "local_rank": LOCAL_RANK, "pid": os.getpid(), "backend_asked": None, "backend_made": None,
        "device_id": None, "set_device": [], "events": [], "collectives": {}, "failed_collective": None,
        "first_error": None, "exit": None}
-state = {"current": None, "cuda_group": False, "side_group": None, "signalled": False, "optim_steps": 0}
+state = {"current": None, "cuda_group": False, "side_group": None}
 
 
 def write_log():
@@ -196,39 +196,9 @@ DDP.__init__ = ddp_init
 
 # --- the run on the CPU, a signal to wait for ---------------------------------------------------------------------
 
-real_signal = signal.signal
-
-
-def patched_signal(signum, handler):
-    """main.py's handlers for SIGINT/SIGTERM, with a note that the signal came (for NCCL_STANDIN_HOLD)."""
-    if signum in (signal.SIGINT, signal.SIGTERM) and callable(handler):
-        inner = handler
-
-        def handler(s, frame):
-            state["signalled"] = True
-            return inner(s, frame)
-        handler.inner = inner
-    prev = real_signal(signum, handler)
-    return getattr(prev, "inner", prev)
-
-
-signal.signal = patched_signal
-real_step = torch.optim.AdamW.step
-
-
-def step(self, *args, **kwargs):
-    state["optim_steps"] += 1
-    hold = os.environ.get("NCCL_STANDIN_HOLD")
-    if hold and state["optim_steps"] == int(hold):
-        event(f"holding at optimizer step {state['optim_steps']} for a signal")
-        deadline = time.time() + 300
-        while not state["signalled"] and time.time() < deadline:
-            time.sleep(0.05)
-        event(f"released (signal: {state['signalled']})")
-    return real_step(self, *args, **kwargs)
-
-
-torch.optim.AdamW.step = step
+hold_at(int(os.environ.get("NCCL_STANDIN_HOLD") or 0),
+        lambda n: event(f"holding at optimizer step {n} for a signal"),
+        lambda signalled: event(f"released (signal: {signalled})"))
 
 
 def load_main():
