@@ -18,6 +18,7 @@ Extra environment for the runs (e.g. PYTHONFAULTHANDLER=1) passes through.
 """
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
@@ -54,17 +55,13 @@ def train_rows(out_dir):
 
 def wait(p, timeout):
     """The exit code; on timeout the whole group is killed and None returned."""
-    t0 = time.time()
-    while p.poll() is None:
-        if time.time() - t0 > timeout:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
-            return None
-        time.sleep(0.2)
-    return p.returncode
+    try:
+        return p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        return None
 
 
 def launcher_tracebacks_removed(text):
@@ -90,19 +87,16 @@ def one_run(kind, i, root, timeout):
                 time.sleep(0.2)
             if p.poll() is None:
                 time.sleep(0.5)  # a few steps in, not at the very first row
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGINT)
-                except ProcessLookupError:
-                    pass
             rc = wait(p, timeout)
     text = launcher_tracebacks_removed(open(log_path, errors="replace").read())
     bad = {name: [ln for ln in text.splitlines() if rx.search(ln)] for name, rx in BAD.items()}
-    ok_rc = (0,) if kind == "complete" else (130, 1)
     result = {"rc": rc, "bad": {k: v for k, v in bad.items() if v}, "log": log_path,
               "hf": os.path.isfile(os.path.join(out_dir, "hf", "model.safetensors")),
               "ckpt": os.path.isfile(os.path.join(out_dir, "ckpt.pt"))}
-    result["clean"] = (rc in ok_rc and not result["bad"]
-                       and (result["hf"] if kind == "complete" else result["ckpt"]))
+    ok_rc = (0,) if kind == "complete" else (130, 1)
+    result["clean"] = rc in ok_rc and not result["bad"] and result["hf" if kind == "complete" else "ckpt"]
     return result
 
 
