@@ -466,8 +466,8 @@ CREATED_DIRS = []  # out_dirs this process made: removed at exit if a failure le
 # any other field may change, and the start-up line and the run row say which did. The data is checked by content.
 RESUME_FIXED = ("n_layer", "n_head", "n_embd", "seq_len", "batch_size", "accumulation_steps", "eval_iters",
                 "backend")
-RESUME_IGNORED = ("init_from", "overwrite", "smoke", "prepare_only", "sample_only", "num_proc", "out_dir",
-                  "data_files", "wiki_config", "max_docs", "shard_tokens", "val_fraction")
+RESUME_IGNORED = ("init_from", "overwrite", "smoke", "prepare_only", "sample_only", "num_proc", "ddp_wait_s",
+                  "out_dir", "data_files", "wiki_config", "max_docs", "shard_tokens", "val_fraction")
 
 def hold_lock(out_dir, name, timeout=-1):
     """out_dir/name locked by this process (the kernel drops it when the process dies, however it dies), or
@@ -534,7 +534,8 @@ def read_checkpoint(path, backend, parts=("model", "optimizer")):
         raise UserError(f"{path} is damaged: it has no {', '.join(missing)}; restore a good copy, or start over with "
                         "--init_from=scratch --overwrite=true")
     if meta["config"]["backend"] != backend:
-        raise UserError(f"{path} was written by the {meta['config']['backend']} backend; continue it with "
+        verb = "sample from it with" if parts == ("model",) else "continue it with"
+        raise UserError(f"{path} was written by the {meta['config']['backend']} backend; {verb} "
                         f"--backend={meta['config']['backend']}")
     return state
 
@@ -867,11 +868,12 @@ def first_damaged_shard(out_dir, record):
 
 def verify_shards(out_dir, record, since=0):
     """Every shard must hash to the sha256 its record holds: a damaged shard would train on garbage ids. Only shards
-    changed after `since` (an mtime in ns) are read: shards are written before the manifest that lists them, so one
-    older than manifest.json is as it was when hashed, and out_dir holds no state that differs from run to run."""
+    changed after `since` (manifest.json's mtime, in ns) are read: shards are written before the manifest that lists
+    them, so one not changed since is as it was when hashed, and out_dir holds no state that differs from run to run.
+    Changed means mtime or ctime: `cp -p`, `rsync -a` and `tar x` set a file's mtime back, but never its ctime."""
     for s in record["splits"]["train"] + record["splits"]["val"]:
-        p = os.path.join(out_dir, s["file"])
-        if os.stat(p).st_mtime_ns > since:
+        p, st = os.path.join(out_dir, s["file"]), os.stat(os.path.join(out_dir, s["file"]))
+        if max(st.st_mtime_ns, st.st_ctime_ns) >= since:  # >=: the clock may not tick between writes
             with open(p, "rb") as f:
                 if hashlib.file_digest(f, "sha256").hexdigest() != s["sha256"]:
                     raise UserError(f"shard {p} does not match the sha256 that its record holds (damaged on disk?); "
@@ -1014,6 +1016,7 @@ def build(cfg, fp, files, log):
     n_val = min(n_docs - 1, max(1, round(n_docs * cfg.val_fraction)))
     n_train, t0 = n_docs - n_val, time.time()
     progress = start_or_resume(cfg.out_dir, fp, file_identity(files), log)
+    resumed_at = progress["next"]["article"]
     task_rows = TASK_ARTICLES if cfg.data_files else None  # a hub task is a whole row group: one download each
     try:
         end = build_shards(cfg, progress, parquet_tasks(files, task_rows, progress["next"], n_train, n_docs),
@@ -1047,7 +1050,8 @@ def build(cfg, fp, files, log):
     verify_shards(cfg.out_dir, manifest)  # also the shards of a killed run this build continued
     write_json_atomic(os.path.join(cfg.out_dir, "manifest.json"), manifest)  # the switch: it vouches for the shards
     finish_switch(cfg.out_dir, manifest)
-    log(f"prepare: {n_docs:,} articles -> {sum(manifest['num_tokens'].values()):,} tokens in {time.time() - t0:.1f}s, "
+    log(f"prepare: {n_docs:,} articles -> {sum(manifest['num_tokens'].values()):,} tokens in {time.time() - t0:.1f}s"
+        f"{f' (resumed at article {resumed_at:,})' if resumed_at else ''}, "
         f"train {n_train:,} / val {n_val:,} articles, content hash {manifest['content_hash'][:16]}")
     return manifest
 
@@ -1456,7 +1460,8 @@ def import_ttml():
         raise UserError(f"TT-Train imports but tt-metal's ttnn does not ({one_line(e)}); activate tt-metal's "
                         "python_env") from None
     missing = [n for n in TT_NEEDS if not have(n)]
-    fields = getattr(ttml.models.nanogpt.NanoGPTConfig, "__dataclass_fields__", {}) if not missing else {}
+    nanogpt = getattr(getattr(ttml.models, "nanogpt", None), "NanoGPTConfig", None)  # may be missing too
+    fields = getattr(nanogpt, "__dataclass_fields__", {})
     missing += [f"NanoGPTConfig.{f}" for f in ("runner_type", "weight_tying") if fields and f not in fields]
     if missing:
         raise UserError(f"this TT-Train ({getattr(ttml, '__file__', '?')}) lacks {', '.join(missing)}; {rebuild}")
@@ -1803,8 +1808,8 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
             if last or it % eval_interval == 0:
                 val_loss = evaluate(backend, val, dist)
                 if last and it == start and state is not None and dist.main:
-                    print(f"the run in {cfg.out_dir} has finished all {cfg.steps} steps: val loss {val_loss:.4f} "
-                          "(raise --steps to train on)")
+                    bar.write(f"the run in {cfg.out_dir} has finished all {cfg.steps} steps: val loss {val_loss:.4f} "
+                              "(raise --steps to train on)")
                 if it > start or state is None:  # a resumed run's first eval is already logged and checkpointed
                     metrics.write(kind="eval", step=step, val_loss=val_loss)
                     if dist.main:

@@ -106,6 +106,20 @@ def test_damaged_output_is_detected_and_rebuilt_with_a_notice(tmp_path, damage):
     assert len(notes) == 2 and "rebuilding" in notes[0]
 
 
+def test_a_damaged_shard_put_back_with_an_older_mtime_is_refused(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    m = main.prepare(cfg, log=lambda *a: None)
+    p = tmp_path / m["splits"]["train"][0]["file"]
+    st = os.stat(p)
+    with open(p, "r+b") as f:
+        f.write(bytes(64))  # 32 ids zeroed: same size, every id still in the vocabulary
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns - 10**10))  # what cp -p, rsync -a or tar x of a bad copy leave
+    mst = os.stat(tmp_path / "manifest.json")  # the manifest written a while after that shard, as on a big build
+    os.utime(tmp_path / "manifest.json", ns=(mst.st_atime_ns, mst.st_mtime_ns - 5 * 10**9))
+    with pytest.raises(main.UserError, match="does not match the sha256"):
+        main.prepare(cfg, log=lambda *a: None)
+
+
 # --- bad input: one clear error, nothing half-written -------------------------------------------------------
 
 def assert_fails_cleanly(capsys, args, out_dir, *words):
@@ -115,7 +129,7 @@ def assert_fails_cleanly(capsys, args, out_dir, *words):
     with pytest.raises(SystemExit) as e:
         main.main(args + [f"--out_dir={out_dir}", "--prepare_only=true"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[-1].startswith("error:"), err[-5:]
+    assert e.value.code == 2 and err[-1].startswith("error:") and not any("Traceback" in ln for ln in err), err[-5:]
     for w in words:
         assert w in err[-1], err[-1]
     leftover = os.listdir(out_dir) if os.path.exists(out_dir) else []

@@ -153,6 +153,7 @@ def test_reader_error_mid_stream_keeps_finished_shards_and_rerun_continues(dump,
     notes = []
     main.prepare(cfg, log=notes.append)
     assert "resuming after" in notes[0] and digest(tmp_path) == clean_digest
+    assert "(resumed at article " in notes[-1]  # the summary says the build continued
 
 
 @pytest.mark.parametrize("num_proc", [1, 2, 3])

@@ -127,6 +127,15 @@ def test_a_crafted_checkpoint_runs_no_code_and_is_one_line(run_copy, tmp_path, c
         assert not marker.exists()
 
 
+def test_another_backends_checkpoint_names_the_backend_to_resume_or_sample_with(run_copy, capsys):
+    state = torch.load(run_copy / "ckpt.pt", weights_only=True)
+    state["meta"]["config"]["backend"] = "ttml"
+    torch.save(state, run_copy / "ckpt.pt")
+    one_line_error(capsys, cli_args(run_copy, **RUN), "ttml backend; continue it with --backend=ttml")
+    one_line_error(capsys, cli_args(run_copy, **RUN, sample_only="true"), "ttml backend; sample from it with "
+                   "--backend=ttml")
+
+
 def test_resume_refuses_a_changed_step_meaning_and_announces_allowed_changes(run_copy, capsys):
     before = (run_copy / "ckpt.pt").read_bytes()
     one_line_error(capsys, cli_args(run_copy, **{**RUN, "accumulation_steps": 2, "batch_size": 8}),

@@ -77,7 +77,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
         loss = real(lr, beta1)
         return float("nan") if len(calls) == 6 else loss
     b.optimizer_step = poisoned
-    with pytest.raises(main.UserError, match="loss is nan at micro-step 6"):
+    with pytest.raises(main.TrainingDiverged, match="loss is nan at micro-step 6"):
         run_train(cfg, b)
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["meta"]["step"] == 4
 
