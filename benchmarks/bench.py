@@ -1,6 +1,6 @@
 """Benchmarks for main.py: numbers printed, nothing asserted (tests/ asserts behaviour).
 
-    python benchmarks/bench.py prepare            # prepare vs the tokenizer's own limit and HF's tokenizer (~1 min)
+    python benchmarks/bench.py prepare            # prepare vs the tokenizer's own limit and HF's tokenizer (seconds)
     python benchmarks/bench.py train              # tok/s, MFU, memory: main.py vs the plain reference (CPU: tiny, mid)
     python benchmarks/bench.py train --gpu        # GPT-2 small, seq 1024, batch 16 and 32, on one GPU (<= 5 min)
     python benchmarks/bench.py train --gpu --ab   # main vs ref at batch 16, then candidate variants of main's step
@@ -153,4 +153,4 @@ if __name__ == "__main__":
     elif what == "train":
         bench_train("--gpu" in sys.argv)
     else:
-        sys.exit(f"usage: {sys.argv[0]} prepare | train [--gpu]")
+        sys.exit(f"usage: {sys.argv[0]} prepare | train [--gpu [--ab]]")

@@ -73,7 +73,7 @@ class RefGPT(nn.Module):
 
 
 class RefTrainer:
-    """Same call shape as main.TorchBackend for the benchmark: train_micro_step(x, y, scale) / optimizer_step()."""
+    """main.TorchBackend's roles for the benchmark: train_micro_step(x, y), then optimizer_step() -> the loss."""
 
     def __init__(self, n_layer, n_head, n_embd, seq_len, lr=3e-4, weight_decay=0.1, grad_clip=1.0, seed=1337,
                  device="cpu", autocast_dtype=None, compile=False):
