@@ -1016,6 +1016,7 @@ def build(cfg, fp, files, log):
     n_val = min(n_docs - 1, max(1, round(n_docs * cfg.val_fraction)))
     n_train, t0 = n_docs - n_val, time.time()
     progress = start_or_resume(cfg.out_dir, fp, file_identity(files), log)
+    verify_shards(cfg.out_dir, progress)  # a killed build's shards; this build hashes its own as it writes them
     resumed_at = progress["next"]["article"]
     task_rows = TASK_ARTICLES if cfg.data_files else None  # a hub task is a whole row group: one download each
     try:
@@ -1047,7 +1048,6 @@ def build(cfg, fp, files, log):
     except UserError:
         abandon_build(cfg.out_dir, progress)  # nothing half-way: no shards without a manifest
         raise
-    verify_shards(cfg.out_dir, manifest)  # also the shards of a killed run this build continued
     write_json_atomic(os.path.join(cfg.out_dir, "manifest.json"), manifest)  # the switch: it vouches for the shards
     finish_switch(cfg.out_dir, manifest)
     log(f"prepare: {n_docs:,} articles -> {sum(manifest['num_tokens'].values()):,} tokens in {time.time() - t0:.1f}s"

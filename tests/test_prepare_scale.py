@@ -156,6 +156,18 @@ def test_reader_error_mid_stream_keeps_finished_shards_and_rerun_continues(dump,
     assert "(resumed at article " in notes[-1]  # the summary says the build continued
 
 
+def test_a_killed_builds_shard_damaged_in_place_is_refused_before_the_build_continues(dump, tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path, data_files=dump, shard_tokens=SHARD, num_proc=1)
+    calls = []
+    done = prepare_until_reading_fails(cfg, monkeypatch, lambda task: calls.append(task) or len(calls) == 4,
+                                       OSError("connection reset by peer"))
+    with open(tmp_path / done["splits"]["train"][0]["file"], "r+b") as f:
+        f.write(bytes(64))  # same size: only the hash can tell
+    with pytest.raises(main.UserError, match="does not match the sha256"):
+        main.prepare(cfg, **quiet)
+    assert not (tmp_path / "manifest.json").exists()
+
+
 @pytest.mark.parametrize("num_proc", [1, 2, 3])
 def test_same_bytes_whatever_the_number_of_workers(dump, clean, tmp_path, num_proc):
     main.prepare(tiny_cfg(tmp_path, data_files=dump, shard_tokens=SHARD, num_proc=num_proc), **quiet)
