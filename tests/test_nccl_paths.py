@@ -6,7 +6,7 @@ refuses to run before the rank has called torch.cuda.set_device(cuda:LOCAL_RANK)
 which NCCL refuses or hangs on). The model itself trains on the CPU. Two ranks go through a short run: eval,
 checkpoint, Ctrl-C, and a rerun of the same command that continues to the end with every number of the unbroken
 two-rank run of tests/test_ddp.py (this is the suite's end-to-end resume under torchrun); then one rank under
-torchrun, which must make a process group too, and a plain run, which must not."""
+torchrun, which must make a process group too (that a plain run makes none, test_tracking's run row says)."""
 import json
 import os
 import re
@@ -36,8 +36,6 @@ REASONS = {  # what each failure of the stand-in means, in the issue's words
 
 def command(nproc, out_dir, **kw):
     args = cli_args(out_dir, **{**SMALL, **kw})
-    if nproc is None:  # no torchrun: as `python main.py ARGS`
-        return [sys.executable, STANDIN] + args
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             STANDIN] + args
 
@@ -173,7 +171,7 @@ def test_two_ranks_eval_checkpoint_ctrl_c_and_resume_on_nccl_rules(two_ranks, tm
     assert logged(out) == logged(two_ranks[0])  # every train and eval number, bit for bit (gloo on the CPU)
 
 
-def test_one_rank_under_torchrun_makes_the_group_and_a_plain_run_does_not(tmp_path):
+def test_one_rank_under_torchrun_makes_the_group(tmp_path):
     one, logs = tmp_path / "torchrun1", tmp_path / "logs-torchrun1"
     rc, stdout, stderr = finish(start(command(1, one, steps=2, eval_every=2), logs, tmp_path, "torchrun1"))
     why = diagnosis(logs, rc, stdout, stderr)
@@ -183,13 +181,3 @@ def test_one_rank_under_torchrun_makes_the_group_and_a_plain_run_does_not(tmp_pa
         f"torchrun --nproc_per_node=1 must make a process group (issue 22 item 1); the run row has dist_backend="
         f"{runs[0].get('dist_backend', '(missing)') if runs else '(no run row)'}\n{why}")
     check_group_and_device(logs, 1, why)
-
-    plain, logs = tmp_path / "plain", tmp_path / "logs-plain"
-    rc, stdout, stderr = finish(start(command(None, plain, steps=2, eval_every=2), logs, tmp_path, "plain"))
-    why = diagnosis(logs, rc, stdout, stderr)
-    assert rc == 0, why
-    runs = rows(plain, "run")
-    assert runs and "dist_backend" in runs[0] and runs[0]["dist_backend"] is None, (
-        f"a plain `python main.py` (no torchrun) makes no group and says dist_backend null: "
-        f"{ {k: runs[0].get(k, '(missing)') for k in ('dist_backend', 'world')} if runs else '(no run row)'}")
-    assert rank_logs(logs)[0]["backend_asked"] is None and rank_logs(logs)[0]["collectives"] == {}
