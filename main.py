@@ -872,7 +872,8 @@ def verify_shards(out_dir, record, since=0):
     them, so one not changed since is as it was when hashed, and out_dir holds no state that differs from run to run.
     Changed means mtime or ctime: `cp -p`, `rsync -a` and `tar x` set a file's mtime back, but never its ctime."""
     for s in record["splits"]["train"] + record["splits"]["val"]:
-        p, st = os.path.join(out_dir, s["file"]), os.stat(os.path.join(out_dir, s["file"]))
+        p = os.path.join(out_dir, s["file"])
+        st = os.stat(p)
         if max(st.st_mtime_ns, st.st_ctime_ns) >= since:  # >=: the clock may not tick between writes
             with open(p, "rb") as f:
                 if hashlib.file_digest(f, "sha256").hexdigest() != s["sha256"]:
@@ -1449,9 +1450,9 @@ def import_ttml():
         raise UserError(f"TT-Train is broken: import ttml raised {type(e).__name__}: {one_line(e)} (tried "
                         f"{where}); {rebuild}") from None
 
-    def have(dotted):
-        return functools.reduce(lambda m, part: getattr(m, part, None), dotted.split("."), ttml) is not None
-    if not have("autograd.AutoContext"):
+    def find(dotted):  # ttml.a.b.c, or None where any part is missing
+        return functools.reduce(lambda m, part: getattr(m, part, None), dotted.split("."), ttml)
+    if find("autograd.AutoContext") is None:
         raise UserError(f"the importable 'ttml' ({getattr(ttml, '__file__', '?')}) is not TT-Train (no autograd."
                         f"AutoContext: PyPI's unrelated tensor-train 'ttml'?); pip uninstall ttml and {rebuild}")
     try:
@@ -1459,9 +1460,8 @@ def import_ttml():
     except Exception as e:
         raise UserError(f"TT-Train imports but tt-metal's ttnn does not ({one_line(e)}); activate tt-metal's "
                         "python_env") from None
-    missing = [n for n in TT_NEEDS if not have(n)]
-    nanogpt = getattr(getattr(ttml.models, "nanogpt", None), "NanoGPTConfig", None)  # may be missing too
-    fields = getattr(nanogpt, "__dataclass_fields__", {})
+    missing = [n for n in TT_NEEDS if find(n) is None]
+    fields = getattr(find("models.nanogpt.NanoGPTConfig"), "__dataclass_fields__", {})
     missing += [f"NanoGPTConfig.{f}" for f in ("runner_type", "weight_tying") if fields and f not in fields]
     if missing:
         raise UserError(f"this TT-Train ({getattr(ttml, '__file__', '?')}) lacks {', '.join(missing)}; {rebuild}")

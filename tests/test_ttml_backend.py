@@ -233,6 +233,14 @@ def test_a_build_without_what_we_call_is_the_wrong_build(tmp_path, imports):
     assert "lacks optimizers.AdamWFullPrecision, NanoGPTConfig.runner_type; build tt-metal" in str(e.value)  # all at once
 
 
+def test_a_build_without_models_is_the_wrong_build_in_one_line(tmp_path, imports):
+    imports.setenv("TT_METAL_HOME", fake_ttml.lay_out_tt_metal(str(tmp_path)))
+    init = tmp_path / "tt-train" / "sources" / "ttml" / "ttml" / "__init__.py"
+    init.write_text(init.read_text() + "del models\n")
+    with pytest.raises(UserError, match=r"lacks models\.nanogpt\.NanoGPTConfig, .*build tt-metal"):
+        tt.import_ttml()
+
+
 def test_tt_signs(monkeypatch):
     monkeypatch.setattr(tt.glob, "glob", lambda p: [])
     monkeypatch.setattr(tt.importlib.util, "find_spec", lambda n: None)
