@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # number run with the same thread count.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never touch the network, in this process or in the ones it starts
+# Every process the suite starts gets SIGINT's default, as a terminal's foreground job has it: a suite started in a
+# script's background (`pytest &`) inherits SIGINT ignored, an ignored signal stays ignored across exec, and Python
+# keeps it so, so the tests' Ctrl-C would never arrive. A handler here is reset to the default in each child.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, ROOT)
 import main  # noqa: E402
 
@@ -70,7 +75,6 @@ def wait_for(cond, proc=None, timeout=300):
 def kill_9_when(args, ready, timeout=300):
     """Start python main.py ARGS, SIGKILL its whole process group once ready() holds; True if it was still running
     then (a run that finished first proves nothing)."""
-    import signal
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py")] + args, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for(ready, proc, timeout)

@@ -407,11 +407,8 @@ def test_workers_exit_when_main_is_killed(tmp_path):
 
 def test_ctrl_c_during_prepare_is_one_line_and_the_rerun_continues(tmp_path, capsys):
     data, out = big_dump(tmp_path), tmp_path / "o"
-    # SIGINT as a terminal's foreground job has it: a suite started in the background of a script (`pytest &`)
-    # passes SIGINT on ignored, and Python keeps an ignored SIGINT ignored, so the Ctrl-C would never arrive
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py")] + args_for(data, out),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     shards = lambda: out.exists() and sum(n.endswith(".bin") for n in os.listdir(out)) >= 3
     assert wait_for(shards, proc), "prepare finished before Ctrl-C"
     os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group, workers included
