@@ -466,6 +466,7 @@ CREATED_DIRS = []  # out_dirs this process made: removed at exit if a failure le
 # any other field may change, and the start-up line and the run row say which did. The data is checked by content.
 RESUME_FIXED = ("n_layer", "n_head", "n_embd", "seq_len", "batch_size", "accumulation_steps", "eval_iters",
                 "backend")
+RESUME_FIXED_TT = ("tt_optimizer",)  # the optimizer state's precision and layout
 RESUME_IGNORED = ("init_from", "overwrite", "smoke", "prepare_only", "sample_only", "num_proc", "ddp_wait_s",
                   "out_dir", "data_files", "wiki_config", "max_docs", "shard_tokens", "val_fraction")
 
@@ -542,7 +543,8 @@ def read_checkpoint(path, backend, parts=("model", "optimizer")):
 def resume_changes(state, cfg, dist):
     """{field: [old, new]} for what changed since the checkpoint, or a UserError naming each refused change."""
     saved, now, meta = state["meta"]["config"], dataclasses.asdict(cfg), state["meta"]
-    refused = [f"{k} {saved[k]} -> {now[k]}" for k in RESUME_FIXED if saved[k] != now[k]]
+    fixed = RESUME_FIXED + (RESUME_FIXED_TT if cfg.backend == "ttml" else ())
+    refused = [f"{k} {saved.get(k)} -> {now[k]}" for k in fixed if saved.get(k) != now[k]]
     replicas = dist.world if cfg.backend == "torch" else cfg.data_parallel or 1
     if meta.get("replicas") != replicas:
         refused.append(f"replicas {meta.get('replicas')} -> {replicas}")
@@ -1470,7 +1472,12 @@ def import_ttml():
 class TtmlBackend:
     """GPT-2 on Tenstorrent through TT-Train, as tt-train's examples/nano_gpt/train_nanogpt.py trains it: the Python
     ttml.models.nanogpt model, mask=None (the fused SDPA kernel's causal mode, which skips tiles above the diagonal),
-    a [1, N] mesh for data parallelism. Checked against tests/fake_ttml.py only, never on hardware."""
+    a [1, N] mesh for data parallelism. Checked against tests/fake_ttml.py (the pin's rules) only, never on hardware.
+
+    Precision at the pin is lazy (autograd/autocast_tensor.cpp): a tensor keeps the precision it was last set in,
+    and the other view is a typecast cached on first read that nothing refreshes. So the model's weights (bf16) are
+    read through their HALF view, fp32 optimizer state through FULL, and every restore writes the precision the
+    tensor lives in: `assign` goes through HALF and would round fp32 state to bf16."""
     dtype = "bfloat16"
 
     def __init__(self, cfg, ttml, ttnn):
@@ -1483,6 +1490,12 @@ class TtmlBackend:
                             "drop --beta1_start")
         self.cfg, self.ttml, self.ttnn = cfg, ttml, ttnn
         self.replicas = n = cfg.data_parallel or 1
+        if n == 32 and not os.environ.get("TT_MESH_GRAPH_DESC_PATH"):  # enable_fabric opens a Galaxy as [4, 8]
+            raise UserError("data_parallel=32: a Galaxy's default mesh is [4, 8]; a [1, 32] data-parallel mesh needs "
+                            "TT_MESH_GRAPH_DESC_PATH pointing at a 1x32 mesh graph descriptor")
+        if cfg.tt_optimizer == "bf16_stochastic":
+            print("ttml: bf16_stochastic rounds with seeds from std::random_device (the pin's AdamW kernel), so no two "
+                  "runs, resumed or not, are bit-identical")
         self.device_name = f"Tenstorrent {n}x device mesh [1, {n}] (ttml)"
         self.ctx, self._closed = ttml.autograd.AutoContext.get_instance(), False
         if n > 1:
@@ -1506,23 +1519,17 @@ class TtmlBackend:
         if n > 1:
             self.mapper = ttml.core.distributed.shard_tensor_to_mesh_mapper(device, 0)  # rows split across devices
             self.composer = ttml.core.distributed.concat_mesh_to_tensor_composer(device, 0)
-            # DDP on the mesh's long axis; synchronize_gradients(params) is a no-op without this context
             self.ctx.initialize_parallelism_context(ttml.autograd.DistributedConfig(enable_ddp=True, enable_tp=False))
-        m, opt = ttml.models, ttml.optimizers
+        m = ttml.models
         runner = m.RunnerType.MemoryEfficient if cfg.tt_runner == "memory_efficient" else m.RunnerType.Default
         self.model = m.nanogpt.create_nanogpt(m.nanogpt.NanoGPTConfig(
             vocab_size=TT_VOCAB, block_size=cfg.seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
             dropout=float(cfg.dropout), bias=True, runner_type=runner,
             weight_tying=m.WeightTyingType.Enabled))  # wte is the lm_head, as in the torch GPT
-        # fp32_master: fp32 master weights and moments (AdamWFullPrecision), so the warmup's and decay's tiny updates
-        # are not rounded away in bf16; bf16_stochastic: bf16 weights, rounded stochastically; bf16: plain bf16 AdamW
-        args = (float(cfg.lr), float(cfg.beta1), float(cfg.beta2), 1e-8, float(cfg.weight_decay))
-        if cfg.tt_optimizer == "fp32_master":
-            self.optimizer = opt.AdamWFullPrecision(self.model.parameters(), opt.AdamWFullPrecisionConfig.make(*args))
-        else:
-            sr = cfg.tt_optimizer == "bf16_stochastic"
-            self.optimizer = opt.AdamW(self.model.parameters(), opt.AdamWConfig.make(*args, amsgrad=False,
-                                                                                     stochastic_rounding=sr))
+        if n > 1:  # whether every chip draws the same init is not settled at the pin: give them device 0's
+            for t in self._params().values():
+                t.assign(self._device_tensor(self._read(t, replica=True), self.ttnn.DataType.BFLOAT16))
+        self.optimizers = self._make_optimizers()
         try:  # bf16 peak as train_nanogpt.py computes it: cores x 1.0 TFLOP/s (Wormhole), x 1.35 (Blackhole)
             grid = device.compute_with_storage_grid_size()
             self.peak_flops = grid.x * grid.y * (1.35e12 if ttnn.device.is_blackhole(device) else 1.0e12) * n
@@ -1530,6 +1537,28 @@ class TtmlBackend:
             self.peak_flops = None
         self.model.train()
         self._losses, self._micro_steps, self._checked, self._seed = [], 0, n == 1, cfg.seed
+
+    def _make_optimizers(self):
+        """One AdamW per weight-decay group, as ttml/common/muon_optimizer.py builds one optimizer per subset: ttml's
+        AdamW has one weight_decay for all its parameters, and like the torch path only matrices decay (LayerNorm
+        gains and biases are [1, 1, 1, n] rows). fp32_master: fp32 master weights and moments (AdamWFullPrecision,
+        which copies the masters from the weights now), so the warmup's and decay's tiny updates are not rounded
+        away in bf16; bf16_stochastic: bf16 weights, rounded stochastically; bf16: plain bf16 AdamW."""
+        opt, cfg = self.ttml.optimizers, self.cfg
+        groups = {"decay": {}, "no_decay": {}}
+        for k, t in self._params().items():
+            groups["decay" if t.shape()[-2] > 1 else "no_decay"][k] = t
+        optimizers = {}
+        for name, params in groups.items():
+            args = (float(cfg.lr), float(cfg.beta1), float(cfg.beta2), 1e-8,
+                    float(cfg.weight_decay) if name == "decay" else 0.0)
+            if cfg.tt_optimizer == "fp32_master":
+                optimizers[name] = opt.AdamWFullPrecision(params, opt.AdamWFullPrecisionConfig.make(*args))
+            else:
+                sr = cfg.tt_optimizer == "bf16_stochastic"
+                optimizers[name] = opt.AdamW(params, opt.AdamWConfig.make(*args, amsgrad=False,
+                                                                            stochastic_rounding=sr))
+        return optimizers
 
     def _params(self):  # Python modules hand back Parameter objects (.tensor), C++ ones the tensors themselves
         return {k: getattr(p, "tensor", p) for k, p in self.model.parameters().items()}
@@ -1542,10 +1571,17 @@ class TtmlBackend:
         ty = None if y is None else Tensor.from_numpy(np.ascontiguousarray(y, np.uint32), L.ROW_MAJOR, D.UINT32, **kw)
         return tx, ty
 
-    def _host(self, t, replica=False):
-        """float32 numpy; a mesh tensor comes back with every device's part along dim 0 (replica: only the first)."""
+    def _device_tensor(self, a, dtype):
+        """A host array replicated to every device (no mapper), TILE layout."""
+        return self.ttml.autograd.Tensor.from_numpy(np.ascontiguousarray(a, np.float32), self.ttnn.Layout.TILE, dtype)
+
+    def _read(self, t, replica=False, full=False):
+        """float32 numpy of a tensor's current value, every device's part along dim 0 (replica: only the first).
+        bf16 tensors are read through a fresh wrapper of their HALF view: to_numpy reads FULL, and a FULL view
+        cached on the tensor itself goes stale when the fused AdamW updates HALF in place (tt-metal #41657)."""
         kw = {} if self.composer is None else {"composer": self.composer}
-        a = np.asarray(t.to_numpy(self.ttnn.DataType.FLOAT32, **kw), dtype=np.float32)
+        src = t if full else self.ttml.autograd.Tensor(t.get_value(self.ttml.autograd.PreferredPrecision.HALF), False)
+        a = np.asarray(src.to_numpy(self.ttnn.DataType.FLOAT32, **kw), dtype=np.float32)
         return a[:t.shape()[0]] if replica else a
 
     def _loss(self, x, y):
@@ -1554,6 +1590,9 @@ class TtmlBackend:
         return self.ttml.ops.loss.cross_entropy_loss(logits, ty, self.ttml.ops.ReduceType.MEAN)
 
     def train_micro_step(self, x, y):
+        # ttml's generator state does not reach Python: every micro-step draws from its own seed, so dropout after
+        # a resume is what it would have been
+        self.ctx.set_seed((self._seed * 1_000_003 + self._micro_steps) % 2**32)
         scale = 1.0 / self.cfg.accumulation_steps
         loss = self._loss(x, y)
         (loss if scale == 1.0 else self.ttml.ops.binary.mul(loss, scale)).backward(False)  # grads add up
@@ -1568,17 +1607,18 @@ class TtmlBackend:
             self.ttml.core.distributed.synchronize_gradients(params, [1])  # mean over the [1, N] mesh's axis 1
         if self.cfg.grad_clip > 0:
             self.ttml.core.clip_grad_norm(params, float(self.cfg.grad_clip), 2.0, False)
-        self.optimizer.set_lr(float(lr))
-        self.optimizer.step()
-        self.optimizer.zero_grad()
+        for opt in self.optimizers.values():
+            opt.set_lr(float(lr))
+            opt.step()
+            opt.zero_grad()
         if not self._checked:  # after the first step every device must hold the same weights
             self._checked = True
             name, t = min(self._params().items(), key=lambda kv: int(np.prod(kv[1].shape())))
-            first, *rest = np.split(self._host(t), self.replicas)
+            first, *rest = np.split(self._read(t), self.replicas)
             if not all(np.array_equal(first, r) for r in rest):
                 raise UserError(f"data_parallel={self.replicas}: the devices' copies of {name} differ after the first "
                                 "step, so the gradient sync did not average them; run with --data_parallel=1")
-        loss, self._losses = sum(s * float(self._host(t).mean()) for t, s in self._losses), []  # one host read
+        loss, self._losses = sum(s * float(self._read(t, full=True).mean()) for t, s in self._losses), []
         return loss
 
     @contextlib.contextmanager
@@ -1594,7 +1634,7 @@ class TtmlBackend:
 
     def eval_loss(self, x, y):
         with self._inference():
-            return float(self._host(self._loss(x, y)).mean())
+            return float(self._read(self._loss(x, y), full=True).mean())
 
     def next_logits(self, ids):
         """The model is built for seq_len tokens: right-pad with EOS (causal, so the padding never reaches earlier
@@ -1605,53 +1645,68 @@ class TtmlBackend:
             logits = self.model(self._tokens(np.tile(row, (self.replicas, 1)))[0], None)  # one copy per device
             V, t = logits.shape()[-1], len(ids) - 1
             last = self.ttnn.slice(logits.get_value(), [0, 0, t, 0], [1, 1, t + 1, V])
-            out = self._host(self.ttml.autograd.Tensor(last, False))
+            out = self._read(self.ttml.autograd.Tensor(last, False), full=True)
         return out.reshape(self.replicas, -1)[0, :VOCAB_SIZE].astype(np.float32)
 
     def state_dict(self, weights=True):
-        # ttml's generator state does not reach Python: a resume reseeds from the seed and the micro-steps done
         state = {"rng": {"seed": int(self._seed), "micro_steps": int(self._micro_steps)}}
         if not weights:
             return state
+        full = self.cfg.tt_optimizer == "fp32_master"  # AdamWFullPrecision's state lives in fp32, AdamW's in bf16
         opt = {}
-        for key, v in self.optimizer.get_state_dict().items():  # moments, fp32 master weights, the step count
-            if hasattr(v, "items"):
-                opt[key] = {k: torch.from_numpy(self._host(getattr(t, "tensor", t), True)) for k, t in v.items()}
-            elif isinstance(v, (bool, int, float, str)):
-                opt[key] = v
-        return {**state, "model": {k: torch.from_numpy(self._host(t, True)) for k, t in self._params().items()},
+        for group, o in self.optimizers.items():
+            opt[group] = {}
+            for key, v in o.get_state_dict().items():  # moments, fp32 master weights, the step count
+                if hasattr(v, "items"):
+                    opt[group][key] = {k: torch.from_numpy(self._read(getattr(t, "tensor", t), True, full))
+                                       for k, t in v.items()}
+                elif isinstance(v, (bool, int, float, str)):
+                    opt[group][key] = v
+        return {**state, "model": {k: torch.from_numpy(self._read(t, True)) for k, t in self._params().items()},
                 "optimizer": opt}
 
-    def _assign(self, dst, value, name):
+    def _restore(self, dst, value, name, full=False):
+        """Write a checkpoint array into a live tensor in place (the optimizer keeps pointing at it), replicated to
+        every device, in the precision the tensor lives in: set_value of a FULL value keeps fp32; assign rounds to
+        bf16, exactly for values that came out of a bf16 tensor."""
         a = value.detach().cpu().float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, np.float32)
         if list(dst.shape()) != list(a.shape):
             raise UserError(f"checkpoint parameter {name} {tuple(a.shape)} does not fit this model "
                             f"{tuple(dst.shape())}; same n_layer, n_head, n_embd and seq_len as the run that wrote it?")
-        src = self.ttml.autograd.Tensor.from_numpy(np.ascontiguousarray(a), self.ttnn.Layout.TILE, dst.dtype())
-        dst.assign(src)  # replicated to every device, in place: the optimizer keeps pointing at it
+        src = self._device_tensor(a, self.ttnn.DataType.FLOAT32)
+        if full:
+            dst.set_value(src.get_value(self.ttml.autograd.PreferredPrecision.FULL))
+        else:
+            dst.assign(src)
 
     def load_state_dict(self, state):
+        """Before any training step. The weights first; then the optimizers are built again, so that
+        AdamWFullPrecision copies its masters from the loaded weights (a load into a built one is overwritten by its
+        masters at the next step); then their saved state, when there is one."""
         params = self._params()
         unknown = sorted(set(state.get("model", {})) - set(params))
         if unknown:
             raise UserError(f"checkpoint parameter {unknown[0]} is not in this model; was it written by the "
                             "torch backend? load it with --backend=torch")
         for k, v in state.get("model", {}).items():
-            self._assign(params[k], v, k)
-        if "optimizer" in state:
-            live = self.optimizer.get_state_dict()
-            for key, v in state["optimizer"].items():
-                if not isinstance(v, dict):
-                    live[key] = v
-                for k, a in v.items() if isinstance(v, dict) else ():
-                    self._assign(getattr(live[key][k], "tensor", live[key][k]), a, f"optimizer/{key}/{k}")
-            try:  # the step count, which bias correction reads; some builds take no Python int for size_t
-                self.optimizer.set_state_dict(live)
-            except (TypeError, ValueError, RuntimeError) as e:
-                print(f"load: AdamW's step count did not restore ({one_line(e)}); bias correction restarts")
+            self._restore(params[k], v, k)
+        self.optimizers = self._make_optimizers()
+        saved, full = state.get("optimizer"), self.cfg.tt_optimizer == "fp32_master"
+        for group, o in self.optimizers.items() if saved is not None else ():
+            if group not in saved:
+                raise UserError(f"the checkpoint has no optimizer state for the {group} group; it was written by "
+                                "another version of main.py: continue it there, or start over with "
+                                "--init_from=scratch --overwrite=true")
+            # set_state_dict takes the count only as a size_t, which a Python int never becomes at the pin
+            # (serialization/serializable.hpp); step() with no gradient yet counts (and multiplies the beta powers,
+            # as the unbroken run did) and touches no tensor
+            for _ in range(int(saved[group]["steps"])):
+                o.step()
+            for key, live in o.get_state_dict().items():
+                for k, t in live.items() if hasattr(live, "items") else ():
+                    self._restore(getattr(t, "tensor", t), saved[group][key][k], f"optimizer/{group}/{key}/{k}", full)
         if "rng" in state:
             self._seed, self._micro_steps = int(state["rng"]["seed"]), int(state["rng"]["micro_steps"])
-            self.ctx.set_seed((self._seed + self._micro_steps) % 2**32)
 
     def close(self):
         if not self._closed:
