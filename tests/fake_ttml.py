@@ -37,7 +37,9 @@ def lay_out_tt_metal(root, build="build"):
     files = {
         os.path.join(so_dir, "_ttml.py"): "import sys, fake_ttml\nfake_ttml.populate(sys.modules[__name__])\n",
         os.path.join(pkg, "__init__.py"): "from . import _ttml\nfrom ._ttml import *  # noqa\n",
-        os.path.join(root, "ttnn", "__init__.py"): "import sys, fake_ttml\nfake_ttml.fill_ttnn(sys.modules[__name__])\n",
+        os.path.join(
+            root, "ttnn", "__init__.py"
+        ): "import sys, fake_ttml\nfake_ttml.fill_ttnn(sys.modules[__name__])\n",
     }
     for path, text in files.items():
         with open(path, "w") as f:
@@ -89,8 +91,16 @@ def _ttnn_topk(t, k, dim=-1, largest=True, sorted=True):
 
 def fill_ttnn(mod):
     device = types.SimpleNamespace(is_blackhole=lambda d: d.arch == "blackhole")
-    for k, v in dict(Layout=Layout, DataType=DataType, slice=_ttnn_slice, argmax=_ttnn_argmax, topk=_ttnn_topk,
-                     typecast=typecast, device=device, bfloat16=DataType.BFLOAT16).items():
+    for k, v in dict(
+        Layout=Layout,
+        DataType=DataType,
+        slice=_ttnn_slice,
+        argmax=_ttnn_argmax,
+        topk=_ttnn_topk,
+        typecast=typecast,
+        device=device,
+        bfloat16=DataType.BFLOAT16,
+    ).items():
         setattr(mod, k, v)
     return mod
 
@@ -161,8 +171,9 @@ def _get_value_type(d, key, want):
 
 def populate(mod):
     """Fill a module object with this build's ttml names (what NB_MODULE(_ttml) and the ttml package register)."""
-    st = types.SimpleNamespace(mesh=None, grad=True, graph_live=False, tape=[], mgd_shape=None, seed=0, draws=0,
-                               pctx=None)
+    st = types.SimpleNamespace(
+        mesh=None, grad=True, graph_live=False, tape=[], mgd_shape=None, seed=0, draws=0, pctx=None
+    )
     _STATE["st"] = st
     ns = types.SimpleNamespace
 
@@ -386,11 +397,18 @@ def populate(mod):
         nanogpt/safetensors_loader.py@01cac67 maps GPT-2's keys): Linear weights [1, 1, out, in], row vectors
         [1, 1, 1, n] for biases and LayerNorm gains."""
         p = f"NanoGPT/blocks/{i}/"
-        tree = {p + "ln1/gamma": ("ones", c), p + "attention/qkv_linear/weight": ("normal", 3 * c, c),
-                p + "attention/qkv_linear/bias": ("zeros", 3 * c), p + "attention/out_linear/weight": ("normal", c, c),
-                p + "attention/out_linear/bias": ("zeros", c), p + "ln2/gamma": ("ones", c),
-                p + "mlp/fc1/weight": ("normal", 4 * c, c), p + "mlp/fc1/bias": ("zeros", 4 * c),
-                p + "mlp/fc2/weight": ("normal", c, 4 * c), p + "mlp/fc2/bias": ("zeros", c)}
+        tree = {
+            p + "ln1/gamma": ("ones", c),
+            p + "attention/qkv_linear/weight": ("normal", 3 * c, c),
+            p + "attention/qkv_linear/bias": ("zeros", 3 * c),
+            p + "attention/out_linear/weight": ("normal", c, c),
+            p + "attention/out_linear/bias": ("zeros", c),
+            p + "ln2/gamma": ("ones", c),
+            p + "mlp/fc1/weight": ("normal", 4 * c, c),
+            p + "mlp/fc1/bias": ("zeros", 4 * c),
+            p + "mlp/fc2/weight": ("normal", c, 4 * c),
+            p + "mlp/fc2/bias": ("zeros", c),
+        }
         if bias:
             tree.update({p + "ln1/beta": ("zeros", c), p + "ln2/beta": ("zeros", c)})
         return tree
@@ -417,8 +435,11 @@ def populate(mod):
             self._params = {}
             for name, (kind, *shape) in tree.items():
                 shape = [1, 1, *shape] if len(shape) == 2 else [1, 1, 1, *shape]
-                make = {"ones": lambda r: np.ones(shape, np.float32), "zeros": lambda r: np.zeros(shape, np.float32),
-                        "normal": lambda r: (r.standard_normal(shape) * 0.02).astype(np.float32)}[kind]
+                make = {
+                    "ones": lambda r: np.ones(shape, np.float32),
+                    "zeros": lambda r: np.zeros(shape, np.float32),
+                    "normal": lambda r: (r.standard_normal(shape) * 0.02).astype(np.float32),
+                }[kind]
                 self._params[name] = Tensor(DeviceTensor([bf16(make(r)) for r in rngs], DataType.BFLOAT16))
             self.cfg, self.mode = cfg, "train"
 
@@ -449,8 +470,9 @@ def populate(mod):
 
             def ln(t, name):
                 beta = w.get(p + name + "/beta")
-                return F.layer_norm(t, (c,), w[p + name + "/gamma"].view(c), None if beta is None else beta.view(c),
-                                    eps=1e-5)
+                return F.layer_norm(
+                    t, (c,), w[p + name + "/gamma"].view(c), None if beta is None else beta.view(c), eps=1e-5
+                )
 
             def lin(t, name):
                 W = w[p + name + "/weight"]
@@ -489,8 +511,13 @@ def populate(mod):
                         x = torch.utils.checkpoint.checkpoint(self._block, i, x, w, use_reentrant=False)
                     else:
                         x = self._block(i, x, w)
-                x = F.layer_norm(x, (c,), w["NanoGPT/ln_f_gamma"].view(c),
-                                 w["NanoGPT/ln_f_beta"].view(c) if "NanoGPT/ln_f_beta" in w else None, eps=1e-5)
+                x = F.layer_norm(
+                    x,
+                    (c,),
+                    w["NanoGPT/ln_f_gamma"].view(c),
+                    w["NanoGPT/ln_f_beta"].view(c) if "NanoGPT/ln_f_beta" in w else None,
+                    eps=1e-5,
+                )
                 logits = (x @ E.T)[:, None]  # [B, 1, T, V]
                 outs.append(logits)
                 values.append(bf16(logits.detach().numpy()))
@@ -504,11 +531,15 @@ def populate(mod):
         if reduce != ReduceType.MEAN:
             raise NotImplementedError
         outs = []
-        for lg, y in zip(logits._torch or [torch.from_numpy(p) for p in logits.get_value().parts],
-                         target.get_value().parts, strict=True):
+        for lg, y in zip(
+            logits._torch or [torch.from_numpy(p) for p in logits.get_value().parts],
+            target.get_value().parts,
+            strict=True,
+        ):
             V = lg.shape[-1]
-            outs.append(F.cross_entropy(lg.reshape(-1, V), torch.from_numpy(y.astype(np.int64)).reshape(-1))
-                        .reshape(1, 1, 1, 1))
+            outs.append(
+                F.cross_entropy(lg.reshape(-1, V), torch.from_numpy(y.astype(np.int64)).reshape(-1)).reshape(1, 1, 1, 1)
+            )
         return _result([o.detach().numpy().astype(np.float32) for o in outs], outs, DataType.FLOAT32)
 
     def mul(t, s):
@@ -534,11 +565,16 @@ def populate(mod):
 
             def zeros(t):
                 return Tensor(DeviceTensor([np.zeros_like(p) for p in t.get_value(view).parts], keep), False)
+
             self.exp_avg = NamedParameters({k: zeros(t) for k, t in self.params.items()})
             self.exp_avg_sq = NamedParameters({k: zeros(t) for k, t in self.params.items()})
             if self.full_precision:  # adamw_full_precision.cpp:21-47: fp32 copies of the weights, taken now
-                self.master = NamedParameters({k: Tensor(typecast(t.get_value(PreferredPrecision.FULL), keep),
-                                                         False) for k, t in self.params.items()})
+                self.master = NamedParameters(
+                    {
+                        k: Tensor(typecast(t.get_value(PreferredPrecision.FULL), keep), False)
+                        for k, t in self.params.items()
+                    }
+                )
 
         def zero_grad(self):
             for t in self.params.values():
@@ -554,8 +590,10 @@ def populate(mod):
         def step(self):
             c = self.cfg
             self.steps += 1
-            self.b1pow, self.b2pow = np.float32(self.b1pow * np.float32(c.beta1)), np.float32(
-                self.b2pow * np.float32(c.beta2))
+            self.b1pow, self.b2pow = (
+                np.float32(self.b1pow * np.float32(c.beta1)),
+                np.float32(self.b2pow * np.float32(c.beta2)),
+            )
             f32 = np.float32
             step_size = f32(c.lr) / (f32(1) - self.b1pow)
             inv_sqrt_bc2 = f32(1) / np.sqrt(f32(1) - self.b2pow)
@@ -633,18 +671,41 @@ def populate(mod):
         enable_tp: bool = False
 
     mod.NamedParameters = NamedParameters
-    mod.autograd = ns(AutoContext=AutoContext, Tensor=Tensor, GradMode=GradMode, PreferredPrecision=PreferredPrecision,
-                      DistributedConfig=DistributedConfig)
-    mod.core = ns(clip_grad_norm=clip_grad_norm, distributed=ns(
-        enable_fabric=enable_fabric, synchronize_gradients=synchronize_gradients,
-        shard_tensor_to_mesh_mapper=lambda device, dim, cluster_axis=None: ("shard", dim),
-        concat_mesh_to_tensor_composer=lambda mesh_device, dim: ("concat", dim)))
-    mod.models = ns(RunnerType=RunnerType, WeightTyingType=WeightTyingType, memory_efficient_runner=memory_efficient_runner,
-                    nanogpt=ns(NanoGPTConfig=NanoGPTConfig, NanoGPTExperimentalConfig=NanoGPTExperimentalConfig,
-                               NanoGPT=NanoGPT, create_nanogpt=NanoGPT))
+    mod.autograd = ns(
+        AutoContext=AutoContext,
+        Tensor=Tensor,
+        GradMode=GradMode,
+        PreferredPrecision=PreferredPrecision,
+        DistributedConfig=DistributedConfig,
+    )
+    mod.core = ns(
+        clip_grad_norm=clip_grad_norm,
+        distributed=ns(
+            enable_fabric=enable_fabric,
+            synchronize_gradients=synchronize_gradients,
+            shard_tensor_to_mesh_mapper=lambda device, dim, cluster_axis=None: ("shard", dim),
+            concat_mesh_to_tensor_composer=lambda mesh_device, dim: ("concat", dim),
+        ),
+    )
+    mod.models = ns(
+        RunnerType=RunnerType,
+        WeightTyingType=WeightTyingType,
+        memory_efficient_runner=memory_efficient_runner,
+        nanogpt=ns(
+            NanoGPTConfig=NanoGPTConfig,
+            NanoGPTExperimentalConfig=NanoGPTExperimentalConfig,
+            NanoGPT=NanoGPT,
+            create_nanogpt=NanoGPT,
+        ),
+    )
     mod.ops = ns(ReduceType=ReduceType, binary=ns(mul=mul), loss=ns(cross_entropy_loss=cross_entropy_loss))
-    mod.optimizers = ns(OptimizerBase=Optimizer, AdamW=AdamW, AdamWFullPrecision=AdamWFullPrecision,
-                        AdamWConfig=AdamWConfig, AdamWFullPrecisionConfig=AdamWFullPrecisionConfig)
+    mod.optimizers = ns(
+        OptimizerBase=Optimizer,
+        AdamW=AdamW,
+        AdamWFullPrecision=AdamWFullPrecision,
+        AdamWConfig=AdamWConfig,
+        AdamWFullPrecisionConfig=AdamWFullPrecisionConfig,
+    )
     mod._state = st
     return mod
 

@@ -33,6 +33,7 @@ Environment:
                      waiting.
   NCCL_STANDIN_MAIN  the main.py to run (default: the one beside tests/).
 """
+
 import functools
 import importlib.util
 import json
@@ -51,13 +52,41 @@ GPU_NAME = "NVIDIA H100 80GB HBM3"
 RANK, LOCAL_RANK = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
 BACKENDS = {"nccl": "cuda:gloo", "cpu:gloo,cuda:nccl": "cpu:gloo,cuda:gloo", "cuda:nccl,cpu:gloo": "cpu:gloo,cuda:gloo"}
 OBJECT_COLLECTIVES = ("all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list")
-COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce", "reduce_scatter",
-               "reduce_scatter_tensor", "gather", "scatter", "all_to_all", "all_to_all_single", "send", "recv",
-               "isend", "irecv", "barrier", "monitored_barrier", *OBJECT_COLLECTIVES)
+COLLECTIVES = (
+    "all_reduce",
+    "broadcast",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "gather",
+    "scatter",
+    "all_to_all",
+    "all_to_all_single",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "barrier",
+    "monitored_barrier",
+    *OBJECT_COLLECTIVES,
+)
 
-LOG = {"rank": RANK, "local_rank": LOCAL_RANK, "pid": os.getpid(), "backend_asked": None, "backend_made": None,
-       "device_id": None, "set_device": [], "events": [], "collectives": {}, "failed_collective": None,
-       "first_error": None, "exit": None}
+LOG = {
+    "rank": RANK,
+    "local_rank": LOCAL_RANK,
+    "pid": os.getpid(),
+    "backend_asked": None,
+    "backend_made": None,
+    "device_id": None,
+    "set_device": [],
+    "events": [],
+    "collectives": {},
+    "failed_collective": None,
+    "first_error": None,
+    "exit": None,
+}
 state = {"current": None, "cuda_group": False, "side_group": None}
 
 
@@ -77,6 +106,7 @@ def event(text):
 
 
 # --- two fake GPUs ---------------------------------------------------------------------------------------------
+
 
 def set_device(device):
     if isinstance(device, int):
@@ -130,12 +160,16 @@ def device_rule(name):
     if not state["cuda_group"]:
         return
     if state["current"] is None:
-        raise RuntimeError(f"collective before set_device: every rank is on cuda:0 (rank {RANK}, local rank "
-                           f"{LOCAL_RANK}, called {name} before torch.cuda.set_device(cuda:{LOCAL_RANK}); NCCL "
-                           "refuses two ranks on one GPU, or hangs)")
+        raise RuntimeError(
+            f"collective before set_device: every rank is on cuda:0 (rank {RANK}, local rank "
+            f"{LOCAL_RANK}, called {name} before torch.cuda.set_device(cuda:{LOCAL_RANK}); NCCL "
+            "refuses two ranks on one GPU, or hangs)"
+        )
     if state["current"] != LOCAL_RANK:
-        raise RuntimeError(f"collective on the wrong GPU: rank {RANK} (local rank {LOCAL_RANK}) called {name} on "
-                           f"cuda:{state['current']}, not cuda:{LOCAL_RANK}")
+        raise RuntimeError(
+            f"collective on the wrong GPU: rank {RANK} (local rank {LOCAL_RANK}) called {name} on "
+            f"cuda:{state['current']}, not cuda:{LOCAL_RANK}"
+        )
 
 
 def wrap(name, real):
@@ -158,6 +192,7 @@ def wrap(name, real):
                 LOG["failed_collective"] = f"{name}, called from {callers()}"
                 write_log()
             raise
+
     return collective
 
 
@@ -196,9 +231,11 @@ DDP.__init__ = ddp_init
 
 # --- the run on the CPU, a signal to wait for ---------------------------------------------------------------------
 
-hold_at(int(os.environ.get("NCCL_STANDIN_HOLD") or 0),
-        lambda n: event(f"holding at optimizer step {n} for a signal"),
-        lambda signalled: event(f"released (signal: {signalled})"))
+hold_at(
+    int(os.environ.get("NCCL_STANDIN_HOLD") or 0),
+    lambda n: event(f"holding at optimizer step {n} for a signal"),
+    lambda signalled: event(f"released (signal: {signalled})"),
+)
 
 
 def load_main():

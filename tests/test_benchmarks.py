@@ -1,5 +1,6 @@
 """The benchmarks drive main.py through the backend seam, as train() does: a seam change must not leave them broken
 for the next session that is lent a GPU, whose few device minutes would go to a traceback."""
+
 import importlib.util
 import math
 import os

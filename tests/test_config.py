@@ -1,4 +1,5 @@
 """TrainConfig defaults and the --field=value command line."""
+
 import dataclasses
 import os
 
@@ -25,34 +26,53 @@ def test_wiki_dump_env_var_sets_the_default(monkeypatch):
 
 
 def test_overrides_are_typed_from_the_dataclass():
-    c = main.parse_config(["--max_docs=1000", "--n_layer=2", "--lr=0.001", "--prepare_only=true", "--compile=true",
-                           "--data_files=a.parquet", "--top_k=None", "--beta1_start=0.85"])
+    c = main.parse_config(
+        [
+            "--max_docs=1000",
+            "--n_layer=2",
+            "--lr=0.001",
+            "--prepare_only=true",
+            "--compile=true",
+            "--data_files=a.parquet",
+            "--top_k=None",
+            "--beta1_start=0.85",
+        ]
+    )
     assert c.max_docs == 1000 and isinstance(c.max_docs, int)
     assert c.n_layer == 2 and c.lr == 1e-3 and c.prepare_only is True and c.compile == "true"
     assert c.data_files == "a.parquet" and c.top_k is None and c.beta1_start == 0.85
     assert main.parse_config(["--prepare_only=false"]).prepare_only is False
 
 
-@pytest.mark.parametrize("argv,words", [
-    (["--no_such_field=1"], ["unknown option", "--help"]),
-    (["--n_layer=two"], ["--n_layer", "expected int", "'two'"]),
-    (["--prepare_only=maybe"], ["true or false"]),
-    (["--seq_len"], ["--seq_len", "expected one argument"]),
-    (["lr=3"], ["unknown option"]),
-    (["--eval_every=3", "--accumulation_steps=2"], ["multiple of accumulation_steps"]),
-    (["--n_embd=100", "--n_head=3"], ["divisible"]),
-    (["--init_from=best"], ["'auto', 'scratch', 'resume'"]),
-    (["--compile=yes"], ["'auto', 'true', 'false'"]),
-    (["--steps=7", "--accumulation_steps=2", "--eval_every=2"], ["steps=7 must be a multiple"]),
-    (["--out_dir="], ["out_dir is empty"]),
-    (["--seed=-1"], ["seed=-1"]), (["--seed=4294967296"], ["seed=4294967296"]),
-    (["--dropout=1.5"], ["dropout=1.5 must be in [0, 1)"]), (["--beta2=2"], ["beta2=2.0"]),
-    (["--beta1_start=1.5", "--beta1_warmup_steps=5"], ["beta1_start=1.5"]),
-    (["--lr=nan"], ["lr=nan must be"]), (["--temperature=inf"], ["temperature=inf"]),
-    (["--peak_flops=nan"], ["peak_flops=nan"]), (["--grad_clip=-1"], ["grad_clip=-1.0 must be >= 0"]),
-    (["--weight_decay=-0.1"], ["weight_decay"]), (["--sample_tokens=-1"], ["sample_tokens"]),
-    (["--total_optim_steps=-5"], ["total_optim_steps"]), (["--shard_tokens=1000000000000"], ["2**30"]),
-])
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--no_such_field=1"], ["unknown option", "--help"]),
+        (["--n_layer=two"], ["--n_layer", "expected int", "'two'"]),
+        (["--prepare_only=maybe"], ["true or false"]),
+        (["--seq_len"], ["--seq_len", "expected one argument"]),
+        (["lr=3"], ["unknown option"]),
+        (["--eval_every=3", "--accumulation_steps=2"], ["multiple of accumulation_steps"]),
+        (["--n_embd=100", "--n_head=3"], ["divisible"]),
+        (["--init_from=best"], ["'auto', 'scratch', 'resume'"]),
+        (["--compile=yes"], ["'auto', 'true', 'false'"]),
+        (["--steps=7", "--accumulation_steps=2", "--eval_every=2"], ["steps=7 must be a multiple"]),
+        (["--out_dir="], ["out_dir is empty"]),
+        (["--seed=-1"], ["seed=-1"]),
+        (["--seed=4294967296"], ["seed=4294967296"]),
+        (["--dropout=1.5"], ["dropout=1.5 must be in [0, 1)"]),
+        (["--beta2=2"], ["beta2=2.0"]),
+        (["--beta1_start=1.5", "--beta1_warmup_steps=5"], ["beta1_start=1.5"]),
+        (["--lr=nan"], ["lr=nan must be"]),
+        (["--temperature=inf"], ["temperature=inf"]),
+        (["--peak_flops=nan"], ["peak_flops=nan"]),
+        (["--grad_clip=-1"], ["grad_clip=-1.0 must be >= 0"]),
+        (["--weight_decay=-0.1"], ["weight_decay"]),
+        (["--sample_tokens=-1"], ["sample_tokens"]),
+        (["--total_optim_steps=-5"], ["total_optim_steps"]),
+        (["--shard_tokens=1000000000000"], ["2**30"]),
+    ],
+)
 def test_bad_command_lines_are_one_clear_error(argv, words):
     with pytest.raises(main.UserError) as e:
         main.parse_config(argv)

@@ -1,5 +1,6 @@
 """On a real GPU only (skipped elsewhere): main.py's default path end to end, as a new user runs it. Each test prints
 its numbers (run with -s): `python -m pytest -s -q tests/test_cuda_real.py`."""
+
 import os
 import subprocess
 import sys
@@ -50,13 +51,16 @@ def test_kill_9_then_resume_ends_near_the_unbroken_run(tmp_path, compiled_run):
             return torch.load(tmp_path / "ckpt.pt", weights_only=False)["meta"]["step"] >= 80
         except Exception:
             return False
+
     assert kill_9_when(RUN + [f"--out_dir={tmp_path}", "--compile=true"], checkpoint_past_80)
     p = run_main(RUN + [f"--out_dir={tmp_path}", "--compile=true", "--init_from=resume"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resume: from" in p.stdout
     a, b = evals(compiled_run)[200], evals(tmp_path)[200]
-    print(f"\nkill -9 + resume on GPU: final val {b:.5f} vs unbroken {a:.5f} (diff {b - a:+.5f}; GPU kernels are "
-          "not bit-exact run to run)")
+    print(
+        f"\nkill -9 + resume on GPU: final val {b:.5f} vs unbroken {a:.5f} (diff {b - a:+.5f}; GPU kernels are "
+        "not bit-exact run to run)"
+    )
     assert abs(a - b) / a < 0.01
 
 
@@ -64,15 +68,30 @@ def test_torchrun_one_gpu_makes_the_nccl_group_and_a_kill_9_continues(tmp_path):
     """One GPU under torchrun takes every collective, checkpoint and resume path that eight do (on NCCL)."""
     import signal
     import time
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-           os.path.join(ROOT, "main.py"), "--smoke", f"--out_dir={tmp_path}", "--steps=160", "--eval_every=40",
-           "--sample_tokens=8"]
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        os.path.join(ROOT, "main.py"),
+        "--smoke",
+        f"--out_dir={tmp_path}",
+        "--steps=160",
+        "--eval_every=40",
+        "--sample_tokens=8",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 400
-    while proc.poll() is None and time.time() < deadline and not any(
-            r["kind"] == "eval" and r["step"] >= 40 for r in read_jsonl(tmp_path / "metrics.jsonl")):
+    while (
+        proc.poll() is None
+        and time.time() < deadline
+        and not any(r["kind"] == "eval" and r["step"] >= 40 for r in read_jsonl(tmp_path / "metrics.jsonl"))
+    ):
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before the kill"
     os.killpg(proc.pid, signal.SIGKILL)

@@ -1,5 +1,6 @@
 """Data parallel with torchrun on CPU (gloo): two ranks match one process with the same global batch, and only rank 0
 writes and prints. (Resume under torchrun: tests/test_nccl_paths.py, against this module's two-rank run.)"""
+
 import json
 import os
 
@@ -8,7 +9,9 @@ import torch
 
 from conftest import RUN, cli_args, one_line_error, read_jsonl
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="this torch build has no torch.distributed"
+)
 
 
 def evals(out_dir):
@@ -37,5 +40,9 @@ def test_only_rank_0_writes_outputs_and_prints(two_ranks):
 
 
 def test_data_parallel_that_does_not_match_the_world_size_is_one_line(tmp_path, capsys):
-    one_line_error(capsys, cli_args(tmp_path, **RUN, data_parallel=2), "data_parallel=2 but this run has 1 replicas",
-                   "torchrun --nproc_per_node=2")
+    one_line_error(
+        capsys,
+        cli_args(tmp_path, **RUN, data_parallel=2),
+        "data_parallel=2 but this run has 1 replicas",
+        "torchrun --nproc_per_node=2",
+    )

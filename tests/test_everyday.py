@@ -1,4 +1,5 @@
 """Everyday use: sampling from a checkpoint, device and precision choice, MFU arithmetic, bounded prepare memory."""
+
 import subprocess
 import sys
 
@@ -40,8 +41,9 @@ def test_sampling_with_a_fixed_seed_is_reproducible(backend, tmp_path):
     assert draw(3) == draw(3)
     assert draw(3) != draw(4)
     greedy = tiny_cfg(tmp_path, sample_tokens=10)
-    assert main.generate(backend, [464, 2106], greedy, np.random.default_rng(0)) == \
-        main.generate(backend, [464, 2106], greedy, np.random.default_rng(9))
+    assert main.generate(backend, [464, 2106], greedy, np.random.default_rng(0)) == main.generate(
+        backend, [464, 2106], greedy, np.random.default_rng(9)
+    )
 
 
 def test_top_k_1_sampling_equals_greedy(backend, tmp_path):
@@ -82,7 +84,9 @@ def test_flops_per_token_matches_a_hand_count_of_the_real_model(tmp_path):
     by_hand = 6 * (matmul_weights + main.VOCAB_SIZE * 64) + 12 * 3 * 64 * 32
     assert main.model_flops_per_token(cfg) == by_hand
     # GPT-2 small at seq 1024: the well-known ~0.85 GFLOP/token
-    assert main.model_flops_per_token(main.TrainConfig()) == pytest.approx(6 * 124.3e6 - 6 * 786432 + 12 * 12 * 768 * 1024, rel=0.01)
+    assert main.model_flops_per_token(main.TrainConfig()) == pytest.approx(
+        6 * 124.3e6 - 6 * 786432 + 12 * 12 * 768 * 1024, rel=0.01
+    )
 
 
 def test_peak_flops_table_override_and_unknown_device():
@@ -95,9 +99,11 @@ def test_peak_flops_table_override_and_unknown_device():
 
 def peak_rss_kb_of_prepare(data, out_dir):
     """Run prepare (num_proc=1, so it is all one process) in a fresh interpreter; its own peak RSS in kB."""
-    code = ("import resource, sys; sys.path.insert(0, %r); import main; "
-            "main.main(['--data_files=%s', '--out_dir=%s', '--prepare_only=true', '--num_proc=1', "
-            "'--shard_tokens=1000000']); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)") % (ROOT, data, out_dir)
+    code = (
+        "import resource, sys; sys.path.insert(0, %r); import main; "
+        "main.main(['--data_files=%s', '--out_dir=%s', '--prepare_only=true', '--num_proc=1', "
+        "'--shard_tokens=1000000']); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    ) % (ROOT, data, out_dir)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     return int(p.stdout.strip().splitlines()[-1])

@@ -1,5 +1,6 @@
 """The CUDA paths, guarded on a CPU-only machine: a faked single-GPU torch drives main.py up to placing the model on
 the GPU, and resume gets CPU generator states whatever device the checkpoint's tensors are mapped to."""
+
 import os
 
 import pytest
@@ -60,8 +61,9 @@ def test_cuda_asked_for_on_a_cpu_only_machine_is_one_line_before_prepare(tmp_pat
     assert not (tmp_path / "run").exists()  # nothing was prepared
 
 
-@pytest.mark.parametrize("device,says", [("mps", "no usable Apple MPS"), ("gpu", "expected auto, cpu, cuda"),
-                                         ("cuda:3", "no CUDA GPU")])
+@pytest.mark.parametrize(
+    "device,says", [("mps", "no usable Apple MPS"), ("gpu", "expected auto, cpu, cuda"), ("cuda:3", "no CUDA GPU")]
+)
 def test_unavailable_or_misspelled_devices_are_one_line(tmp_path, device, says):
     with pytest.raises(main.UserError, match=says):
         main.resolve_device(device)
@@ -74,7 +76,10 @@ def test_resume_restores_rng_from_cpu_tensors_whatever_the_map_location(run_copy
     real_load = torch.load
 
     def load_elsewhere(f, map_location=None, **kw):
-        return real_load(f, map_location="cpu" if isinstance(map_location, str) and map_location == "cpu" else "meta", **kw)
+        return real_load(
+            f, map_location="cpu" if isinstance(map_location, str) and map_location == "cpu" else "meta", **kw
+        )
+
     monkeypatch.setattr(torch, "load", load_elsewhere)
     seen = []
     real_set = torch.set_rng_state
@@ -93,6 +98,7 @@ def test_compile_failure_falls_back_to_eager_with_one_line(tmp_path, monkeypatch
 
         def forward(self, *a):
             raise RuntimeError("inductor: no working C compiler\nlong details")
+
     monkeypatch.setattr(torch, "compile", lambda model, **kw: Broken(model))
     cfg = tiny_cfg(tmp_path, steps=4, eval_every=2, compile="true", export_hf=False)
     main.run(cfg)

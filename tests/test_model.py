@@ -1,4 +1,5 @@
 """GPT-2 model, schedule, accumulation and no_grad() on the PyTorch backend."""
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +19,7 @@ def random_batch(rows, seq_len, seed=0):
 
 def test_logits_equal_transformers_gpt2_with_the_same_weights(tmp_path):
     from transformers import GPT2LMHeadModel
+
     b = backend(tmp_path, n_layer=3, n_head=4, n_embd=64)
     for p in b.raw.parameters():  # random weights everywhere, biases and LayerNorms included
         torch.nn.init.normal_(p, std=0.05)
@@ -48,14 +50,14 @@ def test_padded_columns_take_no_probability_mass_in_the_loss(tmp_path, compiled)
     (tests/test_cuda_real.py)."""
     b = backend(tmp_path)
     with torch.no_grad():  # make the padding columns tempting: they would win every softmax if they took part
-        b.raw.lm_head.weight[main.VOCAB_SIZE:] = 10 * b.raw.lm_head.weight[:1]
+        b.raw.lm_head.weight[main.VOCAB_SIZE :] = 10 * b.raw.lm_head.weight[:1]
     x, y = (torch.from_numpy(a.astype(np.int64)) for a in random_batch(2, 32, seed=3))
     model = torch.compile(b.raw, backend="aot_eager_decomp_partition") if compiled else b.raw
     loss = model(x, y)
     logits = b.raw(x)
     assert loss.item() == pytest.approx(F.cross_entropy(logits.view(-1, main.VOCAB_SIZE), y.view(-1)).item(), rel=1e-5)
     loss.backward()
-    assert b.raw.lm_head.weight.grad[main.VOCAB_SIZE:].abs().max().item() == 0.0
+    assert b.raw.lm_head.weight.grad[main.VOCAB_SIZE :].abs().max().item() == 0.0
 
 
 def test_fp16_with_grad_scaler_skips_a_step_with_inf_gradients_and_backs_off(tmp_path):
@@ -85,7 +87,7 @@ def test_k_micro_batches_equal_one_batch_of_k_times_b(tmp_path):
     x, y = random_batch(k * b, 32, seed=1)
     accum, whole = backend(tmp_path, accumulation_steps=k), backend(tmp_path)
     for i in range(k):
-        accum.train_micro_step(x[i * b:(i + 1) * b], y[i * b:(i + 1) * b])
+        accum.train_micro_step(x[i * b : (i + 1) * b], y[i * b : (i + 1) * b])
     whole.train_micro_step(x, y)
     la, lw = accum.optimizer_step(1e-3, 0.9), whole.optimizer_step(1e-3, 0.9)
     assert la == pytest.approx(lw, rel=1e-5)

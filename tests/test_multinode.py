@@ -1,6 +1,7 @@
 """Two torchrun nodes on localhost (c10d rendezvous, gloo, one process each), in both storage layouts: node-local
 (a different out_dir per node) runs to the end and matches one process; shared (one out_dir for both) prepares once,
 and when one node is killed mid-run the other stops with one line."""
+
 import json
 import os
 import re
@@ -14,8 +15,10 @@ import torch
 
 from conftest import ROOT, TWO_RANKS, cli_args, main, read_jsonl, wait_for
 
-pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed"),
-              pytest.mark.skipif(not os.path.isdir("/proc"), reason="kills a node's workers found through /proc")]
+pytestmark = [
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed"),
+    pytest.mark.skipif(not os.path.isdir("/proc"), reason="kills a node's workers found through /proc"),
+]
 
 
 def free_port():
@@ -35,12 +38,27 @@ def start_nodes(tmp, layout, node1_env=None, node1_script="main.py", **kw):
     procs = []
     for node, out in enumerate(node_dirs(tmp, layout)):
         script = os.path.join(ROOT, node1_script if node == 1 else "main.py")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
-               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", script]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            f"--node_rank={node}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{port}",
+            script,
+        ]
         with open(tmp / f"node{node}.log", "w") as log:
-            procs.append(subprocess.Popen(cmd + cli_args(out, **{**TWO_RANKS, **kw}), stdout=log,
-                                          stderr=subprocess.STDOUT, env={**env, **(node1_env or {})} if node else env,
-                                          cwd=ROOT))
+            procs.append(
+                subprocess.Popen(
+                    cmd + cli_args(out, **{**TWO_RANKS, **kw}),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**env, **(node1_env or {})} if node else env,
+                    cwd=ROOT,
+                )
+            )
         if node == 0:  # node 0's agent hosts the rendezvous store, so killing node 1 leaves it standing
             wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, timeout=60)
     return procs
@@ -99,8 +117,12 @@ def test_node_local_storage_each_node_prepares_and_checkpoints_its_own_out_dir(n
 
 def test_shared_storage_prepares_once_and_a_node_killed_mid_run_gives_one_line_on_the_other(tmp_path):
     held = tmp_path / "node1-holding"  # node 1 waits before its optimizer step 3, until it is killed
-    procs = start_nodes(tmp_path, "shared", node1_env={"HOLD_AT": "3", "HOLD_FILE": str(held)},
-                        node1_script=os.path.join("tests", "held_run.py"))
+    procs = start_nodes(
+        tmp_path,
+        "shared",
+        node1_env={"HOLD_AT": "3", "HOLD_FILE": str(held)},
+        node1_script=os.path.join("tests", "held_run.py"),
+    )
     try:
         assert wait_for(held.exists, procs[1]), "node 1 never reached training"
         kill_node(procs[1])

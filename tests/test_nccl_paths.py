@@ -7,6 +7,7 @@ which NCCL refuses or hangs on). The model itself trains on the CPU. Two ranks g
 checkpoint, Ctrl-C, and a rerun of the same command that continues to the end with every number of the unbroken
 two-rank run of tests/test_ddp.py (this is the suite's end-to-end resume under torchrun); then one rank under
 torchrun, which must make a process group too (that a plain run makes none, test_tracking's run row says)."""
+
 import json
 import os
 import re
@@ -19,7 +20,9 @@ import torch
 
 from conftest import ROOT, TWO_RANKS, cli_args, logged, read_jsonl, wait_for
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="this torch build has no torch.distributed"
+)
 STANDIN = os.path.join(ROOT, "tests", "nccl_standin.py")
 # test_ddp's two-rank run, with the device left to main.py (so it takes its CUDA path) and its CPU defaults kept
 SMALL = dict(TWO_RANKS, dtype="float32", compile="false", device="auto")
@@ -27,17 +30,16 @@ GROUP = "cpu:gloo,cuda:nccl"
 HOLD_AT = 3  # the optimizer step at which each rank of the interrupted run waits for its Ctrl-C
 REASONS = {  # what each failure of the stand-in means, in the issue's words
     "collective before set_device": "issue 22: a collective ran before torch.cuda.set_device(cuda:LOCAL_RANK), so "
-                                    "every rank of the node was on cuda:0 (NCCL refuses two ranks on one GPU)",
+    "every rank of the node was on cuda:0 (NCCL refuses two ranks on one GPU)",
     "collective on the wrong GPU": "issue 22: a rank talked to the group from another rank's GPU",
     "No backend type associated with device type cpu": "issue 22: a CPU tensor went into a collective on a group "
-                                                       "with no CPU backend (NCCL refuses it)",
+    "with no CPU backend (NCCL refuses it)",
 }
 
 
 def command(nproc, out_dir, **kw):
     args = cli_args(out_dir, **{**SMALL, **kw})
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            STANDIN] + args
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", STANDIN] + args
 
 
 def start(cmd, logs, tmp_path, name, hold=None):
@@ -118,14 +120,16 @@ def check_group_and_device(logs, nproc, why):
     assert sorted(found) == list(range(nproc)), f"rank logs {sorted(found)} in {logs}\n{why}"
     for rank, log in sorted(found.items()):
         me = f"cuda:{log['local_rank']}"
-        assert log["backend_asked"] == GROUP, (f"rank {rank} made its group as {log['backend_asked']!r}, not "
-                                               f"{GROUP!r} (issue 22 items 1 and 3)\n{why}")
+        assert log["backend_asked"] == GROUP, (
+            f"rank {rank} made its group as {log['backend_asked']!r}, not {GROUP!r} (issue 22 items 1 and 3)\n{why}"
+        )
         assert log["device_id"] == me, f"rank {rank} passed device_id={log['device_id']}, not {me}\n{why}"
         events = log["events"]
         sets = [i for i, e in enumerate(events) if e == f"set_device {me}"]
         collective = next((i for i, e in enumerate(events) if e.startswith("collective ")), len(events))
-        assert sets and sets[0] < collective, (f"rank {rank} did not call set_device({me}) before its first "
-                                               f"collective (issue 22 item 2): {events}\n{why}")
+        assert sets and sets[0] < collective, (
+            f"rank {rank} did not call set_device({me}) before its first collective (issue 22 item 2): {events}\n{why}"
+        )
         assert log["set_device"][-1] == me, f"rank {rank} ended on {log['set_device'][-1]}, not {me}"
 
 
@@ -137,8 +141,13 @@ def test_two_ranks_eval_checkpoint_ctrl_c_and_resume_on_nccl_rules(two_ranks, tm
     # lands mid-training whatever the speed of this machine.
     logs1 = tmp_path / "logs-interrupted"
     proc = start(cmd, logs1, tmp_path, "interrupted", hold=HOLD_AT)
-    holding = lambda: all(any(e.startswith("holding") for e in log["events"])  # noqa: E731
-                          for log in rank_logs(logs1).values()) and len(rank_logs(logs1)) == 2
+    holding = lambda: (
+        all(
+            any(e.startswith("holding") for e in log["events"])  # noqa: E731
+            for log in rank_logs(logs1).values()
+        )
+        and len(rank_logs(logs1)) == 2
+    )
     wait_for(holding, proc)
     running = proc.poll() is None
     if running:
@@ -179,5 +188,6 @@ def test_one_rank_under_torchrun_makes_the_group(tmp_path):
     runs = rows(one, "run")
     assert runs and runs[0].get("dist_backend") == GROUP, (
         f"torchrun --nproc_per_node=1 must make a process group (issue 22 item 1); the run row has dist_backend="
-        f"{runs[0].get('dist_backend', '(missing)') if runs else '(no run row)'}\n{why}")
+        f"{runs[0].get('dist_backend', '(missing)') if runs else '(no run row)'}\n{why}"
+    )
     check_group_and_device(logs, 1, why)

@@ -1,6 +1,7 @@
 """Round 3 of 'nothing the user has is lost, no traceback', one test per class: a destructive option never acts
 before the work can start, every output of a run counts as the run, names read from a file stay inside out_dir,
 and damaged or doubled input is named instead of trained on."""
+
 import json
 import os
 import shutil
@@ -15,8 +16,11 @@ def snapshot(d):
 def test_destructive_options_act_only_once_the_new_run_can_start(run_copy, tmp_path, capsys):
     d = run_copy
     before = snapshot(d)
-    one_line_error(capsys, cli_args(d, **RUN, init_from="scratch", overwrite="true",
-                                    data_files=str(tmp_path / "typo*.parquet")), "no file matches")
+    one_line_error(
+        capsys,
+        cli_args(d, **RUN, init_from="scratch", overwrite="true", data_files=str(tmp_path / "typo*.parquet")),
+        "no file matches",
+    )
     assert snapshot(d) == before
     os.remove(d / "ckpt.pt")  # to save disk: the rest of the run is still the run
     before = snapshot(d)
@@ -40,8 +44,10 @@ def test_names_in_out_dir_files_never_leave_out_dir(run_copy, tmp_path, capsys):
 def test_doubled_or_damaged_input_is_named_not_trained_on(trained, run_copy, tmp_path, capsys):
     d = tmp_path / "twice"
     main.main(cli_args(d, prepare_only="true", data_files=f"{FIXTURE},{os.path.dirname(FIXTURE)}/wiki*.parquet"))
-    assert json.loads((d / "manifest.json").read_text())["num_docs"] == \
-        json.loads((trained.out / "manifest.json").read_text())["num_docs"]
+    assert (
+        json.loads((d / "manifest.json").read_text())["num_docs"]
+        == json.loads((trained.out / "manifest.json").read_text())["num_docs"]
+    )
     for s in json.loads((run_copy / "manifest.json").read_text())["splits"]["train"]:
         (run_copy / s["file"]).write_bytes(os.urandom((run_copy / s["file"]).stat().st_size))
     err = one_line_error(capsys, cli_args(run_copy, **{**RUN, "steps": 16}), "does not match the sha256")

@@ -1,4 +1,5 @@
 """The shard pipeline: token parity, manifest schema, the val split, idempotence, crash safety, bad input."""
+
 import json
 import os
 
@@ -20,8 +21,7 @@ def split_docs(tokens):
     """EOS a1 EOS a2 ... -> [a1, a2, ...]"""
     assert tokens[0] == main.EOS_ID
     bounds = np.flatnonzero(tokens == main.EOS_ID).tolist() + [len(tokens)]
-    return [tokens[a + 1:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
-
+    return [tokens[a + 1 : b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,12 @@ def test_tokens_match_hf_gpt2_article_by_article_with_eos_before_each(prepared, 
 
 def test_manifest_schema_lists_shards_in_order_with_sizes(prepared):
     cfg, m = prepared
-    for key, value in {"format_version": main.FORMAT_VERSION, "tokenizer": "gpt2", "eos_id": 50256,
-                       "dtype": "uint16"}.items():
+    for key, value in {
+        "format_version": main.FORMAT_VERSION,
+        "tokenizer": "gpt2",
+        "eos_id": 50256,
+        "dtype": "uint16",
+    }.items():
         assert m[key] == value
     assert m["data"]["shard_tokens"] == 20000 and m["data"]["val_fraction"] == cfg.val_fraction
     assert len(m["fingerprint"]) == 16
@@ -72,6 +76,7 @@ def test_rerun_reuses_shards_without_reading_the_articles(tmp_path, monkeypatch)
 
     def must_not_read(*a):
         raise AssertionError("the articles were read again on a rerun")
+
     monkeypatch.setattr(main, "read_rows", must_not_read)
     main.prepare(tiny_cfg(tmp_path, lr=1e-2, n_layer=3, steps=7), log=lambda *a: None)  # non-data fields differ
     assert {n: os.stat(tmp_path / n).st_mtime_ns for n in os.listdir(tmp_path)} == before
@@ -122,6 +127,7 @@ def test_a_damaged_shard_put_back_with_an_older_mtime_is_refused(tmp_path):
 
 # --- bad input: one clear error, nothing half-written -------------------------------------------------------
 
+
 def assert_fails_cleanly(capsys, args, out_dir, *words):
     """main.main(ARGS) in this process: exit 2 and, as its last line on stderr, one `error:` line naming every word;
     nothing half-written left in out_dir."""
@@ -159,15 +165,26 @@ def test_empty_dataset(tmp_path, capsys):
     assert_fails_cleanly(capsys, [f"--data_files={empty}"], tmp_path / "o", "no articles")
 
 
-@pytest.mark.parametrize("arg,words", [("--val_fraction=0", "(0, 1)"), ("--val_fraction=1.0", "(0, 1)"),
-                                       ("--shard_tokens=0", "positive"), ("--shard_tokens=-5", "positive")])
+@pytest.mark.parametrize(
+    "arg,words",
+    [
+        ("--val_fraction=0", "(0, 1)"),
+        ("--val_fraction=1.0", "(0, 1)"),
+        ("--shard_tokens=0", "positive"),
+        ("--shard_tokens=-5", "positive"),
+    ],
+)
 def test_bad_config_values(tmp_path, capsys, arg, words):
     assert_fails_cleanly(capsys, [f"--data_files={FIXTURE}", arg], tmp_path / "o", words)
 
 
 def test_too_few_tokens_for_one_window(tmp_path, capsys):
-    assert_fails_cleanly(capsys, [f"--data_files={FIXTURE}", "--max_docs=3", "--seq_len=4096"], tmp_path / "o",
-                         "fewer than one seq_len+1")
+    assert_fails_cleanly(
+        capsys,
+        [f"--data_files={FIXTURE}", "--max_docs=3", "--seq_len=4096"],
+        tmp_path / "o",
+        "fewer than one seq_len+1",
+    )
 
 
 def test_missing_data_files(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Prepare at scale: resume after kill -9 / Ctrl-C / reader errors, workers that read their own input, the seed's
 20220301 dumps, and data safety (old shards kept until a rebuild is complete, only recorded files deleted, an
 identity that survives touch/move/copy)."""
+
 import contextlib
 import glob
 import json
@@ -34,8 +35,14 @@ def dump(tmp_path_factory):
 
 
 def args_for(data_files, out_dir, **kw):
-    kw = {"data_files": data_files, "out_dir": out_dir, "prepare_only": "true", "num_proc": 2,
-          "shard_tokens": SHARD, **kw}
+    kw = {
+        "data_files": data_files,
+        "out_dir": out_dir,
+        "prepare_only": "true",
+        "num_proc": 2,
+        "shard_tokens": SHARD,
+        **kw,
+    }
     return [f"--{k}={v}" for k, v in kw.items()]
 
 
@@ -78,8 +85,9 @@ for args, owner, attr, match, when, nth in json.loads(sys.argv[1]):
 
 def run_killed(*jobs):
     """Each job (args, "main" or "os", attr, match, "before" or "after", nth) runs and must die by SIGKILL."""
-    p = subprocess.run([sys.executable, "-c", KILLER.format(root=ROOT), json.dumps(jobs)], capture_output=True,
-                       text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", KILLER.format(root=ROOT), json.dumps(jobs)], capture_output=True, text=True, timeout=300
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     statuses = [int(line.split()[-1]) for line in p.stdout.splitlines() if line.startswith("wait status")]
     assert statuses == [signal.SIGKILL] * len(jobs), (statuses, p.stderr[-2000:])
@@ -105,10 +113,13 @@ def killed(dump, clean, tmp_path_factory):
     n_train = len(clean[2]["splits"]["train"])
     dirs = {point: tmp_path_factory.mktemp("killed") for point in [*POINTS, "after the switch"]}
     main.prepare(tiny_cfg(dirs["after the switch"], data_files=dump, shard_tokens=SHARD), **quiet)
-    run_killed(*[(args_for(dump, str(dirs[point])), owner, attr, match, when, nth or n_train + 1)
-                 for point, (owner, attr, match, when, nth) in POINTS.items()],
-               (args_for(dump, str(dirs["after the switch"]), max_docs=50), "os", "replace", "manifest.json", "after",
-                1))
+    run_killed(
+        *[
+            (args_for(dump, str(dirs[point])), owner, attr, match, when, nth or n_train + 1)
+            for point, (owner, attr, match, when, nth) in POINTS.items()
+        ],
+        (args_for(dump, str(dirs["after the switch"]), max_docs=50), "os", "replace", "manifest.json", "after", 1),
+    )
     return dirs
 
 
@@ -135,6 +146,7 @@ def prepare_until_reading_fails(cfg, monkeypatch, fails, error):
         if fails(task):
             raise error
         return real(*task)
+
     monkeypatch.setattr(main, "read_rows", flaky)
     with pytest.raises(main.UserError, match=f"{type(error).__name__}: {error}.*rerun continues"):
         main.prepare(cfg, **quiet)
@@ -148,8 +160,9 @@ def test_reader_error_mid_stream_keeps_finished_shards_and_rerun_continues(dump,
     clean_dir, clean_digest, _ = clean
     cfg = tiny_cfg(tmp_path, data_files=dump, shard_tokens=SHARD, num_proc=1)
     calls = []
-    prepare_until_reading_fails(cfg, monkeypatch, lambda task: calls.append(task) or len(calls) == 4,
-                                OSError("connection reset by peer"))
+    prepare_until_reading_fails(
+        cfg, monkeypatch, lambda task: calls.append(task) or len(calls) == 4, OSError("connection reset by peer")
+    )
     notes = []
     main.prepare(cfg, log=notes.append)
     assert "resuming after" in notes[0] and digest(tmp_path) == clean_digest
@@ -159,8 +172,9 @@ def test_reader_error_mid_stream_keeps_finished_shards_and_rerun_continues(dump,
 def test_a_killed_builds_shard_damaged_in_place_is_refused_before_the_build_continues(dump, tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, data_files=dump, shard_tokens=SHARD, num_proc=1)
     calls = []
-    done = prepare_until_reading_fails(cfg, monkeypatch, lambda task: calls.append(task) or len(calls) == 4,
-                                       OSError("connection reset by peer"))
+    done = prepare_until_reading_fails(
+        cfg, monkeypatch, lambda task: calls.append(task) or len(calls) == 4, OSError("connection reset by peer")
+    )
     with open(tmp_path / done["splits"]["train"][0]["file"], "r+b") as f:
         f.write(bytes(64))  # same size: only the hash can tell
     with pytest.raises(main.UserError, match="does not match the sha256"):
@@ -185,6 +199,7 @@ def fake_hub(dump, tmp_path, monkeypatch):
     an fsspec filesystem); publish(folder) puts `dump`'s files there, and .globs records what main.py asked for."""
     from fsspec.implementations.dirfs import DirFileSystem
     from fsspec.implementations.local import LocalFileSystem
+
     root = tmp_path / "hub"
     fs = DirFileSystem(str(root), LocalFileSystem(), skip_instance_cache=True)
     fs.globs, real_glob = [], fs.glob
@@ -197,6 +212,7 @@ def fake_hub(dump, tmp_path, monkeypatch):
         (root / folder).mkdir(parents=True)
         for f in glob.glob(dump):
             shutil.copy(f, root / folder)
+
     fs.glob, fs.publish = recorded_glob, publish
     monkeypatch.setattr(main, "hub_filesystem", lambda: fs)
     return fs
@@ -206,14 +222,20 @@ def hub_cfg(out_dir, **kw):
     return tiny_cfg(out_dir, **{"data_files": None, "wiki_config": "20220301.en", "shard_tokens": SHARD, **kw})
 
 
-@pytest.mark.parametrize("dump_name,files", [
-    *[(f"20220301.{lang}", f"hf://datasets/legacy-datasets/wikipedia/data/20220301.{lang}/*.parquet")
-      for lang in ("en", "de", "fr", "frr", "it", "simple")],
-    ("20231101.en", "hf://datasets/wikimedia/wikipedia/20231101.en/*.parquet")])
+@pytest.mark.parametrize(
+    "dump_name,files",
+    [
+        *[
+            (f"20220301.{lang}", f"hf://datasets/legacy-datasets/wikipedia/data/20220301.{lang}/*.parquet")
+            for lang in ("en", "de", "fr", "frr", "it", "simple")
+        ],
+        ("20231101.en", "hf://datasets/wikimedia/wikipedia/20231101.en/*.parquet"),
+    ],
+)
 def test_hub_dump_paths(fake_hub, tmp_path, dump_name, files):
-    fake_hub.publish(files[len("hf://"):-len("/*.parquet")])
+    fake_hub.publish(files[len("hf://") : -len("/*.parquet")])
     m = main.prepare(hub_cfg(tmp_path / "o", wiki_config=dump_name, max_docs=30), **quiet)
-    assert fake_hub.globs == [files[len("hf://"):]]
+    assert fake_hub.globs == [files[len("hf://") :]]
     assert m["num_docs"] == 30 and m["data"]["wiki_config"] == dump_name and m["data"]["hub_files"] == files
 
 
@@ -226,6 +248,7 @@ def test_hub_without_the_dump_or_unreachable_is_one_line(fake_hub, tmp_path, mon
 
     def unreachable(pattern, **kw):
         raise ConnectError("Name or service not known")
+
     monkeypatch.setattr(fake_hub, "glob", unreachable)
     with pytest.raises(main.UserError) as e:
         main.prepare(hub_cfg(tmp_path), **quiet)
@@ -235,15 +258,18 @@ def test_hub_without_the_dump_or_unreachable_is_one_line(fake_hub, tmp_path, mon
 
 def prepare_until_the_hub_fails(cfg, monkeypatch):
     """The hub fails at the first row group of the dump's third file."""
+
     def third_file(task):
         assert task[0].startswith("hf://" + LEGACY_EN + "/train-")
         return task[0].endswith("00002-of-00003.parquet") and task[1] == 0
+
     return prepare_until_reading_fails(cfg, monkeypatch, third_file, ConnectionError("the hub went away"))
 
 
 @pytest.mark.parametrize("num_proc", [1, 2])
-def test_hub_gives_the_local_bytes_and_a_read_error_mid_prepare_resumes(fake_hub, clean, tmp_path, monkeypatch,
-                                                                       num_proc):
+def test_hub_gives_the_local_bytes_and_a_read_error_mid_prepare_resumes(
+    fake_hub, clean, tmp_path, monkeypatch, num_proc
+):
     fake_hub.publish(LEGACY_EN)
     cfg = hub_cfg(tmp_path, num_proc=num_proc)
     done = prepare_until_the_hub_fails(cfg, monkeypatch)
@@ -286,12 +312,14 @@ def test_hub_articles_are_read_by_the_workers_not_the_main_process(fake_hub, cle
             assert path.startswith("hf://") and all(type(x) is int for x in (row_group, lo, hi))
             assert hi - lo == 16 or n_train in (first, end)  # whole row groups, cut only at the train/val boundary
             yield job
+
     monkeypatch.setattr(main, "read_rows", read_in_a_worker)
     monkeypatch.setattr(main, "parquet_tasks", tasks)
     assert main.prepare(hub_cfg(tmp_path, num_proc=2), **quiet)["content_hash"] == clean[2]["content_hash"]
 
 
 # --- data safety ------------------------------------------------------------------------------------------------
+
 
 def damaged_copy(src, dst):
     """src rewritten in row groups of 16, with bytes in the middle scrambled: reading fails part-way through."""
@@ -363,6 +391,7 @@ def test_cleanup_deletes_only_files_main_py_recorded(dump, tmp_path):
 
 # --- processes ----------------------------------------------------------------------------------------------------
 
+
 def children(pid):
     """Live (non-zombie) processes whose parent is pid."""
     out = []
@@ -392,8 +421,12 @@ def big_dump(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_workers_exit_when_main_is_killed(tmp_path):
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py")] + args_for(big_dump(tmp_path), tmp_path / "o"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "main.py")] + args_for(big_dump(tmp_path), tmp_path / "o"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         assert wait_for(lambda: len(children(proc.pid)) >= 2, proc), "no pool workers seen"
         workers = children(proc.pid)
@@ -407,8 +440,13 @@ def test_workers_exit_when_main_is_killed(tmp_path):
 
 def test_ctrl_c_during_prepare_is_one_line_and_the_rerun_continues(tmp_path, capsys):
     data, out = big_dump(tmp_path), tmp_path / "o"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py")] + args_for(data, out),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "main.py")] + args_for(data, out),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     shards = lambda: out.exists() and sum(n.endswith(".bin") for n in os.listdir(out)) >= 3
     assert wait_for(shards, proc), "prepare finished before Ctrl-C"
     os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group, workers included

@@ -1,5 +1,6 @@
 """Nothing the user has is lost, and no input or fault ends in a traceback: reruns, overwrite, corrupt checkpoints,
 bad out_dirs, a full disk, a partial metrics line, Ctrl-C / SIGTERM, and two processes on one out_dir."""
+
 import errno
 import os
 import signal
@@ -31,8 +32,13 @@ def test_auto_continues_a_run_with_more_steps(run_copy, capsys):
 
 def test_scratch_over_a_run_needs_overwrite_and_other_shapes_are_refused(run_copy, capsys):
     one_line_error(capsys, cli_args(run_copy, **RUN, init_from="scratch"), "--overwrite=true", "--out_dir")
-    one_line_error(capsys, cli_args(run_copy, **RUN, n_layer=3), "cannot continue with these changes",
-                   "n_layer 2 -> 3", "--overwrite=true")
+    one_line_error(
+        capsys,
+        cli_args(run_copy, **RUN, n_layer=3),
+        "cannot continue with these changes",
+        "n_layer 2 -> 3",
+        "--overwrite=true",
+    )
 
 
 def test_overwrite_replaces_the_run(run_copy, capsys):
@@ -43,7 +49,7 @@ def test_overwrite_replaces_the_run(run_copy, capsys):
 
 def test_a_damaged_checkpoint_is_one_line_for_resume_and_sample_only(trained, tmp_path, capsys):
     good = (trained.out / "ckpt.pt").read_bytes()
-    for damage in (good[:len(good) // 2], b"", os.urandom(4096)):
+    for damage in (good[: len(good) // 2], b"", os.urandom(4096)):
         out = tmp_path / "damaged"
         os.makedirs(out, exist_ok=True)
         (out / "ckpt.pt").write_bytes(damage)
@@ -62,6 +68,7 @@ def test_bad_out_dirs_are_one_line_before_any_work(tmp_path, capsys):
 def test_a_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(os, "fsync", full)
     target = tmp_path / "x.json"
     with pytest.raises(main.UserError, match="no space left on device while writing .*x.json"):
@@ -93,8 +100,9 @@ def test_ctrl_c_checkpoints_at_a_step_boundary_and_the_rerun_continues_bit_exact
     assert logged(cut) == logged(trained.out)  # every train and eval number, bit for bit (CPU)
 
 
-def test_sigterm_stops_with_143_at_a_step_boundary_and_the_rerun_continues_bit_exact(trained, tmp_path, capsys,
-                                                                                      monkeypatch):
+def test_sigterm_stops_with_143_at_a_step_boundary_and_the_rerun_continues_bit_exact(
+    trained, tmp_path, capsys, monkeypatch
+):
     """What SLURM or Kubernetes send before a kill, here to this process during micro-step 6 (main.main in-process
     installs its own handler for the run and puts the previous one back)."""
     real_step, calls = torch.optim.AdamW.step, []
@@ -104,6 +112,7 @@ def test_sigterm_stops_with_143_at_a_step_boundary_and_the_rerun_continues_bit_e
         if len(calls) == 6 and signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
             os.kill(os.getpid(), signal.SIGTERM)
         return real_step(self, *a, **kw)
+
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     cut = tmp_path / "cut"
     with pytest.raises(SystemExit) as e:
@@ -121,6 +130,7 @@ def test_a_crafted_checkpoint_runs_no_code_and_is_one_line(run_copy, tmp_path, c
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
+
     torch.save({"meta": {}, "model": Evil()}, run_copy / "ckpt.pt")
     for extra in ({}, {"sample_only": "true"}):
         one_line_error(capsys, cli_args(run_copy, **RUN, **extra), "not a readable checkpoint")
@@ -132,14 +142,19 @@ def test_another_backends_checkpoint_names_the_backend_to_resume_or_sample_with(
     state["meta"]["config"]["backend"] = "ttml"
     torch.save(state, run_copy / "ckpt.pt")
     one_line_error(capsys, cli_args(run_copy, **RUN), "ttml backend; continue it with --backend=ttml")
-    one_line_error(capsys, cli_args(run_copy, **RUN, sample_only="true"), "ttml backend; sample from it with "
-                   "--backend=ttml")
+    one_line_error(
+        capsys, cli_args(run_copy, **RUN, sample_only="true"), "ttml backend; sample from it with --backend=ttml"
+    )
 
 
 def test_resume_refuses_a_changed_step_meaning_and_announces_allowed_changes(run_copy, capsys):
     before = (run_copy / "ckpt.pt").read_bytes()
-    one_line_error(capsys, cli_args(run_copy, **{**RUN, "accumulation_steps": 2, "batch_size": 8}),
-                   "accumulation_steps 1 -> 2", "batch_size 4 -> 8")
+    one_line_error(
+        capsys,
+        cli_args(run_copy, **{**RUN, "accumulation_steps": 2, "batch_size": 8}),
+        "accumulation_steps 1 -> 2",
+        "batch_size 4 -> 8",
+    )
     assert (run_copy / "ckpt.pt").read_bytes() == before
     out = run(run_copy, capsys, steps=16, lr=1e-3)
     assert "lr 0.02 -> 0.001" in out and "steps 12 -> 16" in out

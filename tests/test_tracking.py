@@ -1,5 +1,6 @@
 """Experiment tracking: the W&B run gets what metrics.jsonl gets (through a recording stand-in for the wandb module,
 held to the real wandb's signatures where it is installed), the `run` row, the self-contained hf/."""
+
 import contextlib
 import dataclasses
 import importlib.util
@@ -15,8 +16,13 @@ import torch
 
 from conftest import RUN, cli_args, copy_run, main, read_jsonl
 
-WANDB_ARGS = dict(RUN, steps=8, export_hf="false", peak_flops=1e12,  # a peak FLOP/s, so the CPU run has an MFU
-                  wandb_project="tracking-test")
+WANDB_ARGS = dict(
+    RUN,
+    steps=8,
+    export_hf="false",
+    peak_flops=1e12,  # a peak FLOP/s, so the CPU run has an MFU
+    wandb_project="tracking-test",
+)
 REAL = importlib.import_module("wandb") if importlib.util.find_spec("wandb") else None
 
 
@@ -69,6 +75,7 @@ def fake_wandb(monkeypatch):
     def image(path):
         with open(path, "rb") as f:  # what W&B uploads: the PNG as it is when logged
             return types.SimpleNamespace(png=f.read())
+
     w.init, w.Settings, w.Table, w.Image = init, settings, table, image
     monkeypatch.setitem(sys.modules, "wandb", w)
     return w
@@ -128,15 +135,26 @@ def test_resume_continues_the_wandb_run_and_adds_a_run_row(tracked, tmp_path, mo
 def test_run_row_opens_metrics_with_config_data_code_and_versions(trained):
     cfg = main.parse_config(trained.args)
     row = read_jsonl(trained.out / "metrics.jsonl")[0]
-    assert row == {"kind": "run", "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
-                   "fingerprint": main.load_manifest(str(trained.out))[0]["fingerprint"], "git": main.git_commit(),
-                   "torch": torch.__version__, "ttml": None, "device": "cpu", "world": 1, "data_parallel": 1,
-                   "resumed_from": None, "dist_backend": None, "changed": None}
+    assert row == {
+        "kind": "run",
+        "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
+        "fingerprint": main.load_manifest(str(trained.out))[0]["fingerprint"],
+        "git": main.git_commit(),
+        "torch": torch.__version__,
+        "ttml": None,
+        "device": "cpu",
+        "world": 1,
+        "data_parallel": 1,
+        "resumed_from": None,
+        "dist_backend": None,
+        "changed": None,
+    }
     assert row["git"] is None or len(row["git"]) == 40
 
 
 def test_pipeline_on_the_export_generates_main_py_greedy_text_offline(trained):
     from transformers import AutoTokenizer, pipeline
+
     cfg = main.parse_config(trained.args)
     ours = trained.stdout.split("(greedy) ---\n", 1)[1].strip()
     hf = str(trained.out / "hf")

@@ -1,5 +1,6 @@
 """The train loop: the schedule delivered to the optimizer, a tiny model that learns, deterministic batches, the NaN
 stop, resume after kill -9 (end to end), and the smoke run as a user starts it."""
+
 import signal
 
 import numpy as np
@@ -16,8 +17,19 @@ def run_train(cfg, backend=None):
 
 
 def test_optimizer_receives_the_schedule_once_per_optimizer_step(tmp_path):
-    cfg = tiny_cfg(tmp_path, steps=10, accumulation_steps=2, eval_every=10, warmup_steps=2, hold_steps=1,
-                   lr=1e-3, min_lr=1e-4, beta1_start=0.7, beta1_end=0.9, beta1_warmup_steps=3)
+    cfg = tiny_cfg(
+        tmp_path,
+        steps=10,
+        accumulation_steps=2,
+        eval_every=10,
+        warmup_steps=2,
+        hold_steps=1,
+        lr=1e-3,
+        min_lr=1e-4,
+        beta1_start=0.7,
+        beta1_end=0.9,
+        beta1_warmup_steps=3,
+    )
     b = main.TorchBackend(cfg, main.Dist())
     seen, real_step = [], b.optimizer.step
 
@@ -25,6 +37,7 @@ def test_optimizer_receives_the_schedule_once_per_optimizer_step(tmp_path):
         g = b.optimizer.param_groups[0]
         seen.append((g["lr"], g["betas"][0]))
         return real_step(*a, **kw)
+
     b.optimizer.step = recording_step
     run_train(cfg, b)
     assert seen == [(main.lr_at(k, cfg), main.beta1_at(k, cfg)) for k in range(5)]
@@ -76,6 +89,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
         calls.append(1)
         loss = real(lr, beta1)
         return float("nan") if len(calls) == 6 else loss
+
     b.optimizer_step = poisoned
     with pytest.raises(main.TrainingDiverged, match="loss is nan at micro-step 6"):
         run_train(cfg, b)

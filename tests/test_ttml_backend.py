@@ -1,4 +1,5 @@
 """TtmlBackend against tests/fake_ttml.py (the pinned build's stand-in): outcomes, not call logs; no hardware."""
+
 import os
 import sys
 import types
@@ -10,6 +11,7 @@ import torch
 import fake_ttml
 
 from conftest import main as tt  # noqa: E402
+
 UserError = tt.UserError
 GPT2_PADDED = tt.TT_VOCAB
 # The glue does not depend on GPT-2's 50257 ids; a 1000-id vocabulary padded to 1024 keeps the stand-in's numpy fast.
@@ -19,10 +21,28 @@ ENV = ("TT_METAL_HOME", "TT_METAL_RUNTIME_ROOT", "TT_MESH_GRAPH_DESC_PATH")
 
 
 def cfg_(**kw):
-    base = dict(seed=1, seq_len=32, n_layer=1, n_head=1, n_embd=32, dropout=0.0, lr=1e-2, beta1=0.9, beta2=0.95,
-                beta1_start=None, beta1_end=None, weight_decay=0.0, grad_clip=1.0, accumulation_steps=1,
-                batch_size=2, data_parallel=None, dtype="auto", out_dir="/tmp", tt_runner="default",
-                tt_optimizer="fp32_master")
+    base = dict(
+        seed=1,
+        seq_len=32,
+        n_layer=1,
+        n_head=1,
+        n_embd=32,
+        dropout=0.0,
+        lr=1e-2,
+        beta1=0.9,
+        beta2=0.95,
+        beta1_start=None,
+        beta1_end=None,
+        weight_decay=0.0,
+        grad_clip=1.0,
+        accumulation_steps=1,
+        batch_size=2,
+        data_parallel=None,
+        dtype="auto",
+        out_dir="/tmp",
+        tt_runner="default",
+        tt_optimizer="fp32_master",
+    )
     return types.SimpleNamespace(**{**base, **kw})
 
 
@@ -135,7 +155,7 @@ def test_checkpoint_round_trips_through_torch_save_weights_only(tmp_path, kind):
     flat = {}
     for part in ("model", "optimizer"):
         for k, v in state[part].items():
-            for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)]):
+            for kk, vv in v.items() if isinstance(v, dict) else [(None, v)]:
                 flat[(part, k, kk)] = (vv, again[part][k][kk] if kk is not None else again[part][k])
     for key, (saved, now) in flat.items():
         if isinstance(saved, dict):
@@ -199,7 +219,7 @@ def test_checkpoints_hold_the_current_bf16_weights_after_a_full_precision_read()
     p.to_numpy(b.ttnn.DataType.FLOAT32, composer=b.composer)  # caches FULL on the tensor
     b.train_micro_step(*batch(4, 3))
     b.optimizer_step(1e-2, 0.9)
-    stale = p.to_numpy(b.ttnn.DataType.FLOAT32, composer=b.composer)[:tt.TT_VOCAB]
+    stale = p.to_numpy(b.ttnn.DataType.FLOAT32, composer=b.composer)[: tt.TT_VOCAB]
     saved = b.state_dict()["model"][FC].numpy()
     assert np.array_equal(saved, weights(b)[0]) and not np.array_equal(saved, stale)
 
@@ -239,8 +259,11 @@ def test_next_logits_are_the_real_vocabulary_at_the_last_prompt_position_and_res
 
 
 def test_refusals_are_one_line():
-    for kw, words in ((dict(beta1_start=0.85), "beta1"), (dict(seq_len=48), "multiples of 32"),
-                      (dict(dtype="float32"), "bfloat16")):
+    for kw, words in (
+        (dict(beta1_start=0.85), "beta1"),
+        (dict(seq_len=48), "multiples of 32"),
+        (dict(dtype="float32"), "bfloat16"),
+    ):
         with pytest.raises(UserError, match=words):
             backend(**kw)
 
@@ -305,11 +328,15 @@ def test_pypis_unrelated_ttml_is_named(tmp_path, imports):
 def test_a_build_without_what_we_call_is_the_wrong_build(tmp_path, imports):
     imports.setenv("TT_METAL_HOME", fake_ttml.lay_out_tt_metal(str(tmp_path)))
     init = tmp_path / "tt-train" / "sources" / "ttml" / "ttml" / "__init__.py"
-    init.write_text(init.read_text() + "del optimizers.AdamWFullPrecision\n"
-                    "del models.nanogpt.NanoGPTConfig.__dataclass_fields__['runner_type']\n")
+    init.write_text(
+        init.read_text() + "del optimizers.AdamWFullPrecision\n"
+        "del models.nanogpt.NanoGPTConfig.__dataclass_fields__['runner_type']\n"
+    )
     with pytest.raises(UserError) as e:
         tt.import_ttml()
-    assert "lacks optimizers.AdamWFullPrecision, NanoGPTConfig.runner_type; build tt-metal" in str(e.value)  # all at once
+    assert "lacks optimizers.AdamWFullPrecision, NanoGPTConfig.runner_type; build tt-metal" in str(
+        e.value
+    )  # all at once
 
 
 def test_a_build_without_models_is_the_wrong_build_in_one_line(tmp_path, imports):
