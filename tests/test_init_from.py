@@ -1,0 +1,225 @@
+"""--init_from=<a transformers GPT-2 folder or hub name>, --eval_only and bits per byte, checked against transformers
+on tiny GPT-2s made here (no download): the same val loss and greedy sample, the round trip through hf/, a run
+from the folder that trains and resumes, the TT stand-in's load and export, and one-line refusals of bad folders."""
+
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fake_ttml
+from conftest import FIXTURE, TINY, logged, main, one_line_error, read_jsonl, run_main
+
+SHAPE = dict(n_layer=2, n_head=2, n_embd=32)
+# TINY without the model's shape: the folder's config.json gives it
+FLAGS = {k: v for k, v in TINY.items() if k not in ("n_layer", "n_head", "n_embd", "seq_len")}
+TRAIN = dict(steps=8, eval_every=4, lr=1e-2, warmup_steps=2, total_optim_steps=8)
+
+
+def gpt2_folder(path, n_positions=64, seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(n_positions=n_positions, **SHAPE)).eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2") / "tiny"
+    return types.SimpleNamespace(path=str(path), model=gpt2_folder(path))
+
+
+def argv(out, **kw):
+    return [f"--{k}={v}" for k, v in {"data_files": FIXTURE, "out_dir": str(out), **FLAGS, **kw}.items()]
+
+
+def run(args):
+    """main.main(args) in this process: -> what it printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main.main([str(a) for a in args])
+    return printed.getvalue()
+
+
+def windows(out, seq_len, batch_size=TINY["batch_size"], eval_iters=TINY["eval_iters"]):
+    """The val batches main.py evaluates, read from the prepared shards."""
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    cfg = types.SimpleNamespace(seq_len=seq_len, batch_size=batch_size, eval_iters=eval_iters)
+    return main.val_batches(main.TokenStream(str(out), manifest["splits"]["val"]), cfg)
+
+
+def hf_loss(model, batches):
+    """transformers' mean cross-entropy over the windows, and its total nats."""
+    losses = []
+    with torch.no_grad():
+        for x, y in batches:
+            logits = model(torch.from_numpy(x.astype(np.int64))).logits
+            losses.append(F.cross_entropy(logits.flatten(0, 1), torch.from_numpy(y.astype(np.int64)).flatten()))
+    return float(sum(losses) / len(losses)), float(sum(losses)) * batches[0][1].size
+
+
+def test_eval_only_gives_transformers_val_loss_bits_per_byte_and_greedy_sample(folder, tmp_path):
+    out = tmp_path / "eval"
+    printed = run(argv(out, init_from=folder.path, eval_only="true", sample_tokens=12))
+    assert "n_layer 2, n_head 2, n_embd 32, seq_len 64" in printed  # taken from config.json, and said so
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["kind"] for r in rows] == ["run", "eval"]
+    assert rows[0]["pretrained"]["path"] == os.path.abspath(folder.path) and rows[0]["config"]["n_embd"] == 32
+    batches = windows(out, 64)
+    loss, nats = hf_loss(folder.model, batches)
+    enc = main.get_tokenizer()  # tiktoken's GPT-2 BPE, built offline
+    nbytes = sum(len(enc.decode_bytes([t for t in y.ravel().tolist() if t != main.EOS_ID])) for _, y in batches)
+    assert abs(rows[1]["val_loss"] - loss) < 1e-4
+    assert abs(rows[1]["val_bpb"] - nats / (math.log(2) * nbytes)) < 1e-4
+    assert f"val loss {loss:.4f}, {rows[1]['val_bpb']:.4f} bits per byte" in printed
+    prompt = enc.encode_ordinary(main.TrainConfig.sample_prompt)
+    greedy = folder.model.generate(
+        torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=main.EOS_ID, attention_mask=None
+    )
+    assert printed.rstrip().endswith(enc.decode(greedy[0].tolist()))
+    assert not {"ckpt.pt", "hf", "loss_curve.png"} & set(os.listdir(out))  # nothing trained, nothing saved
+
+
+def test_padding_rows_take_no_loss_and_conv1d_weights_are_transposed(folder):
+    from safetensors.torch import load_file
+
+    cfg = main.TrainConfig(seq_len=64, **SHAPE)
+    sd = main.from_hf(load_file(os.path.join(folder.path, "model.safetensors")), cfg, folder.path)
+    hf = folder.model.state_dict()
+    assert torch.equal(sd["transformer.h.0.mlp.c_fc.weight"], hf["transformer.h.0.mlp.c_fc.weight"].t())
+    assert sd["lm_head.weight"] is sd["transformer.wte.weight"] and len(sd["lm_head.weight"]) == main.PADDED_VOCAB
+    model = main.GPT(cfg)
+    model.load_state_dict(sd)
+    with torch.no_grad():
+        model.transformer.wte.weight[main.VOCAB_SIZE :] = 100.0  # padding rows that would win every softmax
+        x = torch.randint(0, main.VOCAB_SIZE, (2, 64))
+        loss, logits = model(x, x), model(x)
+        ref = folder.model(x).logits
+    assert logits.shape[-1] == main.VOCAB_SIZE and torch.allclose(logits, ref, atol=1e-4)
+    assert abs(float(loss) - float(F.cross_entropy(ref.flatten(0, 1), x.flatten()))) < 1e-4
+
+
+def test_a_run_from_the_folder_trains_resumes_exactly_and_round_trips_through_hf(folder, tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    run(argv(whole, init_from=folder.path, **TRAIN))
+    rows = read_jsonl(whole / "metrics.jsonl")
+    train = [r["loss"] for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert train[-1] < train[0] and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert [r["optim_step"] for r in rows if r["kind"] == "train"][0] == 0  # the schedule starts at step 0
+    assert f"started from | {folder.path}" in open(whole / "hf" / "README.md").read()
+    assert "bits/byte" in open(whole / "hf" / "README.md").read() and "val_bpb" in evals[-1]
+    # the same command continues its own run: stopped at step 4, then run to 8, it logs what the whole run did
+    run(argv(parts, init_from=folder.path, **{**TRAIN, "steps": 4}))
+    again = run(argv(parts, init_from=folder.path, **TRAIN))
+    assert "continuing the run" in again and logged(parts) == logged(whole)
+    # out_dir/hf back in: its val loss is the run's own final one
+    check = tmp_path / "check"
+    run(argv(check, init_from=whole / "hf", eval_only="true"))
+    assert abs(read_jsonl(check / "metrics.jsonl")[-1]["val_loss"] - evals[-1]["val_loss"]) < 1e-4
+
+
+def test_a_hub_name_loads_from_the_cache_offline_and_without_it_says_what_to_download(folder, tmp_path):
+    cache = tmp_path / "hub"
+    snap = cache / "models--someone--tiny-gpt2" / "snapshots" / ("ab" * 20)
+    shutil.copytree(folder.path, snap)
+    (cache / "models--someone--tiny-gpt2" / "refs").mkdir()
+    (cache / "models--someone--tiny-gpt2" / "refs" / "main").write_text("ab" * 20)
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    p = run_main(argv(tmp_path / "o", init_from="someone/tiny-gpt2", eval_only="true"), env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    run_row = read_jsonl(tmp_path / "o" / "metrics.jsonl")[0]
+    assert run_row["pretrained"]["revision"] == "ab" * 20
+    p = run_main(argv(tmp_path / "n", init_from="someone/not-cached", eval_only="true"), env=env)
+    assert p.returncode == 2 and "hf download someone/not-cached" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "n").exists()
+
+
+def bad_folders(root, good):
+    """name -> (a folder, a word its refusal names)."""
+    made = {}
+
+    def copy(name, edit=None, drop=()):
+        d = root / name
+        shutil.copytree(good, d)
+        for f in drop:
+            os.remove(d / f)
+        if edit:
+            c = json.load(open(d / "config.json"))
+            c.update(edit)
+            json.dump(c, open(d / "config.json", "w"))
+        made[name] = d
+        return d
+
+    copy("llama", {"model_type": "llama"})
+    copy("no_weights", drop=["model.safetensors"])
+    copy("shape", {"n_embd": 64})
+    d = copy("corrupt")
+    (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000])
+    from safetensors.torch import load_file, save_file
+
+    d = copy("partial")
+    sd = load_file(d / "model.safetensors")
+    save_file({k: v for k, v in sd.items() if "h.1.mlp" not in k}, d / "model.safetensors")
+    d = copy("pickle", drop=["model.safetensors"])
+    torch.save(sd, d / "pytorch_model.bin")  # transformers' old pickle format
+    return {
+        "llama": (made["llama"], "model_type 'llama'"),
+        "no_weights": (made["no_weights"], "safetensors only"),
+        "shape": (made["shape"], "not (50304, 64)"),
+        "corrupt": (made["corrupt"], "not a readable safetensors"),
+        "partial": (made["partial"], "transformer.h.1.mlp"),
+        "pickle": (made["pickle"], "a .bin is a pickle"),
+    }
+
+
+def test_bad_folders_and_clashing_flags_are_one_line_and_leave_out_dir_alone(folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("untouched")
+    for name, (path, word) in bad_folders(tmp_path, folder.path).items():
+        one_line_error(capsys, argv(out, init_from=path, eval_only="true"), word)
+    one_line_error(capsys, argv(out, init_from=folder.path, n_layer=3), "--n_layer=3", "n_layer")
+    one_line_error(capsys, argv(out, init_from=folder.path, seq_len=128), "n_positions 64")
+    one_line_error(capsys, argv(out, init_from="no/such/dir"), "not a folder")
+    assert sorted(os.listdir(out)) == ["keep.txt"]
+
+
+def test_the_tt_stand_in_loads_the_folder_and_exports_what_transformers_reads(folder, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    from transformers import GPT2LMHeadModel
+
+    monkeypatch.setenv("TT_METAL_RUNTIME_ROOT", "/opt/tt-metal")
+    cfg = main.TrainConfig(seq_len=64, backend="ttml", dropout=0.0, **SHAPE)
+    sd = main.from_hf(load_file(os.path.join(folder.path, "model.safetensors")), cfg, folder.path)
+    for tt_optimizer in ("fp32_master", "bf16"):
+        backend = main.TtmlBackend(
+            main.dataclasses.replace(cfg, tt_optimizer=tt_optimizer), *fake_ttml.make_fake_tt_train()
+        )
+        backend.load_state_dict({"model": main.to_tt(sd)})
+        ids = np.random.default_rng(0).integers(0, main.VOCAB_SIZE, 20)
+        with torch.no_grad():
+            ref = folder.model(torch.from_numpy(ids[None])).logits[0, -1].numpy()
+        np.testing.assert_allclose(backend.next_logits(ids), ref, atol=0.02 * np.abs(ref).max(), rtol=0.02)
+        # the optimizers hold the loaded weights (fp32_master: its masters): a step at lr 0 leaves them as they were
+        x = np.random.default_rng(1).integers(0, main.VOCAB_SIZE, (1, 64)).astype(np.uint16)
+        backend.train_micro_step(x, np.roll(x, -1, axis=1))
+        backend.optimizer_step(0.0, 0.9)
+        np.testing.assert_allclose(backend.next_logits(ids), ref, atol=0.02 * np.abs(ref).max(), rtol=0.02)
+        exported = main.from_tt(backend.state_dict()["model"], cfg)
+        backend.close()
+        main.export_hf(exported, cfg, str(tmp_path / tt_optimizer), "card", 0)
+        back = GPT2LMHeadModel.from_pretrained(tmp_path / tt_optimizer).eval()
+        with torch.no_grad():
+            got = back(torch.from_numpy(ids[None])).logits[0, -1].numpy()
+        np.testing.assert_allclose(got, ref, atol=0.02 * np.abs(ref).max(), rtol=0.02)
