@@ -215,7 +215,7 @@ class TrainConfig:
     top_k: H[Optional[int], "sample from the top_k tokens only (temperature > 0)"] = None
     num_samples: H[int, "samples printed"] = 1
     sample_only: H[bool, "load out_dir/ckpt.pt, print samples, exit"] = False
-    overwrite: H[bool, "let init_from=scratch (or other data) replace the run in out_dir"] = False
+    overwrite: H[bool, "let init_from=scratch or a model (or other data) replace the run in out_dir"] = False
     export_hf: H[bool, "write out_dir/hf/ (transformers GPT2LMHeadModel) at the end"] = True
     wandb_project: H[Optional[str], "also log to this W&B project (rank 0; pip install wandb)"] = None
     wandb_run_name: H[Optional[str], "the W&B run's display name; None = W&B picks one"] = None
@@ -1569,15 +1569,18 @@ def pretrained_config(cfg, hc, path):
 
 def from_hf(sd, cfg, path):
     """A transformers GPT-2 state dict (with or without the `transformer.` prefix) -> GPT's: Conv1D weights
-    transposed, wte padded with zero rows to PADDED_VOCAB (pad_bias keeps them out of every softmax), wpe cut to
-    seq_len, lm_head tied to wte. The first missing or misshapen weight is one line."""
+    transposed, wpe cut to seq_len, lm_head tied to wte, and wte padded to PADDED_VOCAB with copies of its mean row.
+    On torch pad_bias keeps the padding out of every softmax; ttml's loss sees the padded vocab, and a mean row's
+    logit is the mean real logit, so (Jensen) the padding takes at most 47/50257 of the mass, where zero rows would
+    take nearly all of it from GPT-2, whose logits are far below 0. The first missing or misshapen weight is one line."""
     out = {}
     for k, v in sd.items():
         k = "transformer." + k.removeprefix("transformer.")
         if k.endswith((".attn.bias", ".attn.masked_bias", "lm_head.weight")):  # causal-mask buffers; the tied head
             continue
         v = v.float().t() if k.endswith(CONV1D) and v.dim() == 2 else v.float()
-        v = F.pad(v, (0, 0, 0, max(0, PADDED_VOCAB - len(v)))) if k == "transformer.wte.weight" else v
+        if k == "transformer.wte.weight":  # padding rows: the mean real row (why: from_hf's docstring)
+            v = torch.cat([v, v.mean(0).expand(max(0, PADDED_VOCAB - len(v)), -1)])
         out[k] = v[: cfg.seq_len] if k == "transformer.wpe.weight" else v
     out["lm_head.weight"] = out.get("transformer.wte.weight")
     for k, want in gpt_shapes(cfg).items():

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import fake_ttml
-from conftest import FIXTURE, TINY, logged, main, one_line_error, read_jsonl, run_main
+from conftest import FIXTURE, ROOT, TINY, logged, main, one_line_error, read_jsonl, run_main
 
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32)
 # TINY without the model's shape: the folder's config.json gives it
@@ -187,7 +187,7 @@ def test_bad_folders_and_clashing_flags_are_one_line_and_leave_out_dir_alone(fol
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("untouched")
-    for name, (path, word) in bad_folders(tmp_path, folder.path).items():
+    for path, word in bad_folders(tmp_path, folder.path).values():
         one_line_error(capsys, argv(out, init_from=path, eval_only="true"), word)
     one_line_error(capsys, argv(out, init_from=folder.path, n_layer=3), "--n_layer=3", "n_layer")
     one_line_error(capsys, argv(out, init_from=folder.path, seq_len=128), "n_positions 64")
@@ -223,3 +223,60 @@ def test_the_tt_stand_in_loads_the_folder_and_exports_what_transformers_reads(fo
         with torch.no_grad():
             got = back(torch.from_numpy(ids[None])).logits[0, -1].numpy()
         np.testing.assert_allclose(got, ref, atol=0.02 * np.abs(ref).max(), rtol=0.02)
+
+
+def test_sharded_safetensors_and_bare_key_names_load_the_same_weights_and_a_missing_shard_is_refused(folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cfg = main.TrainConfig(init_from=folder.path)
+    _, want, _ = main.read_pretrained(cfg)
+    sharded, bare = tmp_path / "sharded", tmp_path / "bare"
+    folder.model.save_pretrained(sharded, max_shard_size="2MB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    shutil.copytree(folder.path, bare)  # the hub's openai-community/gpt2 layout: no `transformer.` prefix
+    sd = load_file(bare / "model.safetensors")
+    save_file({k.removeprefix("transformer."): v for k, v in sd.items()}, bare / "model.safetensors")
+    for path in (sharded, bare):
+        got_cfg, got, source = main.read_pretrained(main.TrainConfig(init_from=str(path)))
+        assert (got_cfg.n_embd, got_cfg.seq_len) == (32, 64) and source["from_config"]["n_embd"] == 32
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    os.remove(sorted(sharded.glob("model-*.safetensors"))[-1])
+    with pytest.raises(main.UserError, match="has no model-0000"):
+        main.read_pretrained(main.TrainConfig(init_from=str(sharded)))
+
+
+def test_a_tt_run_from_the_folder_writes_the_hf_export_a_torch_eval_agrees_with(folder, tmp_path):
+    home = fake_ttml.lay_out_tt_metal(str(tmp_path / "tt-metal"))
+    env = {k: v for k, v in os.environ.items() if k not in ("TT_METAL_RUNTIME_ROOT", "TT_MESH_GRAPH_DESC_PATH")}
+    env.update(TT_METAL_HOME=home, PYTHONPATH=os.pathsep.join([home, os.path.join(ROOT, "tests")]))
+    out = tmp_path / "tt"
+    tt = dict(backend="ttml", device="auto", steps=4, eval_every=4, lr=1e-3, warmup_steps=1)
+    p = run_main(argv(out, init_from=folder.path, **tt), env=env, clean_env=True)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "eval"]
+    loss, _ = hf_loss(folder.model, windows(out, 64))
+    assert abs(evals[0]["val_loss"] - loss) < 0.02  # the loaded model, in bf16
+    check = tmp_path / "check"
+    run(argv(check, init_from=out / "hf", eval_only="true"))
+    assert abs(read_jsonl(check / "metrics.jsonl")[-1]["val_loss"] - evals[-1]["val_loss"]) < 0.02
+
+
+def test_on_ttml_padding_rows_take_no_share_of_the_loss_when_the_logits_are_far_below_zero(folder, monkeypatch):
+    import copy
+
+    monkeypatch.setenv("TT_METAL_RUNTIME_ROOT", "/opt/tt-metal")
+    model, u = copy.deepcopy(folder.model), torch.nn.functional.normalize(torch.randn(32), dim=0)
+    with torch.no_grad():  # every row shares a direction the final hidden state points away from, as in GPT-2
+        model.transformer.wte.weight += 3 * u
+        model.transformer.ln_f.bias.copy_(-10 * u)
+    cfg = main.TrainConfig(seq_len=64, backend="ttml", dropout=0.0, **SHAPE)
+    backend = main.TtmlBackend(cfg, *fake_ttml.make_fake_tt_train())
+    backend.load_state_dict({"model": main.to_tt(main.from_hf(model.state_dict(), cfg, "test"))})
+    x = np.random.default_rng(2).integers(0, main.VOCAB_SIZE, (2, 64)).astype(np.uint16)
+    y = np.roll(x, -1, axis=1)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x.astype(np.int64))).logits
+    assert logits.max() < -10  # where zero padding rows (logit 0) would take nearly all the mass
+    ref = float(F.cross_entropy(logits.flatten(0, 1), torch.from_numpy(y.astype(np.int64)).flatten()))
+    assert abs(backend.eval_loss(x, y) - ref) < 0.1
+    backend.close()
