@@ -280,3 +280,14 @@ def test_on_ttml_padding_rows_take_no_share_of_the_loss_when_the_logits_are_far_
     ref = float(F.cross_entropy(logits.flatten(0, 1), torch.from_numpy(y.astype(np.int64)).flatten()))
     assert abs(backend.eval_loss(x, y) - ref) < 0.1
     backend.close()
+
+
+def test_eval_only_on_a_runs_out_dir_measures_that_run_and_writes_no_checkpoint(run_copy, trained):
+    before = {n: os.stat(run_copy / n).st_mtime_ns for n in ("ckpt.pt", "loss_curve.png", "hf")}
+    final = read_jsonl(run_copy / "metrics.jsonl")[-1]
+    printed = run([*trained.args, f"--out_dir={run_copy}", "--eval_only=true"])  # the last --out_dir wins
+    rows = read_jsonl(run_copy / "metrics.jsonl")
+    assert [r["kind"] for r in rows[-2:]] == ["run", "eval"] and rows[-1]["step"] == final["step"] == 12
+    assert abs(rows[-1]["val_loss"] - final["val_loss"]) < 1e-6 and rows[-1]["val_bpb"] > 0
+    assert f"eval_only at step 12: val loss {final['val_loss']:.4f}" in printed and "--- sample 1/1" in printed
+    assert before == {n: os.stat(run_copy / n).st_mtime_ns for n in before}
