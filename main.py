@@ -201,11 +201,7 @@ class TrainConfig:
     weight_decay: H[float, "on matrices only"] = 0.1
     grad_clip: H[float, "max global grad norm; 0 disables"] = 1.0
     # eval, sampling, checkpoints
-    init_from: H[
-        str,
-        "auto (continue out_dir's run if there is one) | scratch | resume | a new run from a transformers GPT-2 "
-        "folder (config.json + safetensors) or hub name, e.g. openai-community/gpt2",
-    ] = "auto"
+    init_from: H[str, "auto (continue out_dir's run) | scratch | resume | a GPT-2 folder or hub name"] = "auto"
     eval_only: H[bool, "val loss, bits per byte and a sample of the starting model; no training, no checkpoint"] = False
     eval_every: H[int, "micro-steps between evals and checkpoints (a multiple of accumulation_steps)"] = 200
     eval_iters: H[int, "fixed val batches per eval"] = 20
@@ -1542,8 +1538,8 @@ def pretrained_folder(name):
     except Exception as e:  # offline with nothing cached, no such repo, no network
         raise UserError(
             f"--init_from={name} is neither a folder nor in the Hugging Face cache ({type(e).__name__}); download "
-            f"it once with `hf download {name} config.json '*.safetensors*'` (then it loads offline), use auto | "
-            "scratch | resume, or give a transformers GPT-2 folder"
+            f"it once, with network, by `hf download {name} --include config.json --include '*.safetensors*'` "
+            "(then it loads offline), or give a transformers GPT-2 folder, or auto | scratch | resume"
         ) from None
     return path, os.path.basename(path)  # the cache's snapshots/<commit> folder
 
@@ -1608,14 +1604,13 @@ def read_pretrained(cfg):
             f"not GPT-2's ({VOCAB_SIZE}, gelu_new), which main.py's tokenizer and model are"
         )
     cfg, taken = pretrained_config(cfg, hc, path)
-    index = read_json(os.path.join(path, "model.safetensors.index.json"))
-    files = sorted(set(index["weight_map"].values())) if index and "weight_map" in index else None
-    files = files or [os.path.basename(f) for f in sorted(glob.glob(os.path.join(path, "*.safetensors")))]
-    if not files or not all(os.path.exists(os.path.join(path, f)) for f in files):
-        lacking = [f for f in files if not os.path.exists(os.path.join(path, f))] or ["*.safetensors"]
+    index = read_json(os.path.join(path, "model.safetensors.index.json")) or {}
+    files = sorted(set(index.get("weight_map", {}).values())) or sorted(glob.glob("*.safetensors", root_dir=path))
+    lacking = [f for f in files if not os.path.exists(os.path.join(path, f))] if files else ["*.safetensors"]
+    if lacking:
         raise UserError(
             f"{path} has no {lacking[0]}; main.py reads safetensors only (a .bin is a pickle, which can run code): "
-            "download the model's *.safetensors, or convert with transformers' save_pretrained(safe_serialization=True)"
+            "download the model's *.safetensors, or save it again with transformers' save_pretrained"
         )
     sd = {}
     for f in files:
