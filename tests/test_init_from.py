@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import fake_ttml
-from conftest import FIXTURE, ROOT, TINY, logged, main, one_line_error, read_jsonl, run_main
+from conftest import FIXTURE, ROOT, TINY, cli_args, logged, main, one_line_error, read_jsonl, run_main
 
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32)
 # TINY without the model's shape: the folder's config.json gives it
@@ -291,3 +291,13 @@ def test_eval_only_on_a_runs_out_dir_measures_that_run_and_writes_no_checkpoint(
     assert abs(rows[-1]["val_loss"] - final["val_loss"]) < 1e-6 and rows[-1]["val_bpb"] > 0
     assert f"eval_only at step 12: val loss {final['val_loss']:.4f}" in printed and "--- sample 1/1" in printed
     assert before == {n: os.stat(run_copy / n).st_mtime_ns for n in before}
+
+
+def test_a_model_over_another_run_is_refused_unless_overwrite_and_then_it_is_a_new_run(folder, run_copy, capsys):
+    args = cli_args(run_copy, init_from=folder.path, eval_only="true")
+    one_line_error(capsys, args, "init_from=auto, not this one", "--overwrite=true")
+    assert (run_copy / "ckpt.pt").exists()
+    run([*args, "--overwrite=true"])
+    rows = read_jsonl(run_copy / "metrics.jsonl")
+    assert [r["kind"] for r in rows] == ["run", "eval"] and rows[0]["pretrained"]["init_from"] == folder.path
+    assert not {"ckpt.pt", "hf", "loss_curve.png"} & set(os.listdir(run_copy))
