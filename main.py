@@ -1578,14 +1578,14 @@ def from_hf(sd, cfg, path):
         if k == "transformer.wte.weight":  # padding rows: the mean real row (why: from_hf's docstring)
             v = torch.cat([v, v.mean(0).expand(max(0, PADDED_VOCAB - len(v)), -1)])
         out[k] = v[: cfg.seq_len] if k == "transformer.wpe.weight" else v
-    out["lm_head.weight"] = out.get("transformer.wte.weight")
-    for k, want in gpt_shapes(cfg).items():
+    out["lm_head.weight"], shapes = out.get("transformer.wte.weight"), gpt_shapes(cfg)
+    for k, want in shapes.items():
         if out.get(k) is None or out[k].shape != want.shape:
             got = "missing" if out.get(k) is None else f"{tuple(out[k].shape)}, not {tuple(want.shape)}"
             raise UserError(
                 f"{path}: weight {k} is {got} (as GPT names it); the folder does not hold this config's model"
             )
-    return {k: out[k].contiguous() for k in gpt_shapes(cfg)}
+    return {k: out[k].contiguous() for k in shapes}
 
 
 def read_pretrained(cfg):
