@@ -1568,7 +1568,7 @@ def from_hf(sd, cfg, path):
     transposed, wpe cut to seq_len, lm_head tied to wte, and wte padded to PADDED_VOCAB with copies of its mean row.
     On torch pad_bias keeps the padding out of every softmax; ttml's loss sees the padded vocab, and a mean row's
     logit is the mean real logit, so (Jensen) the padding takes at most 47/50257 of the mass, where zero rows would
-    take nearly all of it from GPT-2, whose logits are far below 0. The first missing or misshapen weight is one line."""
+    take nearly all of it from GPT-2, whose logits are far below 0. A missing or misshapen weight is one line."""
     out = {}
     for k, v in sd.items():
         k = "transformer." + k.removeprefix("transformer.")
