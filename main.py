@@ -2711,7 +2711,8 @@ def run(cfg):
     if cfg.sample_only:
         return sample_only(cfg, tt)
     pretrained = cfg.init_from not in ("auto", "scratch", "resume") and not cfg.prepare_only
-    cfg, weights, source = read_pretrained(cfg) if pretrained else (cfg, None, None)  # checked before out_dir
+    # checked before out_dir is touched, on every node (a folder missing on one stops them all)
+    cfg, weights, source = on_every_rank(dist, lambda: read_pretrained(cfg)) if pretrained else (cfg, None, None)
     if pretrained and dist.main:
         taken = ", ".join(f"{k} {v}" for k, v in source["from_config"].items())
         print(f"init_from: {source['path']}" + (f" (the model's config.json gives {taken})" if taken else ""))
