@@ -2729,6 +2729,7 @@ def run(cfg):
         try:
             if state is None and weights is not None:  # a new run from the pretrained model
                 backend.load_state_dict({"model": to_tt(weights) if cfg.backend == "ttml" else weights})
+            weights = None  # the backend holds its own copy: GPT-2 xl's 6 GB on the host are not kept for the run
             start_training(cfg, backend, dist, state)
             train(cfg, manifest, backend, dist, state, wandb_run, source if state is None else None)
             finish(cfg, backend, dist, wandb_run)
