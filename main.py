@@ -201,7 +201,8 @@ class TrainConfig:
     weight_decay: H[float, "on matrices only"] = 0.1
     grad_clip: H[float, "max global grad norm; 0 disables"] = 1.0
     # eval, sampling, checkpoints
-    init_from: H[Literal["auto", "scratch", "resume"], "auto: continue out_dir's run if there is one"] = "auto"
+    init_from: H[str, "auto (continue out_dir's run) | scratch | resume | a GPT-2 folder or hub name"] = "auto"
+    eval_only: H[bool, "val loss, bits per byte and a sample of the starting model; no training, no checkpoint"] = False
     eval_every: H[int, "micro-steps between evals and checkpoints (a multiple of accumulation_steps)"] = 200
     eval_iters: H[int, "fixed val batches per eval"] = 20
     sample_prompt: H[str, "continued at the end of training"] = "The history of machine learning"
@@ -210,7 +211,7 @@ class TrainConfig:
     top_k: H[Optional[int], "sample from the top_k tokens only (temperature > 0)"] = None
     num_samples: H[int, "samples printed"] = 1
     sample_only: H[bool, "load out_dir/ckpt.pt, print samples, exit"] = False
-    overwrite: H[bool, "let init_from=scratch (or other data) replace the run in out_dir"] = False
+    overwrite: H[bool, "let init_from=scratch or a model (or other data) replace the run in out_dir"] = False
     export_hf: H[bool, "write out_dir/hf/ (transformers GPT2LMHeadModel) at the end"] = True
     wandb_project: H[Optional[str], "also log to this W&B project (rank 0; pip install wandb)"] = None
     wandb_run_name: H[Optional[str], "the W&B run's display name; None = W&B picks one"] = None
@@ -529,11 +530,6 @@ def check_system(cfg, dist):
                 f"data_parallel={cfg.data_parallel} but this run has {dist.world} replicas (processes);"
                 f" launch with torchrun --nproc_per_node={cfg.data_parallel}, or leave data_parallel unset"
             )
-        missing = [m for m in ("transformers", "safetensors", "tokenizers") if not importlib.util.find_spec(m)]
-        if missing and cfg.export_hf and not cfg.sample_only:
-            raise UserError(
-                f"export_hf needs {', '.join(missing)}: pip install {' '.join(missing)}, or pass --export_hf=false"
-            )
     elif dist.world > 1:
         raise UserError(
             "backend=ttml drives all its devices from one process: launch without torchrun and set "
@@ -552,6 +548,11 @@ def check_system(cfg, dist):
             f"ttml: batch_size {TT_DEFAULT_BATCH} per device x accumulation_steps {cfg.accumulation_steps} "
             f"(batch_size {TT_DEFAULT_BATCH * k} does not fit a 12 GB Wormhole chip); the global batch, the "
             "steps and the schedule are unchanged"
+        )
+    missing = [m for m in ("transformers", "safetensors", "tokenizers") if not importlib.util.find_spec(m)]
+    if missing and cfg.export_hf and not cfg.sample_only:
+        raise UserError(
+            f"export_hf needs {', '.join(missing)}: pip install {' '.join(missing)}, or pass --export_hf=false"
         )
     if cfg.wandb_project and dist.main and not cfg.sample_only:
         import_wandb()
@@ -584,6 +585,7 @@ RESUME_FIXED = ("n_layer", "n_head", "n_embd", "seq_len", "batch_size", "accumul
 RESUME_FIXED_TT = ("tt_optimizer",)  # the optimizer state's precision and layout
 RESUME_IGNORED = (
     "init_from",
+    "eval_only",
     "overwrite",
     "smoke",
     "prepare_only",
@@ -704,19 +706,26 @@ def resume_changes(state, cfg, dist):
 def choose_start(cfg, dist):
     """The checkpoint to continue (read once, on the CPU), or None to start from scratch. A run is never silently
     destroyed: auto continues this run's checkpoint and refuses another run's; replacing a run needs --overwrite;
-    outputs of a run without its checkpoint are a run too."""
+    outputs of a run without its checkpoint are a run too. A run from a pretrained model continues like auto, if
+    it is the run that model started."""
     path, outputs = os.path.join(cfg.out_dir, "ckpt.pt"), run_outputs(cfg.out_dir)
+    new = cfg.init_from not in ("auto", "resume")  # scratch, or a pretrained model
     if cfg.init_from == "resume" and "ckpt.pt" not in outputs:
         raise UserError(f"--init_from=resume: no checkpoint at {path}; start with --init_from=scratch")
-    if cfg.init_from == "scratch" or "ckpt.pt" not in outputs:
-        if outputs and not (cfg.init_from == "scratch" and cfg.overwrite):
+    if cfg.init_from == "scratch" or new and cfg.overwrite or "ckpt.pt" not in outputs:
+        if outputs and not (new and cfg.overwrite):
             what = "a run" if "ckpt.pt" in outputs else f"a run's outputs ({', '.join(outputs)}) but no ckpt.pt"
             raise UserError(
-                f"{cfg.out_dir} holds {what} that a new run would replace; add --init_from=scratch "
-                "--overwrite=true to replace it, or use another --out_dir"
+                f"{cfg.out_dir} holds {what} that a new run would replace; add --overwrite=true (with "
+                "--init_from=scratch or a model) to replace it, or use another --out_dir"
             )
         return None
     state = read_checkpoint(path, cfg.backend)
+    if new and state["meta"]["config"]["init_from"] != cfg.init_from:  # the same command continues its own run
+        raise UserError(
+            f"{cfg.out_dir} holds a run with init_from={state['meta']['config']['init_from']}, not this one; "
+            "add --overwrite=true to replace it, or use another --out_dir"
+        )
     state["changes"] = changes = resume_changes(state, cfg, dist)
     if dist.main:
         print(
@@ -1500,6 +1509,155 @@ class GPT(nn.Module):
         return F.cross_entropy(logits, targets.view(-1))
 
 
+# A pretrained GPT-2 (--init_from=<folder or hub name>): transformers' layout in, mapped once to GPT's names here;
+# export_hf maps back, and the TT backend renames GPT's names to NanoGPT's (to_tt / from_tt).
+CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # HF's Conv1D stores (in, out), a Linear (out, in)
+SHAPE = ("n_layer", "n_head", "n_embd")
+
+
+def gpt_shapes(cfg):
+    """GPT's state dict for cfg as shapes only (meta tensors: no memory, no init time)."""
+    with torch.device("meta"):
+        return GPT(cfg).state_dict()
+
+
+def pretrained_folder(name):
+    """(folder, hub revision or None) for --init_from: a folder as given, else a hub name resolved through
+    huggingface_hub and its cache (so HF_HUB_OFFLINE=1 works once it is downloaded)."""
+    if os.path.isdir(name):
+        return name, None
+    if os.path.exists(name) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        raise UserError(
+            f"--init_from={name} is not a folder; use auto | scratch | resume, a transformers GPT-2 folder "
+            "(config.json + *.safetensors) or a hub name such as openai-community/gpt2"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"])
+    except Exception as e:  # offline with nothing cached, no such repo, no network
+        raise UserError(
+            f"--init_from={name} is neither a folder nor in the Hugging Face cache ({type(e).__name__}); download "
+            f"it once, with network, by `hf download {name} --include config.json --include '*.safetensors*'` "
+            "(then it loads offline), or give a transformers GPT-2 folder, or auto | scratch | resume"
+        ) from None
+    return path, os.path.basename(path)  # the cache's snapshots/<commit> folder
+
+
+def pretrained_config(cfg, hc, path):
+    """cfg with the model's shape from the folder's config.json: flags left at their defaults take its values,
+    flags that disagree are refused; seq_len may be at most n_positions. -> (cfg, the fields taken)."""
+    default, taken, clash = TrainConfig(), {}, []
+    want = {k: hc.get(k) for k in SHAPE}
+    for k, v in want.items():
+        if getattr(cfg, k) == getattr(default, k) and v != getattr(cfg, k):
+            taken[k] = v
+        elif getattr(cfg, k) != v:
+            clash.append(f"--{k}={getattr(cfg, k)} (its config.json has {v})")
+    if cfg.seq_len > hc["n_positions"] and cfg.seq_len == default.seq_len:
+        taken["seq_len"] = hc["n_positions"]
+    elif cfg.seq_len > hc["n_positions"]:
+        clash.append(f"--seq_len={cfg.seq_len} (over its n_positions {hc['n_positions']})")
+    if clash:
+        raise UserError(f"--init_from={cfg.init_from}: {', '.join(clash)}; drop those flags or match the model")
+    return dataclasses.replace(cfg, **taken), taken
+
+
+def from_hf(sd, cfg, path):
+    """A transformers GPT-2 state dict (with or without the `transformer.` prefix) -> GPT's: Conv1D weights
+    transposed, wpe cut to seq_len, lm_head tied to wte, and wte padded to PADDED_VOCAB with copies of its mean row.
+    On torch pad_bias keeps the padding out of every softmax; ttml's loss sees the padded vocab, and a mean row's
+    logit is the mean real logit, so (Jensen) the padding takes at most 47/50257 of the mass, where zero rows would
+    take nearly all of it from GPT-2, whose logits are far below 0. A missing or misshapen weight is one line."""
+    out = {}
+    for k, v in sd.items():
+        k = "transformer." + k.removeprefix("transformer.")
+        if k.endswith((".attn.bias", ".attn.masked_bias", "lm_head.weight")):  # causal-mask buffers; the tied head
+            continue
+        v = v.float().t() if k.endswith(CONV1D) and v.dim() == 2 else v.float()
+        if k == "transformer.wte.weight":  # padding rows: the mean real row (why: from_hf's docstring)
+            v = torch.cat([v, v.mean(0).expand(max(0, PADDED_VOCAB - len(v)), -1)])
+        out[k] = v[: cfg.seq_len] if k == "transformer.wpe.weight" else v
+    out["lm_head.weight"], shapes = out.get("transformer.wte.weight"), gpt_shapes(cfg)
+    for k, want in shapes.items():
+        if out.get(k) is None or out[k].shape != want.shape:
+            got = "missing" if out.get(k) is None else f"{tuple(out[k].shape)}, not {tuple(want.shape)}"
+            raise UserError(
+                f"{path}: weight {k} is {got} (as GPT names it); the folder does not hold this config's model"
+            )
+    return {k: out[k].contiguous() for k in shapes}
+
+
+def read_pretrained(cfg):
+    """--init_from=<folder or hub name>: (cfg shaped as the model, GPT's weights on the CPU, where they came from),
+    all checked before out_dir is touched. safetensors only: a pickle (.bin) can run code, so none is read."""
+    from safetensors.torch import load_file
+
+    path, revision = pretrained_folder(cfg.init_from)
+    hc = read_json(os.path.join(path, "config.json"))
+    if hc is None or hc.get("model_type") != "gpt2" or not all(k in hc for k in SHAPE + ("n_positions",)):
+        what = "no readable config.json" if hc is None else f"config.json with model_type {hc.get('model_type')!r}"
+        raise UserError(f"{path} has {what}; --init_from takes a transformers GPT-2 folder (model_type gpt2)")
+    if hc.get("vocab_size") != VOCAB_SIZE or hc.get("activation_function", "gelu_new") != "gelu_new":
+        raise UserError(
+            f"{path}: vocab_size {hc.get('vocab_size')}, activation {hc.get('activation_function')} is "
+            f"not GPT-2's ({VOCAB_SIZE}, gelu_new), which main.py's tokenizer and model are"
+        )
+    cfg, taken = pretrained_config(cfg, hc, path)
+    index = read_json(os.path.join(path, "model.safetensors.index.json")) or {}
+    files = sorted(set(index.get("weight_map", {}).values())) or sorted(glob.glob("*.safetensors", root_dir=path))
+    lacking = [f for f in files if not os.path.exists(os.path.join(path, f))] if files else ["*.safetensors"]
+    if lacking:
+        raise UserError(
+            f"{path} has no {lacking[0]}; main.py reads safetensors only (a .bin is a pickle, which can run code): "
+            "download the model's *.safetensors, or save it again with transformers' save_pretrained"
+        )
+    sd = {}
+    for f in files:
+        try:
+            sd.update(load_file(os.path.join(path, f)))
+        except Exception as e:  # truncated, not safetensors at all, a bad header
+            raise UserError(
+                f"{path}/{f} is not a readable safetensors file ({one_line(e, 120)}); download it again"
+            ) from None
+    source = {"init_from": cfg.init_from, "path": os.path.abspath(path), "revision": revision, "from_config": taken}
+    return cfg, from_hf(sd, cfg, path), source
+
+
+TT_RENAMES = (  # GPT's names -> ttml NanoGPT's, as ttml's nanogpt/safetensors_loader.py maps GPT-2's keys
+    ("transformer.wte.", "NanoGPT/fc/"),  # tied: NanoGPT registers the embedding as the LM head's weight
+    ("transformer.wpe.", "NanoGPT/pos_emb/"),
+    ("transformer.ln_f.weight", "NanoGPT/ln_f_gamma"),
+    ("transformer.ln_f.bias", "NanoGPT/ln_f_beta"),
+    ("transformer.h.", "NanoGPT/blocks/"),
+    ("ln_1.weight", "ln1/gamma"),
+    ("ln_1.bias", "ln1/beta"),
+    ("ln_2.weight", "ln2/gamma"),
+    ("ln_2.bias", "ln2/beta"),
+    ("attn.c_attn.", "attention/qkv_linear/"),
+    ("attn.c_proj.", "attention/out_linear/"),
+    ("mlp.c_fc.", "mlp/fc1/"),
+    ("mlp.c_proj.", "mlp/fc2/"),
+    (".", "/"),
+)
+
+
+def tt_name(k):
+    return functools.reduce(lambda k, ab: k.replace(*ab), TT_RENAMES, k)
+
+
+def to_tt(sd):
+    """GPT's state dict -> TtmlBackend's: NanoGPT's names, [1, 1, out, in] matrices and [1, 1, 1, n] rows."""
+    return {
+        tt_name(k): v.reshape((1,) * (4 - v.dim()) + tuple(v.shape)) for k, v in sd.items() if k != "lm_head.weight"
+    }
+
+
+def from_tt(sd, cfg):
+    """TtmlBackend's state dict -> GPT's (what export_hf takes)."""
+    return {k: sd[tt_name(k)].reshape(w.shape) for k, w in gpt_shapes(cfg).items() if k != "lm_head.weight"}
+
+
 def model_flops_per_token(cfg):
     """Training FLOPs per token: 6 per weight that takes part in a matmul (the tied wte once, as the lm_head;
     the wpe lookup is free) plus attention's QK^T and AV, 12 * n_layer * n_embd * seq_len (PaLM's count)."""
@@ -2165,11 +2323,21 @@ class Metrics:
             )
 
 
+@functools.cache
+def token_bytes():
+    """UTF-8 bytes per token id; EOS, an article boundary rather than text, counts none."""
+    enc = get_tokenizer()
+    return np.array([len(enc.decode_single_token_bytes(i)) for i in range(EOS_ID)] + [0], dtype=np.int64)
+
+
 def evaluate(backend, batches, dist):
-    """Mean val loss over the fixed val batches; each rank scores its share, so any world size gives the same."""
+    """(mean val loss, bits per byte) over the fixed val batches; each rank scores its share, so any world size gives
+    the same. Bits per byte = the windows' total nats / (ln 2 x the UTF-8 bytes of their target tokens), which
+    compares across languages and tokenizers (nanochat's measure)."""
     mine = batches[dist.rank :: dist.world]
     total, count = all_sum([sum(backend.eval_loss(x, y) for x, y in mine), len(mine)], dist)
-    return total / count
+    tokens, nbytes = sum(y.size for _, y in batches), sum(int(token_bytes()[y].sum()) for _, y in batches)
+    return total / count, total / count * tokens / (math.log(2) * nbytes)
 
 
 def save_checkpoint(path, cfg, backend, batches, dist, optim_step, manifest, wandb_id=None):
@@ -2209,11 +2377,12 @@ def start_training(cfg, backend, dist, state):
         tdist.barrier(group=CONTROL)  # no rank writes before the old outputs are gone
 
 
-def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
+def train(cfg, manifest, backend, dist, state=None, wandb_run=None, source=None):
     """The loop, in nanoGPT's shape: each iteration evaluates and checkpoints when due, then runs one accumulation
     window of micro-steps and one optimizer step (its lr and beta1 are functions of the optimizer step `it`).
     `state` is a checkpoint from read_checkpoint() to continue from; `wandb_run` (rank 0's, or None) gets every
-    metrics row. Returns the last val loss."""
+    metrics row; `source` is where a pretrained start came from. eval_only evaluates once and returns. Returns the
+    last val loss."""
     accum, rows = cfg.accumulation_steps, cfg.batch_size * backend.replicas
     n_iters, eval_interval = cfg.steps // accum, cfg.eval_every // accum
     batches = TrainBatches(TokenStream(cfg.out_dir, manifest["splits"]["train"]), cfg, dist.rank, rows)
@@ -2242,6 +2411,7 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
         data_parallel=dist.world * backend.replicas,
         resumed_from=state and state["meta"]["step"],
         changed=state and state["changes"],
+        pretrained=source,
     )  # the run row: what it takes to reproduce the numbers
     wandb_id = None if wandb_run is None else wandb_run.id
     tokens_per_window = cfg.seq_len * rows * dist.world * accum
@@ -2252,19 +2422,19 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None):
     val_loss = None
     with stop_flag() as stop:
         for it in range(start, n_iters + 1):
-            step, last = it * accum, it == n_iters
+            step, last = it * accum, it == n_iters or cfg.eval_only
             if last or it % eval_interval == 0:
-                val_loss = evaluate(backend, val, dist)
-                if last and it == start and state is not None and dist.main:
-                    bar.write(
-                        f"the run in {cfg.out_dir} has finished all {cfg.steps} steps: val loss {val_loss:.4f} "
-                        "(raise --steps to train on)"
-                    )
-                if it > start or state is None:  # a resumed run's first eval is already logged and checkpointed
-                    metrics.write(kind="eval", step=step, val_loss=val_loss)
+                val_loss, bpb = evaluate(backend, val, dist)
+                line = f"val loss {val_loss:.4f}, {bpb:.4f} bits per byte"
+                if last and it == start and state is not None and dist.main and not cfg.eval_only:
+                    bar.write(f"the run in {cfg.out_dir} has finished all {cfg.steps} steps: {line} (raise --steps)")
+                if it > start or state is None or cfg.eval_only:  # a resumed run's first eval is already logged
+                    metrics.write(kind="eval", step=step, val_loss=val_loss, val_bpb=bpb)
+                    if dist.main:
+                        bar.write(f"{'eval_only at' if cfg.eval_only else ''} step {step}: {line}".strip())
+                if (it > start or state is None) and not cfg.eval_only:
                     if dist.main:
                         plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss_curve.png"), cfg)
-                        bar.write(f"step {step}: val loss {val_loss:.4f}")
                     save_checkpoint(ckpt, cfg, backend, batches, dist, it, manifest, wandb_id)
             if last:
                 break
@@ -2392,12 +2562,14 @@ def model_card(rows):
     trained on and the final val loss, and how to use and benchmark the model."""
     run, c = [r for r in rows if r["kind"] == "run"][-1], [r for r in rows if r["kind"] == "run"][-1]["config"]
     tokens = ([r.get("tokens", 0) for r in rows if r["kind"] == "train"] or [0])[-1]
-    val = [r["val_loss"] for r in rows if r["kind"] == "eval"]
+    val, source = [r for r in rows if r["kind"] == "eval"], run.get("pretrained") or {}
+    final = f"{val[-1]['val_loss']:.4f} nats/token, {val[-1].get('val_bpb', 0):.4f} bits/byte" if val else "none"
     facts = {
+        "started from": f"{source.get('init_from')} (revision {source.get('revision')})" if source else "scratch",
         "data": c["data_files"] or f"wikimedia/wikipedia {c['wiki_config']}",
         "data fingerprint": run["fingerprint"],
         "tokens seen": f"{tokens:,}",
-        "final val loss": f"{val[-1]:.4f} nats/token" if val else "none",
+        "final val loss": final,
         "model": f"{c['n_layer']} layers, {c['n_head']} heads, width {c['n_embd']}, context {c['seq_len']}",
         "trained on": f"{run['device']} x {run['data_parallel']}",
         "code": f"main.py at git {run['git']}",
@@ -2457,7 +2629,7 @@ def export_hf(model_state, cfg, out, card, step):
         if k == "lm_head.weight":
             continue  # tied to wte
         v = v[:VOCAB_SIZE] if k == "transformer.wte.weight" else v
-        v = v.t() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v  # HF's Conv1D is (in, out)
+        v = v.t() if k.endswith(CONV1D) else v
         sd[k] = v.detach().float().cpu().contiguous()
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     assert not unexpected and all("attn.bias" in k or k == "lm_head.weight" for k in missing), (missing, unexpected)
@@ -2498,21 +2670,22 @@ def save_hf_extras(out, cfg, card):
 
 
 def finish(cfg, backend, dist, wandb_run):
-    """Rank 0's end of a run: the HF export unless hf/ already holds this checkpoint's model, the samples, and the
-    final plot and samples in W&B."""
+    """Rank 0's end of a run: the HF export unless hf/ already holds this checkpoint's model (or the run only
+    evaluated), the samples, and the final plot and samples in W&B."""
     if not dist.main:
         return
     hf = os.path.join(cfg.out_dir, "hf")
-    if cfg.export_hf and cfg.backend == "ttml":
-        print(f"export_hf: skipped, the Hugging Face export is torch-only; the weights are in {cfg.out_dir}/ckpt.pt")
-    elif cfg.export_hf and (read_json(os.path.join(hf, "trained.json")) or {}).get("step") != cfg.steps:
+    exported = (read_json(os.path.join(hf, "trained.json")) or {}).get("step") == cfg.steps
+    if cfg.export_hf and not cfg.eval_only and not exported:
         card = model_card(read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl")))
-        export_hf(backend.state_dict()["model"], cfg, hf, card, cfg.steps)
+        model = backend.state_dict()["model"]
+        export_hf(from_tt(model, cfg) if cfg.backend == "ttml" else model, cfg, hf, card, cfg.steps)
     samples = print_samples(backend, cfg)
     if wandb_run is not None:
         wandb = import_wandb()
         table = wandb.Table(columns=["prompt", "sample"], data=[[cfg.sample_prompt, t] for t in samples])
-        wandb_run.log({"loss_curve": wandb.Image(os.path.join(cfg.out_dir, "loss_curve.png")), "samples": table})
+        png = os.path.join(cfg.out_dir, "loss_curve.png")
+        wandb_run.log({**({"loss_curve": wandb.Image(png)} if os.path.exists(png) else {}), "samples": table})
 
 
 def sample_only(cfg, tt):
@@ -2537,6 +2710,12 @@ def run(cfg):
     cfg, tt = check_system(cfg, dist)  # every refusal this machine can give, before any work
     if cfg.sample_only:
         return sample_only(cfg, tt)
+    pretrained = cfg.init_from not in ("auto", "scratch", "resume") and not cfg.prepare_only
+    # checked before out_dir is touched, on every node (a folder missing on one stops them all)
+    cfg, weights, source = on_every_rank(dist, lambda: read_pretrained(cfg)) if pretrained else (cfg, None, None)
+    if pretrained and dist.main:
+        taken = ", ".join(f"{k} {v}" for k, v in source["from_config"].items())
+        print(f"init_from: {source['path']}" + (f" (the model's config.json gives {taken})" if taken else ""))
     lock, dist = claim_run(cfg, dist)  # noqa: F841 - the lock is held until this process exits
     state = None if cfg.prepare_only else on_every_rank(dist, lambda: choose_start(cfg, dist))
     check_same_start(state, dist)
@@ -2548,8 +2727,11 @@ def run(cfg):
             return
         backend = make_backend(cfg, dist, tt)
         try:
+            if state is None and weights is not None:  # a new run from the pretrained model
+                backend.load_state_dict({"model": to_tt(weights) if cfg.backend == "ttml" else weights})
+            weights = None  # the backend holds its own copy: GPT-2 xl's 6 GB on the host are not kept for the run
             start_training(cfg, backend, dist, state)
-            train(cfg, manifest, backend, dist, state, wandb_run)
+            train(cfg, manifest, backend, dist, state, wandb_run, source if state is None else None)
             finish(cfg, backend, dist, wandb_run)
         finally:
             backend.close()

@@ -54,7 +54,6 @@ def test_overrides_are_typed_from_the_dataclass():
         (["lr=3"], ["unknown option"]),
         (["--eval_every=3", "--accumulation_steps=2"], ["multiple of accumulation_steps"]),
         (["--n_embd=100", "--n_head=3"], ["divisible"]),
-        (["--init_from=best"], ["'auto', 'scratch', 'resume'"]),
         (["--compile=yes"], ["'auto', 'true', 'false'"]),
         (["--steps=7", "--accumulation_steps=2", "--eval_every=2"], ["steps=7 must be a multiple"]),
         (["--out_dir="], ["out_dir is empty"]),

@@ -148,6 +148,7 @@ def test_run_row_opens_metrics_with_config_data_code_and_versions(trained):
         "resumed_from": None,
         "dist_backend": None,
         "changed": None,
+        "pretrained": None,
     }
     assert row["git"] is None or len(row["git"]) == 40
 
