@@ -51,17 +51,21 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated as H, Literal, Optional
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import tiktoken
-import torch
-import torch.distributed as tdist
-import torch.nn as nn
-import torch.nn.functional as F
-from filelock import FileLock, Timeout
-from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-from tqdm import tqdm
+try:  # a Ctrl-C while torch loads (a second or more) is one line, as it is later
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import tiktoken
+    import torch
+    import torch.distributed as tdist
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from filelock import FileLock, Timeout
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tqdm import tqdm
+except KeyboardInterrupt:
+    print("stopped: interrupted while starting; nothing was written", file=sys.stderr)
+    raise SystemExit(130) from None
 
 # -----------------------------------------------------------------------------
 # 1. Shared pieces
@@ -114,6 +118,8 @@ def atomic_write(path, mode="wb"):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         check_disk(e, path)
+        if isinstance(e.__context__, KeyboardInterrupt):  # a second Ctrl-C inside torch.save, which reports its own
+            raise KeyboardInterrupt from None
         raise
 
 

@@ -189,3 +189,57 @@ def test_a_prepared_run_continues_with_its_input_moved_deleted_or_not_given(tmp_
     texts_file(m2, ["Other data entirely, a different article. " * 40] * 20)  # other data there now: noticed
     one_line_error(capsys, cli_args(out, data_files=m2, **{**TRAIN, "steps": 10}), "other data")
     one_line_error(capsys, cli_args(out, **{**TRAIN, "steps": 10})[1:], "other data")
+
+
+def test_a_second_ctrl_c_while_ckpt_pt_is_written_is_one_line_exit_130_and_keeps_the_old_one(
+    tmp_path, capsys, monkeypatch
+):
+    real, calls = torch.save, []
+
+    class Interrupting:  # the file torch.save writes to: the second Ctrl-C comes in mid-file, inside its 3rd write
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, b):
+            self.writes += 1
+            if self.writes == 3:  # torch then fails its own end-of-file check: a RuntimeError over KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGINT)
+            return self.f.write(b)
+
+        def flush(self):
+            return self.f.flush()
+
+    def save(obj, f):
+        calls.append(1)
+        if len(calls) == 2:  # the checkpoint at the second eval; the first stays
+            os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: stop at the end of this step
+            f = Interrupting(f)
+        return real(obj, f)
+
+    monkeypatch.setattr(main.torch, "save", save)
+    out = tmp_path / "o"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main.main(cli_args(out, **{**TRAIN, "steps": 8}))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and err[-1].startswith("stopped: ") and "Traceback" not in "\n".join(err)
+    monkeypatch.setattr(main.torch, "save", real)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["meta"]["step"] == 0
+    assert not (out / "ckpt.pt.tmp").exists()
+
+
+def test_ctrl_c_while_torch_loads_is_one_line_exit_130(tmp_path):
+    # SIGINT at the moment main.py imports torch, as a Ctrl-C in the first second or so would land
+    code = (
+        "import os, runpy, signal, sys\n"
+        "class Hit:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.meta_path.insert(0, Hit())\n"
+        f"sys.argv = ['main.py', '--out_dir={tmp_path / 'o'}']\n"
+        f"runpy.run_path({os.path.join(ROOT, 'main.py')!r}, run_name='__main__')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 130 and p.stderr.strip().startswith("stopped: ") and len(p.stderr.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
