@@ -760,13 +760,16 @@ def check_same_start(state, dist):
         )
 
 
-def start_wandb(cfg, state, dist):
-    """Rank 0's Weights & Biases run, or None without --wandb_project: started before any long work, so a missing
-    login or network is one line at once. A resumed run continues the W&B run whose id its checkpoint holds."""
+def start_wandb(cfg, state, dist, login_only=False):
+    """Rank 0's Weights & Biases run, or None without --wandb_project. login_only, before any long work: a missing
+    login is one line at once; the run itself starts with training, so a run that fails before leaves none in the
+    project. A resumed run continues the W&B run whose id its checkpoint holds."""
     if not (cfg.wandb_project and dist.main):
         return None
     wandb, run_id = import_wandb(), None if state is None else state["meta"].get("wandb_id")
     try:
+        if login_only:
+            return os.environ.get("WANDB_MODE") in ("offline", "disabled") or wandb.login(verify=False)
         return wandb.init(
             project=cfg.wandb_project,
             name=cfg.wandb_run_name,
@@ -2587,20 +2590,20 @@ def run(cfg):
     lock, dist = claim_run(cfg, dist)  # noqa: F841 - the lock is held until this process exits
     state = None if cfg.prepare_only else on_every_rank(dist, lambda: choose_start(cfg, dist))
     check_same_start(state, dist)
-    wandb_run = None if cfg.prepare_only else start_wandb(cfg, state, dist)
+    if not cfg.prepare_only:
+        start_wandb(cfg, state, dist, login_only=True)
+    manifest = prepare_on_node(cfg, dist, state)
+    check_same_data(manifest, state, cfg, dist)
+    if cfg.prepare_only:
+        return
+    backend, wandb_run = make_backend(cfg, dist, tt), None
     try:
-        manifest = prepare_on_node(cfg, dist, state)
-        check_same_data(manifest, state, cfg, dist)
-        if cfg.prepare_only:
-            return
-        backend = make_backend(cfg, dist, tt)
-        try:
-            start_training(cfg, backend, dist, state)
-            train(cfg, manifest, backend, dist, state, wandb_run)
-            finish(cfg, backend, dist, wandb_run)
-        finally:
-            backend.close()
+        wandb_run = start_wandb(cfg, state, dist)
+        start_training(cfg, backend, dist, state)
+        train(cfg, manifest, backend, dist, state, wandb_run)
+        finish(cfg, backend, dist, wandb_run)
     finally:
+        backend.close()
         if wandb_run is not None:  # marked failed when an exception is on its way out
             wandb_run.finish(exit_code=1 if sys.exc_info()[0] else 0)
 

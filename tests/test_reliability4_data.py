@@ -243,3 +243,12 @@ def test_ctrl_c_while_torch_loads_is_one_line_exit_130(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 130 and p.stderr.strip().startswith("stopped: ") and len(p.stderr.splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_that_fails_before_training_creates_no_wandb_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    w = fake_wandb(monkeypatch)
+    blank = texts_file(tmp_path / "blank.parquet", [" "] * 50)
+    error_after_prepare(capsys, cli_args(tmp_path / "o", data_files=blank, wandb_project="p", **TRAIN), "no text")
+    assert len(w.logins) == 1 and w.inits == []  # the login was checked before the work; no run was started
+    assert "wandb/" in open(os.path.join(ROOT, ".gitignore")).read().split()
