@@ -377,8 +377,9 @@ def check_config(cfg):
             f"steps={cfg.steps} must be a multiple of accumulation_steps={cfg.accumulation_steps} "
             "(training ends on an optimizer step)"
         )
-    if cfg.data_files is not None and not cfg.data_files.replace(",", "").strip():
-        problems.append(f"data_files={cfg.data_files!r} is empty; name parquet files, or leave the option out")
+    for name in ("data_files", "wandb_project", "wandb_run_name"):  # empty: an unset variable, not the default
+        if getattr(cfg, name) is not None and not getattr(cfg, name).replace(",", "").strip():
+            problems.append(f"{name}={getattr(cfg, name)!r} is empty; give a value, or leave the option out")
     if not cfg.out_dir.strip():
         problems.append("out_dir is empty; name a directory, e.g. --out_dir=./wiki_memmap_gpt2")
     if not 0 <= cfg.seed < 2**32:

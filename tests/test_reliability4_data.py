@@ -74,6 +74,7 @@ def test_ckpt_write_benchmark_on_a_runs_out_dir_leaves_the_run_byte_identical(ru
 def test_data_files_that_names_nothing_is_one_line_saying_it_is_empty_not_the_hub(tmp_path, capsys, value):
     err = one_line_error(capsys, cli_args(tmp_path / "o", data_files=value), "is empty")
     assert "hub" not in err.lower() and not (tmp_path / "o").exists()
+    one_line_error(capsys, cli_args(tmp_path / "o", wandb_project=value), "wandb_project", "is empty")
 
 
 def test_a_directory_repeated_or_escaped_commas_and_a_trailing_comma_name_the_files_meant(tmp_path, capsys):
