@@ -51,17 +51,21 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated as H, Literal, Optional
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import tiktoken
-import torch
-import torch.distributed as tdist
-import torch.nn as nn
-import torch.nn.functional as F
-from filelock import FileLock, Timeout
-from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-from tqdm import tqdm
+try:  # a Ctrl-C while torch loads (a second or more) is one line, as it is later
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import tiktoken
+    import torch
+    import torch.distributed as tdist
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from filelock import FileLock, Timeout
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tqdm import tqdm
+except KeyboardInterrupt:
+    print("stopped: interrupted while starting; nothing was written", file=sys.stderr)
+    raise SystemExit(130) from None
 
 # -----------------------------------------------------------------------------
 # 1. Shared pieces
@@ -114,6 +118,8 @@ def atomic_write(path, mode="wb"):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         check_disk(e, path)
+        if isinstance(e.__context__, KeyboardInterrupt):  # a second Ctrl-C inside torch.save, which reports its own
+            raise KeyboardInterrupt from None
         raise
 
 
@@ -169,7 +175,7 @@ class TrainConfig:
     wiki_config: H[str, "20231101.<lang> (wikimedia/wikipedia) or 20220301.<lang>; env WIKI_DUMP"] = field(
         default_factory=lambda: os.environ.get("WIKI_DUMP", "20231101.en")
     )
-    data_files: H[Optional[str], "local parquet file(s)/globs, comma-separated, in the wikipedia schema"] = None
+    data_files: H[Optional[str], "local parquet files/globs/dirs, comma-separated (\\, in a name) or repeated"] = None
     out_dir: H[str, "shards, manifest.json, metrics, checkpoint, plot, hf/ export"] = "./wiki_memmap_gpt2"
     max_docs: H[Optional[int], "use only the first max_docs articles"] = None
     shard_tokens: H[int, "tokens per uint16 shard file (256 MiB)"] = 134217728
@@ -265,7 +271,7 @@ def value_parser(typ):
     base = next(t for t in typing.get_args(typ) if t is not type(None)) if optional else typ
 
     def parse(text):
-        if optional and text.lower() in ("none", "null", ""):
+        if optional and text.lower() in ("none", "null"):  # not "": an unset shell variable must not mean the default
             return None
         with contextlib.suppress(ValueError, KeyError):
             return BOOLS[text.lower()] if base is bool else base(text)
@@ -294,12 +300,17 @@ def parse_config(argv):
             type=None if choices else value_parser(typ),
             nargs="?" if typ is bool else None,
             const=True if typ is bool else None,
+            action="append" if f.name == "data_files" else None,
             help=f"{doc} (default {getattr(defaults, f.name)!r})",
         )
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         raise UserError(f"unknown option {unknown[0]!r}; `python main.py --help` lists them all")
     given = vars(args)
+    if "data_files" in given:  # repeated: one list; a value that names an existing file keeps its commas
+        given["data_files"] = ",".join(
+            v.replace(",", r"\,") if os.path.exists(os.path.expanduser(v)) else v for v in given["data_files"]
+        )
     cfg = TrainConfig(**({**SMOKE_PRESET, **given} if given.get("smoke") else given))
     check_config(cfg)
     return cfg
@@ -367,6 +378,9 @@ def check_config(cfg):
             f"steps={cfg.steps} must be a multiple of accumulation_steps={cfg.accumulation_steps} "
             "(training ends on an optimizer step)"
         )
+    for name in ("data_files", "wandb_project", "wandb_run_name"):  # empty: an unset variable, not the default
+        if getattr(cfg, name) is not None and not getattr(cfg, name).replace(",", "").strip():
+            problems.append(f"{name}={getattr(cfg, name)!r} is empty; give a value, or leave the option out")
     if not cfg.out_dir.strip():
         problems.append("out_dir is empty; name a directory, e.g. --out_dir=./wiki_memmap_gpt2")
     if not 0 <= cfg.seed < 2**32:
@@ -756,13 +770,16 @@ def check_same_start(state, dist):
         )
 
 
-def start_wandb(cfg, state, dist):
-    """Rank 0's Weights & Biases run, or None without --wandb_project: started before any long work, so a missing
-    login or network is one line at once. A resumed run continues the W&B run whose id its checkpoint holds."""
+def start_wandb(cfg, state, dist, login_only=False):
+    """Rank 0's Weights & Biases run, or None without --wandb_project. login_only, before any long work: a missing
+    login is one line at once; the run itself starts with training, so a run that fails before leaves none in the
+    project. A resumed run continues the W&B run whose id its checkpoint holds."""
     if not (cfg.wandb_project and dist.main):
         return None
     wandb, run_id = import_wandb(), None if state is None else state["meta"].get("wandb_id")
     try:
+        if login_only:
+            return os.environ.get("WANDB_MODE") in ("offline", "disabled") or wandb.login(verify=False)
         return wandb.init(
             project=cfg.wandb_project,
             name=cfg.wandb_run_name,
@@ -847,18 +864,35 @@ def open_parquet(path):
 
 
 def read_rows(path, row_group, lo, hi):
-    """Rows [lo, hi) of one row group of a parquet file, local or on the hub: the texts a worker reads for itself."""
-    column = open_parquet(path)[0].read_row_group(row_group, columns=["text"]).column("text")
-    return column.slice(lo, hi - lo).to_pylist()
+    """Rows [lo, hi) of one row group of a parquet file, local or on the hub: the texts a worker reads for itself.
+    A failure carries the task (`.task`), so the error line can name the file and row group."""
+    try:
+        column = open_parquet(path)[0].read_row_group(row_group, columns=["text"]).column("text")
+        return column.slice(lo, hi - lo).to_pylist()
+    except Exception as e:
+        e.task = (path, row_group, lo, hi)
+        raise
+
+
+def fails_again(e):
+    """Whether a second read of the local rows that raised `e` fails the same way: a damaged file does so every
+    time, an OS or network failure that passes does not."""
+    try:
+        read_rows(*e.task)
+    except Exception as again:
+        return type(again) is type(e) and str(again) == str(e)
+    return False
 
 
 def tokenize_task(task):
-    """One (path, row_group, lo, hi) task -> one uint16 array: EOS, article, EOS, article, ... It runs in a worker,
-    which reads the rows itself, so no article text passes through the main process. tiktoken's numpy output
-    (special tokens' text encoded as ordinary text, like encode_ordinary) makes no Python int per token."""
-    enc, eos = get_tokenizer(), np.array([EOS_ID], dtype=np.uint32)
-    parts = [p for text in read_rows(*task) for p in (eos, enc.encode_to_numpy(text or "", disallowed_special=()))]
-    return np.concatenate(parts).astype(np.uint16)
+    """One (path, row_group, lo, hi) task -> (one uint16 array: EOS, article, EOS, article, ..., each article's index
+    in the task). An article with no text (empty or whitespace) is left out: it would teach only EOS. It runs in a
+    worker, which reads the rows itself, so no article text passes through the main process. tiktoken's numpy
+    output (special tokens' text encoded as ordinary text, like encode_ordinary) makes no Python int per token."""
+    enc, eos, texts = get_tokenizer(), np.array([EOS_ID], dtype=np.uint32), read_rows(*task)
+    kept = [i for i, text in enumerate(texts) if text and text.strip()]
+    parts = [p for i in kept for p in (eos, enc.encode_to_numpy(texts[i], disallowed_special=()))]
+    return np.concatenate([eos[:0], *parts]).astype(np.uint16), kept
 
 
 def init_worker(parent_pid):
@@ -891,15 +925,17 @@ def tokenize_in_order(jobs, num_proc):
 
 
 def resolve_data_files(spec):
-    """Comma-separated files/globs -> the existing files, each once, in order. A path that exists is taken as it
-    is, so commas and brackets in file names work; one clear error if a part matches nothing."""
-    parts = [spec] if os.path.exists(os.path.expanduser(spec)) else spec.split(",")
+    """Comma-separated files/globs/directories (`\\,` is a comma in a name; a blank part is nothing) -> the existing
+    files, each once, in order. A directory (what `hf download` leaves) stands for the *.parquet files under it."""
     files, seen = [], set()
-    for part in parts:
-        part = os.path.expanduser(part.strip())
-        matches = [part] if os.path.isfile(part) else sorted(glob.glob(part))
+    for part in filter(None, (p.strip().replace("\\,", ",") for p in re.split(r"(?<!\\),", spec))):
+        part = os.path.expanduser(part)
+        matches = []
+        for m in [part] if os.path.isfile(part) else sorted(glob.glob(part)):
+            under = os.path.join(glob.escape(m), "**", "*.parquet")
+            matches += sorted(glob.glob(under, recursive=True)) if os.path.isdir(m) else [m]
         if not matches:
-            raise UserError(f"--data_files: no file matches {part!r}")
+            raise UserError(f"--data_files: no file matches {part!r}" + (" (no *.parquet in it)" * os.path.isdir(part)))
         for f in matches:  # overlapping globs: the same file twice would put training text into the val split
             if os.path.realpath(f) not in seen:
                 seen.add(os.path.realpath(f))
@@ -1199,16 +1235,17 @@ def start_or_resume(out_dir, fp, files, log):
 
 def build_shards(cfg, progress, jobs, n_train, n_docs):
     """Tokenize the jobs into the train and val shards, writing the progress record after every finished shard.
-    Returns the end article of the last job."""
+    Returns the end article of the last job and how many articles had no text."""
     tag, skip, end = progress["fingerprint"][:8], progress["next"]["skip_tokens"], progress["next"]["article"]
     writers = {s: ShardWriter(cfg.out_dir, s, tag, cfg.shard_tokens, progress["splits"][s]) for s in SPLITS}
+    empty = progress["next"].get("empty", 0)  # articles with no text before `next` (a record may predate the count)
 
-    def record(article, skip_tokens=0):
-        progress["next"] = {"article": article, "skip_tokens": skip_tokens}
+    def record(article, skip_tokens=0, more_empty=0):
+        progress["next"] = {"article": article, "skip_tokens": skip_tokens, "empty": empty + more_empty}
         write_json_atomic(os.path.join(cfg.out_dir, PROGRESS), progress)
 
     with tqdm(total=n_docs, initial=end, unit="art", desc="prepare", dynamic_ncols=True, mininterval=1.0) as bar:
-        for (_, first, end), tokens in tokenize_in_order(jobs, cfg.num_proc):
+        for (_, first, end), (tokens, kept) in tokenize_in_order(jobs, cfg.num_proc):
             split = "train" if first < n_train else "val"
             if split == "val" and writers["train"].flush():  # the train split ends here, in its last, partial shard
                 record(first)
@@ -1216,13 +1253,13 @@ def build_shards(cfg, progress, jobs, n_train, n_docs):
             for cut in writers[split].add(tokens[skip:]):
                 starts = np.flatnonzero(tokens == EOS_ID) if starts is None else starts
                 i = int(np.searchsorted(starts, skip + cut, side="right")) - 1
-                record(first + i, int(skip + cut - starts[i]))
-            skip = 0
+                record(first + kept[i], int(skip + cut - starts[i]), kept[i] - i)
+            skip, empty = 0, empty + (end - first) - len(kept)
             bar.update(end - first)
     for split in SPLITS:
         if writers[split].flush():
             record(end)
-    return end
+    return end, empty
 
 
 def prepare(cfg, log=print, state=None):
@@ -1233,7 +1270,9 @@ def prepare(cfg, log=print, state=None):
     the shards of a run in out_dir. Returns the manifest."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     manifest, why = load_manifest(cfg.out_dir)
-    same_request = manifest is not None and manifest.get("request") == data_request(cfg)
+    if cfg.data_files is None and manifest is not None:  # not given: the input the shards came from, never the hub
+        cfg.data_files = manifest["request"]["data_files"]
+    same_request = manifest is not None and manifest["request"] == data_request(cfg)
     files, fp = None, manifest and manifest["fingerprint"]
     if not same_request or cfg.data_files:
         try:
@@ -1245,7 +1284,13 @@ def prepare(cfg, log=print, state=None):
             log(f"prepare: the input was not checked ({str(e)[:120]}); the shards in {cfg.out_dir} are used as is")
     if manifest is not None and manifest["fingerprint"] == fp:  # also the same input, moved or renamed
         finish_switch(cfg.out_dir, manifest)  # in case a kill came between the last switch and its clean-up
-        log(f"prepare: reusing {sum(manifest['num_tokens'].values()):,} tokens in {cfg.out_dir} (fingerprint {fp})")
+        if not same_request:  # moved: the manifest follows the input, so it may go on from there once deleted
+            manifest["request"] = data_request(cfg)
+            write_json_atomic(os.path.join(cfg.out_dir, "manifest.json"), manifest)
+        log(
+            f"prepare: reusing {sum(manifest['num_tokens'].values()):,} tokens in {cfg.out_dir} (fingerprint {fp}), "
+            f"prepared from {cfg.data_files or cfg.wiki_config}"
+        )
         return manifest
     old = manifest["fingerprint"] if manifest else state["meta"]["fingerprint"] if state else None
     if old not in (None, fp) and run_outputs(cfg.out_dir) and not cfg.overwrite:
@@ -1262,8 +1307,9 @@ def prepare(cfg, log=print, state=None):
 def build(cfg, fp, files, log):
     """Tokenize the input into a new shard set and switch manifest.json to it."""
     n_docs = min(x for x in (sum(sum(f["row_groups"]) for f in files), cfg.max_docs) if x is not None)
-    if not n_docs:
-        raise UserError("the dataset has no articles" + (f" ({cfg.data_files})" if cfg.data_files else ""))
+    if n_docs < 2:  # before any tokenizing: no val_fraction splits fewer than 2 articles into train and val
+        what = "only 1 article; train and val need one each" if n_docs else "no articles"
+        raise UserError(f"the dataset has {what}; use more articles (--data_files, --max_docs)")
     n_val = min(n_docs - 1, max(1, round(n_docs * cfg.val_fraction)))
     n_train, t0 = n_docs - n_val, time.time()
     progress = start_or_resume(cfg.out_dir, fp, file_identity(files), log)
@@ -1271,7 +1317,7 @@ def build(cfg, fp, files, log):
     resumed_at = progress["next"]["article"]
     task_rows = TASK_ARTICLES if cfg.data_files else None  # a hub task is a whole row group: one download each
     try:
-        end = build_shards(
+        end, empty = build_shards(
             cfg, progress, parquet_tasks(files, task_rows, progress["next"], n_train, n_docs), n_train, n_docs
         )
     except KeyboardInterrupt:
@@ -1281,12 +1327,14 @@ def build(cfg, fp, files, log):
         ) from None
     except UserError:
         raise
-    except Exception as e:  # a damaged file reads the same way every time, so a rerun would stop at the same place
-        kept = f"the {len(listed_shards(progress))} finished shards are kept"
-        detail = f"{type(e).__name__}: {one_line(e, 300)}"
-        if isinstance(e, (UnicodeError, pa.ArrowInvalid)) or re.search(r"(?i)corrupt|deserializ|invalid", str(e)):
-            raise UserError(f"the input is damaged ({detail}); repair or leave out that file; {kept}") from None
-        raise UserError(f"reading the input failed ({detail}); {kept} and a rerun continues after them") from None
+    except Exception as e:
+        task, detail = getattr(e, "task", None), f"{type(e).__name__}: {one_line(e, 300)}"
+        where = f"{task[0]} (row group {task[1]})" if task else "the input"
+        kept = f"; the finished shards ({len(listed_shards(progress))}) are kept" if listed_shards(progress) else ""
+        if task and not task[0].startswith(HUB) and fails_again(e):
+            why = "a rerun fails the same way: repair or replace that file, or leave it out"
+            raise UserError(f"{where} is damaged ({detail}); {why}{kept}") from None
+        raise UserError(f"reading {where} failed ({detail}); a rerun continues where it stopped{kept}") from None
     if end != n_docs:
         raise UserError(f"the input ended after {end:,} of the {n_docs:,} articles it announced")
     splits = progress["splits"]
@@ -1316,7 +1364,8 @@ def build(cfg, fp, files, log):
     write_json_atomic(os.path.join(cfg.out_dir, "manifest.json"), manifest)  # the switch: it vouches for the shards
     finish_switch(cfg.out_dir, manifest)
     log(
-        f"prepare: {n_docs:,} articles -> {sum(manifest['num_tokens'].values()):,} tokens in {time.time() - t0:.1f}s"
+        f"prepare: {n_docs:,} articles{f' ({empty:,} with no text, left out)' if empty else ''} -> "
+        f"{sum(manifest['num_tokens'].values()):,} tokens in {time.time() - t0:.1f}s"
         f"{f' (resumed at article {resumed_at:,})' if resumed_at else ''}, "
         f"train {n_train:,} / val {n_val:,} articles, content hash {manifest['content_hash'][:16]}"
     )
@@ -1324,6 +1373,8 @@ def build(cfg, fp, files, log):
 
 
 def check_enough_tokens(manifest, seq_len):
+    if not sum(manifest["num_tokens"].values()):
+        raise UserError(f"the input has no text: its {manifest['num_docs']:,} articles are all empty or whitespace")
     for split in SPLITS:
         n = manifest["num_tokens"][split]
         if n < seq_len + 1:
@@ -2719,23 +2770,23 @@ def run(cfg):
     lock, dist = claim_run(cfg, dist)  # noqa: F841 - the lock is held until this process exits
     state = None if cfg.prepare_only else on_every_rank(dist, lambda: choose_start(cfg, dist))
     check_same_start(state, dist)
-    wandb_run = None if cfg.prepare_only else start_wandb(cfg, state, dist)
+    if not cfg.prepare_only:
+        start_wandb(cfg, state, dist, login_only=True)
+    manifest = prepare_on_node(cfg, dist, state)
+    check_same_data(manifest, state, cfg, dist)
+    if cfg.prepare_only:
+        return
+    backend, wandb_run = make_backend(cfg, dist, tt), None
     try:
-        manifest = prepare_on_node(cfg, dist, state)
-        check_same_data(manifest, state, cfg, dist)
-        if cfg.prepare_only:
-            return
-        backend = make_backend(cfg, dist, tt)
-        try:
-            if state is None and weights is not None:  # a new run from the pretrained model
-                backend.load_state_dict({"model": to_tt(weights) if cfg.backend == "ttml" else weights})
-            weights = None  # the backend holds its own copy: GPT-2 xl's 6 GB on the host are not kept for the run
-            start_training(cfg, backend, dist, state)
-            train(cfg, manifest, backend, dist, state, wandb_run, source if state is None else None)
-            finish(cfg, backend, dist, wandb_run)
-        finally:
-            backend.close()
+        if state is None and weights is not None:  # a new run from the pretrained model
+            backend.load_state_dict({"model": to_tt(weights) if cfg.backend == "ttml" else weights})
+        weights = None  # the backend holds its own copy: GPT-2 xl's 6 GB on the host are not kept for the run
+        wandb_run = start_wandb(cfg, state, dist)
+        start_training(cfg, backend, dist, state)
+        train(cfg, manifest, backend, dist, state, wandb_run, source if state is None else None)
+        finish(cfg, backend, dist, wandb_run)
     finally:
+        backend.close()
         if wandb_run is not None:  # marked failed when an exception is on its way out
             wandb_run.finish(exit_code=1 if sys.exc_info()[0] else 0)
 

@@ -140,10 +140,13 @@ def main():
     ap.add_argument("--kinds", default="complete,ctrl-c", help="complete, ctrl-c, or both (default)")
     ap.add_argument("--timeout", type=float, default=180, help="seconds before a run is killed as hung")
     ap.add_argument("--keep", action="store_true", help="keep the out_dirs and logs (their folder is printed)")
-    ap.add_argument("--root", help="folder for the out_dirs and logs (default: a new temporary folder)")
+    ap.add_argument(
+        "--root", help="keep the out_dirs and logs in a new folder under this one (default: a temporary one)"
+    )
     a = ap.parse_args()
-    root = a.root or tempfile.mkdtemp(prefix="torchrun_exits_")
-    os.makedirs(root, exist_ok=True)
+    if a.root:
+        os.makedirs(a.root, exist_ok=True)
+    root = tempfile.mkdtemp(prefix="torchrun_exits_", dir=a.root)  # a fresh folder of its own: never a run's files
     print(f"main.py: {MAIN}\nruns in: {root}", flush=True)
     results = collections.defaultdict(list)
     kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]

@@ -56,13 +56,18 @@ class FakeRun:
 def fake_wandb(monkeypatch):
     """A wandb module that records: .inits (each init's arguments) and .runs (FakeRun each)."""
     w = types.ModuleType("wandb")
-    w.inits, w.runs = [], []
+    w.inits, w.runs, w.logins = [], [], []
 
     def init(**kw):
         check_call(lambda w: w.init, **kw)
         w.inits.append(kw)
         w.runs.append(FakeRun(kw.get("id") or f"fake{len(w.runs)}"))
         return w.runs[-1]
+
+    def login(**kw):
+        check_call(lambda w: w.login, **kw)
+        w.logins.append(kw)
+        return True
 
     def settings(**kw):
         check_call(lambda w: w.Settings, **kw)
@@ -76,7 +81,7 @@ def fake_wandb(monkeypatch):
         with open(path, "rb") as f:  # what W&B uploads: the PNG as it is when logged
             return types.SimpleNamespace(png=f.read())
 
-    w.init, w.Settings, w.Table, w.Image = init, settings, table, image
+    w.init, w.login, w.Settings, w.Table, w.Image = init, login, settings, table, image
     monkeypatch.setitem(sys.modules, "wandb", w)
     return w
 
