@@ -436,11 +436,11 @@ def populate(mod):
             for name, (kind, *shape) in tree.items():
                 shape = [1, 1, *shape] if len(shape) == 2 else [1, 1, 1, *shape]
                 make = {
-                    "ones": lambda r: np.ones(shape, np.float32),
-                    "zeros": lambda r: np.zeros(shape, np.float32),
-                    "normal": lambda r: (r.standard_normal(shape) * 0.02).astype(np.float32),
+                    "ones": lambda r, shape: np.ones(shape, np.float32),
+                    "zeros": lambda r, shape: np.zeros(shape, np.float32),
+                    "normal": lambda r, shape: (r.standard_normal(shape) * 0.02).astype(np.float32),
                 }[kind]
-                self._params[name] = Tensor(DeviceTensor([bf16(make(r)) for r in rngs], DataType.BFLOAT16))
+                self._params[name] = Tensor(DeviceTensor([bf16(make(r, shape)) for r in rngs], DataType.BFLOAT16))
             self.cfg, self.mode = cfg, "train"
 
         def parameters(self):
@@ -491,7 +491,7 @@ def populate(mod):
             if mask is not None:
                 raise NotImplementedError("the stand-in runs the causal (mask=None) SDPA path only")
             T = idx.shape()[-1]
-            if T != self.cfg.block_size:
+            if self.cfg.block_size != T:
                 raise RuntimeError(f"the model takes exactly block_size={self.cfg.block_size} tokens, not {T}")
             c, outs, values = self.cfg.n_embd, [], []
             tied = "NanoGPT/tok_emb/weight" not in self._params

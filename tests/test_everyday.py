@@ -37,7 +37,10 @@ def backend(tmp_path_factory):
 
 def test_sampling_with_a_fixed_seed_is_reproducible(backend, tmp_path):
     cfg = tiny_cfg(tmp_path, temperature=1.0, top_k=50, sample_tokens=10)
-    draw = lambda seed: main.generate(backend, [464, 2106], cfg, np.random.default_rng(seed))  # noqa: E731
+
+    def draw(seed):
+        return main.generate(backend, [464, 2106], cfg, np.random.default_rng(seed))
+
     assert draw(3) == draw(3)
     assert draw(3) != draw(4)
     greedy = tiny_cfg(tmp_path, sample_tokens=10)
@@ -100,10 +103,10 @@ def test_peak_flops_table_override_and_unknown_device():
 def peak_rss_kb_of_prepare(data, out_dir):
     """Run prepare (num_proc=1, so it is all one process) in a fresh interpreter; its own peak RSS in kB."""
     code = (
-        "import resource, sys; sys.path.insert(0, %r); import main; "
-        "main.main(['--data_files=%s', '--out_dir=%s', '--prepare_only=true', '--num_proc=1', "
+        f"import resource, sys; sys.path.insert(0, {ROOT!r}); import main; "
+        f"main.main(['--data_files={data}', '--out_dir={out_dir}', '--prepare_only=true', '--num_proc=1', "
         "'--shard_tokens=1000000']); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    ) % (ROOT, data, out_dir)
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     return int(p.stdout.strip().splitlines()[-1])

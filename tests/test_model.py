@@ -71,7 +71,7 @@ def test_fp16_with_grad_scaler_skips_a_step_with_inf_gradients_and_backs_off(tmp
     b.train_micro_step(x, y)
     next(b.raw.parameters()).grad[0, 0] = float("inf")  # an fp16 overflow
     b.optimizer_step(1e-3, 0.9)
-    assert all(torch.equal(p, q) for p, q in zip(b.raw.parameters(), before))  # the step was skipped
+    assert all(torch.equal(p, q) for p, q in zip(b.raw.parameters(), before, strict=True))  # the step was skipped
     assert b.scaler.get_scale() == scale / 2
 
 
@@ -91,7 +91,7 @@ def test_k_micro_batches_equal_one_batch_of_k_times_b(tmp_path):
     whole.train_micro_step(x, y)
     la, lw = accum.optimizer_step(1e-3, 0.9), whole.optimizer_step(1e-3, 0.9)
     assert la == pytest.approx(lw, rel=1e-5)
-    for pa, pw in zip(accum.raw.parameters(), whole.raw.parameters()):
+    for pa, pw in zip(accum.raw.parameters(), whole.raw.parameters(), strict=True):
         assert torch.allclose(pa, pw, atol=1e-6)
     assert all(p.grad is None for p in accum.raw.parameters())  # zeroed at the window's end
 
@@ -156,7 +156,10 @@ def test_host_sampler_greedy_top_k_and_seeds(tmp_path):
     assert logits.shape == (main.VOCAB_SIZE,)
     assert main.sample_token(logits, 0.0, None, None) == int(np.argmax(logits))
     top5 = set(np.argsort(logits)[-5:].tolist())
-    draw = lambda k, seed: [main.sample_token(logits, 2.0, k, np.random.default_rng(seed)) for _ in range(60)]
+
+    def draw(k, seed):
+        return [main.sample_token(logits, 2.0, k, np.random.default_rng(seed)) for _ in range(60)]
+
     assert set(draw(5, 1)) <= top5 and not set(draw(None, 1)) <= top5
     assert draw(None, 7) == draw(None, 7)
     assert main.sample_token(logits, 1e-40, None, np.random.default_rng(0)) == int(np.argmax(logits))  # no nan

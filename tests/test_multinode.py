@@ -109,7 +109,7 @@ def test_two_nodes_finish_and_match_one_process_with_the_same_global_batch(node_
 def test_node_local_storage_each_node_prepares_and_checkpoints_its_own_out_dir(node_local):
     tmp, _, outs = node_local
     for d in node_dirs(tmp, "node-local"):
-        shards = json.load(open(d / "manifest.json"))["splits"]["train"]
+        shards = json.loads((d / "manifest.json").read_text())["splits"]["train"]
         assert {"ckpt.pt", *(s["file"] for s in shards)} <= set(os.listdir(d))
     assert sum((d / "metrics.jsonl").exists() for d in node_dirs(tmp, "node-local")) == 1  # global rank 0's
     assert all("prepare: 60 articles" in o for o in outs)  # built on both nodes

@@ -4,8 +4,8 @@ held to the real wandb's signatures where it is installed), the `run` row, the s
 import contextlib
 import dataclasses
 import importlib.util
-import io
 import inspect
+import io
 import json
 import os
 import sys
