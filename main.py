@@ -46,6 +46,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import typing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -260,7 +261,7 @@ class Parser(argparse.ArgumentParser):
 
 def value_parser(typ):
     """The command-line text -> the field's type: int, float, bool, str, or Optional of one of those."""
-    optional = typing.get_origin(typ) is typing.Union
+    optional = typing.get_origin(typ) in (typing.Union, types.UnionType)  # Optional[int] and int | None
     base = next(t for t in typing.get_args(typ) if t is not type(None)) if optional else typ
 
     def parse(text):
