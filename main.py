@@ -2099,7 +2099,9 @@ def beta1_at(k, cfg):
 def stop_flag():
     """The first Ctrl-C or SIGTERM (what SLURM, Kubernetes and preemptible clouds send before a kill) only raises
     a flag, so the loop stops at the next optimizer-step boundary (never inside an optimizer step, which would leave
-    half-updated weights) and checkpoints there; a second one stops at once."""
+    half-updated weights) and checkpoints there; a second one stops at once. A signal ignored on entry stays ignored,
+    as in prepare: a script's `cmd &` (`nohup cmd &` too) starts main.py with SIGINT ignored so that the terminal's
+    Ctrl-C, meant for the script, leaves the background run alone."""
     flag = {"signum": None}
 
     def handler(signum, frame):
@@ -2114,7 +2116,11 @@ def stop_flag():
         )
 
     try:
-        prev = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        prev = {
+            s: signal.signal(s, handler)
+            for s in (signal.SIGINT, signal.SIGTERM)
+            if signal.getsignal(s) is not signal.SIG_IGN
+        }
     except ValueError:  # not the main thread (a test runner's thread): no handler to install
         prev = {}
     try:
