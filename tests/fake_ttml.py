@@ -77,26 +77,12 @@ def _ttnn_slice(t, starts, ends):
     return DeviceTensor([p[idx].copy() for p in t.parts], t.dtype, t.layout)
 
 
-def _ttnn_argmax(t, dim=None, keepdim=False):
-    if t.layout == Layout.TILE:
-        raise RuntimeError("argmax: input must be ROW_MAJOR")
-    return DeviceTensor([np.argmax(p, axis=dim, keepdims=keepdim).astype(np.uint32) for p in t.parts], "UINT32")
-
-
-def _ttnn_topk(t, k, dim=-1, largest=True, sorted=True):
-    if t.parts[0].shape[dim] > 32768:
-        raise RuntimeError("topk: single-core path, row too wide for L1")
-    raise NotImplementedError
-
-
 def fill_ttnn(mod):
     device = types.SimpleNamespace(is_blackhole=lambda d: d.arch == "blackhole")
     for k, v in dict(
         Layout=Layout,
         DataType=DataType,
         slice=_ttnn_slice,
-        argmax=_ttnn_argmax,
-        topk=_ttnn_topk,
         typecast=typecast,
         device=device,
         bfloat16=DataType.BFLOAT16,
