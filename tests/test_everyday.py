@@ -76,8 +76,10 @@ def test_precision_bf16_on_modern_gpus_fp16_with_scaler_on_older_fp32_elsewhere(
     assert main.choose_dtype("float32", "cuda", bf16_ok=True) == "float32"
 
 
-def test_grad_scaler_is_only_enabled_for_fp16(backend):
-    assert backend.dtype == "float32" and not backend.scaler.is_enabled()
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_grad_scaler_is_only_enabled_for_fp16(tmp_path, dtype):
+    b = main.TorchBackend(tiny_cfg(tmp_path, dtype=dtype), main.Dist())
+    assert b.dtype == dtype and b.scaler.is_enabled() == (dtype == "float16")
 
 
 def test_flops_per_token_matches_a_hand_count_of_the_real_model(tmp_path):

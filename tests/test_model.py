@@ -34,11 +34,22 @@ def test_logits_equal_transformers_gpt2_with_the_same_weights(tmp_path):
 
 
 def test_padded_vocab_never_wins_and_embeddings_are_tied(tmp_path):
+    """The 50257 ids padded to a multiple of 64 (faster matmuls), lm_head tied to wte: sampling sees the real columns
+    only, even when a padding column has the largest logit of all."""
     b = backend(tmp_path)
     assert b.raw.lm_head.weight is b.raw.transformer.wte.weight
-    assert b.raw.transformer.wte.weight.shape[0] % 64 == 0
-    logits = b.raw(torch.zeros(1, 5, dtype=torch.long))
-    assert logits.shape[-1] == main.VOCAB_SIZE
+    assert b.raw.transformer.wte.weight.shape[0] % 64 == 0 and b.raw.transformer.wte.weight.shape[0] > main.VOCAB_SIZE
+    prompt = np.array([464, 2106])
+    best = int(np.argmax(b.next_logits(prompt)))
+    with torch.no_grad():  # each padding row a scaled copy of the winner's: each padding logit beats the winner's
+        w = b.raw.lm_head.weight
+        w[main.VOCAB_SIZE :] = (10 if b.next_logits(prompt)[best] > 0 else -10) * w[best]
+    padded = []
+    hook = b.raw.lm_head.register_forward_hook(lambda module, args, out: padded.append(out[0, -1]))
+    logits = b.next_logits(prompt)
+    hook.remove()
+    assert padded[0][main.VOCAB_SIZE :].max() > padded[0][: main.VOCAB_SIZE].max()  # a padding column would win
+    assert logits.shape == (main.VOCAB_SIZE,) and int(np.argmax(logits)) == best
 
 
 @pytest.mark.parametrize("compiled", [False, True])

@@ -1,6 +1,7 @@
 """The train loop: the schedule delivered to the optimizer, a tiny model that learns, deterministic batches, the NaN
 stop, resume after kill -9 (end to end), and the smoke run as a user starts it."""
 
+import itertools
 import signal
 
 import numpy as np
@@ -57,6 +58,29 @@ def test_tiny_model_lowers_val_loss_and_writes_plot_checkpoint_and_sample(traine
     meta = torch.load(trained.out / "ckpt.pt", weights_only=False)["meta"]
     assert (meta["step"], meta["optim_step"]) == (12, 12)
     assert "--- sample 1/1 (greedy) ---\nThe history of machine learning" in trained.stdout
+
+
+def test_loss_plot_draws_the_raw_and_smoothed_train_loss_and_the_val_loss_of_every_row(trained, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    drawn, real_savefig = [], matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *a, **kw):
+        drawn.append({line.get_label(): line.get_xydata().tolist() for line in fig.axes[0].get_lines()})
+        return real_savefig(fig, *a, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    main.plot_losses(str(trained.out / "metrics.jsonl"), str(tmp_path / "curve.png"), main.parse_config(trained.args))
+    rows = read_jsonl(trained.out / "metrics.jsonl")
+    train = [[r["step"], r["loss"]] for r in rows if r["kind"] == "train"]
+    (lines,) = drawn
+    assert lines["train (raw)"] == train and len(train) == 12
+    assert lines["val"] == [[r["step"], r["val_loss"]] for r in rows if r["kind"] == "eval"]
+    ema = lines["train (EMA 0.9)"]
+    assert ema[0] == train[0] and [s for s, _ in ema] == [s for s, _ in train]
+    for ((_, prev), (_, now)), (_, raw) in zip(itertools.pairwise(ema), train[1:], strict=True):
+        assert now == pytest.approx(0.9 * prev + 0.1 * raw)
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_val_batches_are_fixed_across_runs_and_seeds(trained):
