@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import FIXTURE, ROOT, RUN, cli_args, main, one_line_error, read_jsonl, tiny_cfg
+from conftest import FIXTURE, ROOT, RUN, cli_args, main, one_line_error, read_jsonl, tiny_cfg, torch_backend
 
 
 def sample_text(stdout):
@@ -32,7 +32,7 @@ def test_sample_only_without_checkpoint_is_one_clear_error(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
-    return main.TorchBackend(tiny_cfg(tmp_path_factory.mktemp("b")), main.Dist())
+    return torch_backend(tmp_path_factory.mktemp("b"))
 
 
 def test_sampling_with_a_fixed_seed_is_reproducible(backend, tmp_path):
@@ -78,7 +78,7 @@ def test_precision_bf16_on_modern_gpus_fp16_with_scaler_on_older_fp32_elsewhere(
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_grad_scaler_is_only_enabled_for_fp16(tmp_path, dtype):
-    b = main.TorchBackend(tiny_cfg(tmp_path, dtype=dtype), main.Dist())
+    b = torch_backend(tmp_path, dtype=dtype)
     assert b.dtype == dtype and b.scaler.is_enabled() == (dtype == "float16")
 
 
