@@ -46,6 +46,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import typing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -267,7 +268,7 @@ class Parser(argparse.ArgumentParser):
 
 def value_parser(typ):
     """The command-line text -> the field's type: int, float, bool, str, or Optional of one of those."""
-    optional = typing.get_origin(typ) is typing.Union
+    optional = typing.get_origin(typ) in (typing.Union, types.UnionType)  # Optional[int] and int | None
     base = next(t for t in typing.get_args(typ) if t is not type(None)) if optional else typ
 
     def parse(text):
@@ -2307,7 +2308,9 @@ def beta1_at(k, cfg):
 def stop_flag():
     """The first Ctrl-C or SIGTERM (what SLURM, Kubernetes and preemptible clouds send before a kill) only raises
     a flag, so the loop stops at the next optimizer-step boundary (never inside an optimizer step, which would leave
-    half-updated weights) and checkpoints there; a second one stops at once."""
+    half-updated weights) and checkpoints there; a second one stops at once. A signal ignored on entry stays ignored,
+    as in prepare: a script's `cmd &` (`nohup cmd &` too) starts main.py with SIGINT ignored so that the terminal's
+    Ctrl-C, meant for the script, leaves the background run alone."""
     flag = {"signum": None}
 
     def handler(signum, frame):
@@ -2322,7 +2325,11 @@ def stop_flag():
         )
 
     try:
-        prev = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        prev = {
+            s: signal.signal(s, handler)
+            for s in (signal.SIGINT, signal.SIGTERM)
+            if signal.getsignal(s) is not signal.SIG_IGN
+        }
     except ValueError:  # not the main thread (a test runner's thread): no handler to install
         prev = {}
     try:

@@ -13,6 +13,7 @@ default path for the device (compile=auto, dtype=auto); "ref" is benchmarks/refe
 and loop with fused AdamW on CUDA.
 """
 
+import functools
 import json
 import os
 import resource
@@ -47,6 +48,7 @@ def one_run(spec):
     """Build one trainer, time spec['steps'] optimizer steps after 3 warm-up steps; return the numbers."""
     import numpy as np
     import torch
+
     import main
     from reference_gpt import RefTrainer
 
@@ -68,7 +70,11 @@ def one_run(spec):
     if spec["model"] == "main":
         b = main.TorchBackend(cfg, main.Dist())
         dtype, name = b.dtype, b.device_name
-        step = lambda x, y: (b.train_micro_step(x, y), b.optimizer_step(cfg.lr, cfg.beta1))[1]  # noqa: E731
+
+        def step(x, y):
+            b.train_micro_step(x, y)
+            return b.optimizer_step(cfg.lr, cfg.beta1)
+
     else:
         cuda = device.startswith("cuda")
         dtype = main.choose_dtype("auto", "cuda" if cuda else "cpu", cuda and torch.cuda.is_bf16_supported())
@@ -82,7 +88,11 @@ def one_run(spec):
             compile=main.choose_compile(cfg.compile, "cuda" if cuda else "cpu"),
         )
         name = torch.cuda.get_device_name(device) if cuda else "cpu"
-        step = lambda x, y: (r.train_micro_step(x, y), r.optimizer_step())[1]  # noqa: E731
+
+        def step(x, y):
+            r.train_micro_step(x, y)
+            return r.optimizer_step()
+
     tokens = np.random.default_rng(0).integers(0, main.VOCAB_SIZE, size=1 << 22, dtype=np.uint16)
     stream = type(
         "Stream",
@@ -95,7 +105,7 @@ def one_run(spec):
     )()
     batches = main.TrainBatches(stream, cfg)
     times, first = [], None
-    for i in range(3 + spec["steps"]):
+    for _ in range(3 + spec["steps"]):
         t0 = time.perf_counter()
         loss = step(*batches.next())  # the loss read-back syncs the device once per step, as main.py's loop does
         batches.prefetch()
@@ -136,7 +146,8 @@ def bench_train(gpu):
         if "error" not in r:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "?"
             print(
-                f"{r['model'] + r.get('variant', ''):<5} {r.get('compile', 'auto'):<7} {r['batch_size']:>3} {r['tok_s']:>9,} {mfu:>6} "
+                f"{r['model'] + r.get('variant', ''):<5} {r.get('compile', 'auto'):<7} {r['batch_size']:>3} "
+                f"{r['tok_s']:>9,} {mfu:>6} "
                 f"{r['peak_mem_gib']:>8.2f} {r['first_step_s']:>10.1f}"
             )
 
@@ -146,6 +157,7 @@ def bench_prepare():
     thread, best of 3: the ceiling, x cores) and Hugging Face's GPT2TokenizerFast built from the same BPE files."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     import main
 
     src = os.path.join(os.path.dirname(HERE), "..", "shared", "wiki_sample", "train.parquet")
@@ -165,7 +177,7 @@ def bench_prepare():
         pq.write_table(pa.table({"text": texts}), path, row_group_size=256)
         for n in sorted({1, cores}):
             cfg = main.TrainConfig(data_files=path, out_dir=os.path.join(tmp, f"np{n}"), num_proc=n, seq_len=64)
-            s = timed(lambda: main.prepare(cfg, log=lambda *a: None))
+            s = timed(functools.partial(main.prepare, cfg, log=lambda *a: None))
             print(
                 json.dumps(
                     {

@@ -120,7 +120,8 @@ def one_run(kind, i, root, timeout):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGINT)
             rc = wait(p, timeout)
-    text = launcher_tracebacks_removed(open(log_path, errors="replace").read())
+    with open(log_path, errors="replace") as f:
+        text = launcher_tracebacks_removed(f.read())
     bad = {name: [ln for ln in text.splitlines() if rx.search(ln)] for name, rx in BAD.items()}
     result = {
         "rc": rc,

@@ -51,6 +51,11 @@ def tiny_cfg(out_dir, **kw):
     return cfg
 
 
+def torch_backend(out_dir, **kw):
+    """The PyTorch backend for tiny_cfg(out_dir, **kw), in this one process."""
+    return main.TorchBackend(tiny_cfg(out_dir, **kw), main.Dist())
+
+
 def cli_args(out_dir, **kw):
     return [f"--{k}={v}" for k, v in {"data_files": FIXTURE, "out_dir": str(out_dir), **TINY, **kw}.items()]
 

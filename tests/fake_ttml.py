@@ -77,26 +77,12 @@ def _ttnn_slice(t, starts, ends):
     return DeviceTensor([p[idx].copy() for p in t.parts], t.dtype, t.layout)
 
 
-def _ttnn_argmax(t, dim=None, keepdim=False):
-    if t.layout == Layout.TILE:
-        raise RuntimeError("argmax: input must be ROW_MAJOR")
-    return DeviceTensor([np.argmax(p, axis=dim, keepdims=keepdim).astype(np.uint32) for p in t.parts], "UINT32")
-
-
-def _ttnn_topk(t, k, dim=-1, largest=True, sorted=True):
-    if t.parts[0].shape[dim] > 32768:
-        raise RuntimeError("topk: single-core path, row too wide for L1")
-    raise NotImplementedError
-
-
 def fill_ttnn(mod):
     device = types.SimpleNamespace(is_blackhole=lambda d: d.arch == "blackhole")
     for k, v in dict(
         Layout=Layout,
         DataType=DataType,
         slice=_ttnn_slice,
-        argmax=_ttnn_argmax,
-        topk=_ttnn_topk,
         typecast=typecast,
         device=device,
         bfloat16=DataType.BFLOAT16,
@@ -436,11 +422,11 @@ def populate(mod):
             for name, (kind, *shape) in tree.items():
                 shape = [1, 1, *shape] if len(shape) == 2 else [1, 1, 1, *shape]
                 make = {
-                    "ones": lambda r: np.ones(shape, np.float32),
-                    "zeros": lambda r: np.zeros(shape, np.float32),
-                    "normal": lambda r: (r.standard_normal(shape) * 0.02).astype(np.float32),
+                    "ones": lambda r, shape: np.ones(shape, np.float32),
+                    "zeros": lambda r, shape: np.zeros(shape, np.float32),
+                    "normal": lambda r, shape: (r.standard_normal(shape) * 0.02).astype(np.float32),
                 }[kind]
-                self._params[name] = Tensor(DeviceTensor([bf16(make(r)) for r in rngs], DataType.BFLOAT16))
+                self._params[name] = Tensor(DeviceTensor([bf16(make(r, shape)) for r in rngs], DataType.BFLOAT16))
             self.cfg, self.mode = cfg, "train"
 
         def parameters(self):
@@ -491,7 +477,7 @@ def populate(mod):
             if mask is not None:
                 raise NotImplementedError("the stand-in runs the causal (mask=None) SDPA path only")
             T = idx.shape()[-1]
-            if T != self.cfg.block_size:
+            if self.cfg.block_size != T:
                 raise RuntimeError(f"the model takes exactly block_size={self.cfg.block_size} tokens, not {T}")
             c, outs, values = self.cfg.n_embd, [], []
             tied = "NanoGPT/tok_emb/weight" not in self._params

@@ -33,7 +33,8 @@ def test_only_rank_0_writes_outputs_and_prints(two_ranks):
     assert p.stdout.count("The history of machine learning") == 1
     assert p.stdout.count("device: cpu") == 1
     names = sorted(n for n in os.listdir(out) if not n.startswith("."))  # not the lock files
-    shards = [s["file"] for split in ("train", "val") for s in json.load(open(out / "manifest.json"))["splits"][split]]
+    splits = json.loads((out / "manifest.json").read_text())["splits"]
+    shards = [s["file"] for split in ("train", "val") for s in splits[split]]
     assert names == sorted(["ckpt.pt", "loss_curve.png", "manifest.json", "metrics.jsonl", *shards])
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
     assert steps == list(range(1, 13))  # one writer: no duplicated rows

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import FIXTURE, ROOT, RUN, cli_args, main, one_line_error, read_jsonl, tiny_cfg
+from conftest import FIXTURE, ROOT, RUN, cli_args, main, one_line_error, read_jsonl, tiny_cfg, torch_backend
 
 
 def sample_text(stdout):
@@ -32,12 +32,15 @@ def test_sample_only_without_checkpoint_is_one_clear_error(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
-    return main.TorchBackend(tiny_cfg(tmp_path_factory.mktemp("b")), main.Dist())
+    return torch_backend(tmp_path_factory.mktemp("b"))
 
 
 def test_sampling_with_a_fixed_seed_is_reproducible(backend, tmp_path):
     cfg = tiny_cfg(tmp_path, temperature=1.0, top_k=50, sample_tokens=10)
-    draw = lambda seed: main.generate(backend, [464, 2106], cfg, np.random.default_rng(seed))  # noqa: E731
+
+    def draw(seed):
+        return main.generate(backend, [464, 2106], cfg, np.random.default_rng(seed))
+
     assert draw(3) == draw(3)
     assert draw(3) != draw(4)
     greedy = tiny_cfg(tmp_path, sample_tokens=10)
@@ -73,8 +76,10 @@ def test_precision_bf16_on_modern_gpus_fp16_with_scaler_on_older_fp32_elsewhere(
     assert main.choose_dtype("float32", "cuda", bf16_ok=True) == "float32"
 
 
-def test_grad_scaler_is_only_enabled_for_fp16(backend):
-    assert backend.dtype == "float32" and not backend.scaler.is_enabled()
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_grad_scaler_is_only_enabled_for_fp16(tmp_path, dtype):
+    b = torch_backend(tmp_path, dtype=dtype)
+    assert b.dtype == dtype and b.scaler.is_enabled() == (dtype == "float16")
 
 
 def test_flops_per_token_matches_a_hand_count_of_the_real_model(tmp_path):
@@ -100,10 +105,10 @@ def test_peak_flops_table_override_and_unknown_device():
 def peak_rss_kb_of_prepare(data, out_dir):
     """Run prepare (num_proc=1, so it is all one process) in a fresh interpreter; its own peak RSS in kB."""
     code = (
-        "import resource, sys; sys.path.insert(0, %r); import main; "
-        "main.main(['--data_files=%s', '--out_dir=%s', '--prepare_only=true', '--num_proc=1', "
+        f"import resource, sys; sys.path.insert(0, {ROOT!r}); import main; "
+        f"main.main(['--data_files={data}', '--out_dir={out_dir}', '--prepare_only=true', '--num_proc=1', "
         "'--shard_tokens=1000000']); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    ) % (ROOT, data, out_dir)
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     return int(p.stdout.strip().splitlines()[-1])

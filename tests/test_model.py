@@ -5,11 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import main, tiny_cfg
-
-
-def backend(tmp_path, **kw):
-    return main.TorchBackend(tiny_cfg(tmp_path, **kw), main.Dist())
+from conftest import main, torch_backend
 
 
 def random_batch(rows, seq_len, seed=0):
@@ -20,7 +16,7 @@ def random_batch(rows, seq_len, seed=0):
 def test_logits_equal_transformers_gpt2_with_the_same_weights(tmp_path):
     from transformers import GPT2LMHeadModel
 
-    b = backend(tmp_path, n_layer=3, n_head=4, n_embd=64)
+    b = torch_backend(tmp_path, n_layer=3, n_head=4, n_embd=64)
     for p in b.raw.parameters():  # random weights everywhere, biases and LayerNorms included
         torch.nn.init.normal_(p, std=0.05)
     main.export_hf(b.raw.state_dict(), b.cfg, str(tmp_path / "hf"), "", 0)
@@ -34,11 +30,22 @@ def test_logits_equal_transformers_gpt2_with_the_same_weights(tmp_path):
 
 
 def test_padded_vocab_never_wins_and_embeddings_are_tied(tmp_path):
-    b = backend(tmp_path)
+    """The 50257 ids padded to a multiple of 64 (faster matmuls), lm_head tied to wte: sampling sees the real columns
+    only, even when a padding column has the largest logit of all."""
+    b = torch_backend(tmp_path)
     assert b.raw.lm_head.weight is b.raw.transformer.wte.weight
-    assert b.raw.transformer.wte.weight.shape[0] % 64 == 0
-    logits = b.raw(torch.zeros(1, 5, dtype=torch.long))
-    assert logits.shape[-1] == main.VOCAB_SIZE
+    assert b.raw.transformer.wte.weight.shape[0] % 64 == 0 and b.raw.transformer.wte.weight.shape[0] > main.VOCAB_SIZE
+    prompt = np.array([464, 2106])
+    best = int(np.argmax(b.next_logits(prompt)))
+    with torch.no_grad():  # each padding row a scaled copy of the winner's: each padding logit beats the winner's
+        w = b.raw.lm_head.weight
+        w[main.VOCAB_SIZE :] = (10 if b.next_logits(prompt)[best] > 0 else -10) * w[best]
+    padded = []
+    hook = b.raw.lm_head.register_forward_hook(lambda module, args, out: padded.append(out[0, -1]))
+    logits = b.next_logits(prompt)
+    hook.remove()
+    assert padded[0][main.VOCAB_SIZE :].max() > padded[0][: main.VOCAB_SIZE].max()  # a padding column would win
+    assert logits.shape == (main.VOCAB_SIZE,) and int(np.argmax(logits)) == best
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -48,7 +55,7 @@ def test_padded_columns_take_no_probability_mass_in_the_loss(tmp_path, compiled)
     traced by torch.compile with inductor's decompositions and partitioner but run without its code generation
     (on a CPU that is half a minute of C++ compiling); inductor's own kernels are compared with eager on a GPU
     (tests/test_cuda_real.py)."""
-    b = backend(tmp_path)
+    b = torch_backend(tmp_path)
     with torch.no_grad():  # make the padding columns tempting: they would win every softmax if they took part
         b.raw.lm_head.weight[main.VOCAB_SIZE :] = 10 * b.raw.lm_head.weight[:1]
     x, y = (torch.from_numpy(a.astype(np.int64)) for a in random_batch(2, 32, seed=3))
@@ -61,7 +68,7 @@ def test_padded_columns_take_no_probability_mass_in_the_loss(tmp_path, compiled)
 
 
 def test_fp16_with_grad_scaler_skips_a_step_with_inf_gradients_and_backs_off(tmp_path):
-    b = backend(tmp_path, dtype="float16")
+    b = torch_backend(tmp_path, dtype="float16")
     assert b.scaler.is_enabled()
     x, y = random_batch(2, 32, seed=4)
     b.train_micro_step(x, y)
@@ -71,12 +78,12 @@ def test_fp16_with_grad_scaler_skips_a_step_with_inf_gradients_and_backs_off(tmp
     b.train_micro_step(x, y)
     next(b.raw.parameters()).grad[0, 0] = float("inf")  # an fp16 overflow
     b.optimizer_step(1e-3, 0.9)
-    assert all(torch.equal(p, q) for p, q in zip(b.raw.parameters(), before))  # the step was skipped
+    assert all(torch.equal(p, q) for p, q in zip(b.raw.parameters(), before, strict=True))  # the step was skipped
     assert b.scaler.get_scale() == scale / 2
 
 
 def test_gpt2_init_scales_residual_projections(tmp_path):
-    b = backend(tmp_path, n_layer=8, n_embd=256, n_head=4)
+    b = torch_backend(tmp_path, n_layer=8, n_embd=256, n_head=4)
     proj = b.raw.transformer.h[0].mlp.c_proj.weight.std().item()
     fc = b.raw.transformer.h[0].mlp.c_fc.weight.std().item()
     assert fc == pytest.approx(0.02, rel=0.05) and proj == pytest.approx(0.02 / 4, rel=0.05)
@@ -85,13 +92,13 @@ def test_gpt2_init_scales_residual_projections(tmp_path):
 def test_k_micro_batches_equal_one_batch_of_k_times_b(tmp_path):
     k, b = 4, 2
     x, y = random_batch(k * b, 32, seed=1)
-    accum, whole = backend(tmp_path, accumulation_steps=k), backend(tmp_path)
+    accum, whole = torch_backend(tmp_path, accumulation_steps=k), torch_backend(tmp_path)
     for i in range(k):
         accum.train_micro_step(x[i * b : (i + 1) * b], y[i * b : (i + 1) * b])
     whole.train_micro_step(x, y)
     la, lw = accum.optimizer_step(1e-3, 0.9), whole.optimizer_step(1e-3, 0.9)
     assert la == pytest.approx(lw, rel=1e-5)
-    for pa, pw in zip(accum.raw.parameters(), whole.raw.parameters()):
+    for pa, pw in zip(accum.raw.parameters(), whole.raw.parameters(), strict=True):
         assert torch.allclose(pa, pw, atol=1e-6)
     assert all(p.grad is None for p in accum.raw.parameters())  # zeroed at the window's end
 
@@ -134,7 +141,7 @@ def test_beta1_warmup_and_default():
 
 
 def test_eval_and_sampling_switch_no_grad_and_eval_mode_inside_and_restore(tmp_path):
-    b = backend(tmp_path, dropout=0.1)
+    b = torch_backend(tmp_path, dropout=0.1)
     x, y = random_batch(2, 32)
     seen = []
     b.raw.register_forward_hook(lambda m, a, out: seen.append((torch.is_grad_enabled(), m.training)))
@@ -148,7 +155,7 @@ def test_eval_and_sampling_switch_no_grad_and_eval_mode_inside_and_restore(tmp_p
 def test_host_sampler_greedy_top_k_and_seeds(tmp_path):
     """Greedy is the argmax of the last logits; top-k draws stay inside the k best; a seed draws the same tokens
     every time; the padded vocab columns are never reachable (next_logits holds the real vocabulary only)."""
-    b = backend(tmp_path, n_layer=1, n_head=2, n_embd=32)
+    b = torch_backend(tmp_path, n_layer=1, n_head=2, n_embd=32)
     for p in b.raw.parameters():  # spread the logits out, so top-k has a clear inside and outside
         torch.nn.init.normal_(p, std=0.5)
     ids = np.array([464, 2106, 286])
@@ -156,7 +163,10 @@ def test_host_sampler_greedy_top_k_and_seeds(tmp_path):
     assert logits.shape == (main.VOCAB_SIZE,)
     assert main.sample_token(logits, 0.0, None, None) == int(np.argmax(logits))
     top5 = set(np.argsort(logits)[-5:].tolist())
-    draw = lambda k, seed: [main.sample_token(logits, 2.0, k, np.random.default_rng(seed)) for _ in range(60)]
+
+    def draw(k, seed):
+        return [main.sample_token(logits, 2.0, k, np.random.default_rng(seed)) for _ in range(60)]
+
     assert set(draw(5, 1)) <= top5 and not set(draw(None, 1)) <= top5
     assert draw(None, 7) == draw(None, 7)
     assert main.sample_token(logits, 1e-40, None, np.random.default_rng(0)) == int(np.argmax(logits))  # no nan

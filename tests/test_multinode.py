@@ -1,6 +1,6 @@
 """Two torchrun nodes on localhost (c10d rendezvous, gloo, one process each), in both storage layouts: node-local
-(a different out_dir per node) runs to the end and matches one process; shared (one out_dir for both) prepares once,
-and when one node is killed mid-run the other stops with one line."""
+(a different out_dir per node) runs to the end and matches one process, then resumes each node from its own ckpt.pt;
+shared (one out_dir for both) prepares once, and when one node is killed mid-run the other stops with one line."""
 
 import json
 import os
@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TWO_RANKS, cli_args, main, read_jsonl, wait_for
+from conftest import ROOT, RUN, TWO_RANKS, cli_args, copy_run, main, read_jsonl, wait_for
 
 pytestmark = [
     pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed"),
@@ -109,10 +109,38 @@ def test_two_nodes_finish_and_match_one_process_with_the_same_global_batch(node_
 def test_node_local_storage_each_node_prepares_and_checkpoints_its_own_out_dir(node_local):
     tmp, _, outs = node_local
     for d in node_dirs(tmp, "node-local"):
-        shards = json.load(open(d / "manifest.json"))["splits"]["train"]
+        shards = json.loads((d / "manifest.json").read_text())["splits"]["train"]
         assert {"ckpt.pt", *(s["file"] for s in shards)} <= set(os.listdir(d))
     assert sum((d / "metrics.jsonl").exists() for d in node_dirs(tmp, "node-local")) == 1  # global rank 0's
     assert all("prepare: 60 articles" in o for o in outs)  # built on both nodes
+
+
+def test_node_local_storage_resumes_each_node_from_its_own_checkpoint(node_local, trained, tmp_path, capsys):
+    """Both nodes rerun the finished run with 4 more steps: each node reads the ckpt.pt in its own out_dir, both
+    continue at micro-step 12, and the run goes on as one process continuing the same run would."""
+    src, rcs, _ = node_local
+    assert rcs == [0, 0]
+    for d in node_dirs(src, "node-local"):
+        copy_run(d, tmp_path / d.name)
+    rcs, outs = finish(tmp_path, start_nodes(tmp_path, "node-local", steps=16))
+    assert rcs == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert sum("continuing the run in" in o and "at micro-step 12" in o for o in outs) == 1, outs  # rank 0 prints
+    for d in node_dirs(tmp_path, "node-local"):
+        assert torch.load(d / "ckpt.pt", weights_only=False)["meta"]["step"] == 16
+    # torchrun's rendezvous may put rank 0 on the other node this time: its out_dir has the new eval
+    resumed = [rows(d, "eval", "val_loss") for d in node_dirs(tmp_path, "node-local") if (d / "metrics.jsonl").exists()]
+    resumed = [r for r in resumed if 16 in r]
+    one = copy_run(trained.out, tmp_path / "one")
+    capsys.readouterr()
+    main.main(cli_args(one, **{**RUN, "export_hf": "false", "steps": 16}))
+    assert len(resumed) == 1 and resumed[0][16] == pytest.approx(rows(one, "eval", "val_loss")[16], rel=0.02)
+
+
+def test_nodes_whose_checkpoints_differ_are_named_in_one_line(monkeypatch):
+    monkeypatch.setattr(main, "gather_objects", lambda obj, dist: [(0, 12), (0, 12), (1, 8), (2, None)])
+    msg = r"checkpoints disagree \(node 0: micro-step 12, node 1: micro-step 8, node 2: no checkpoint\)"
+    with pytest.raises(main.UserError, match=msg):
+        main.check_same_start({"meta": {"step": 12}}, main.Dist(0, 4))
 
 
 def test_shared_storage_prepares_once_and_a_node_killed_mid_run_gives_one_line_on_the_other(tmp_path):

@@ -48,9 +48,10 @@ def start(cmd, logs, tmp_path, name, hold=None):
     env.pop("NCCL_STANDIN_HOLD", None)
     if hold:
         env["NCCL_STANDIN_HOLD"] = str(hold)
-    out, err = open(tmp_path / f"{name}.out", "w"), open(tmp_path / f"{name}.err", "w")
-    proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT, start_new_session=True)
-    proc.files = (out, err, tmp_path / f"{name}.out", tmp_path / f"{name}.err")
+    proc_out, proc_err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+    with open(proc_out, "w") as out, open(proc_err, "w") as err:  # the child holds its own copies of the two
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT, start_new_session=True)
+    proc.files = (proc_out, proc_err)
     return proc
 
 
@@ -61,9 +62,7 @@ def finish(proc, timeout=300):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    for f in proc.files[:2]:
-        f.close()
-    return proc.returncode, open(proc.files[2]).read(), open(proc.files[3]).read()
+    return proc.returncode, proc.files[0].read_text(), proc.files[1].read_text()
 
 
 def rank_logs(logs):
@@ -141,13 +140,11 @@ def test_two_ranks_eval_checkpoint_ctrl_c_and_resume_on_nccl_rules(two_ranks, tm
     # lands mid-training whatever the speed of this machine.
     logs1 = tmp_path / "logs-interrupted"
     proc = start(cmd, logs1, tmp_path, "interrupted", hold=HOLD_AT)
-    holding = lambda: (
-        all(
-            any(e.startswith("holding") for e in log["events"])  # noqa: E731
-            for log in rank_logs(logs1).values()
-        )
-        and len(rank_logs(logs1)) == 2
-    )
+
+    def holding():
+        logs = rank_logs(logs1).values()
+        return len(logs) == 2 and all(any(e.startswith("holding") for e in log["events"]) for log in logs)
+
     wait_for(holding, proc)
     running = proc.poll() is None
     if running:

@@ -1,5 +1,6 @@
 """The shard pipeline: token parity, manifest schema, the val split, idempotence, crash safety, bad input."""
 
+import itertools
 import json
 import os
 
@@ -12,7 +13,8 @@ from conftest import FIXTURE, digest, main, tiny_cfg
 
 
 def stream(out_dir, split):
-    m = json.load(open(os.path.join(out_dir, "manifest.json")))
+    with open(os.path.join(out_dir, "manifest.json")) as f:
+        m = json.load(f)
     parts = [np.fromfile(os.path.join(out_dir, s["file"]), dtype=np.uint16) for s in m["splits"][split]]
     return np.concatenate(parts) if parts else np.zeros(0, np.uint16)
 
@@ -21,7 +23,7 @@ def split_docs(tokens):
     """EOS a1 EOS a2 ... -> [a1, a2, ...]"""
     assert tokens[0] == main.EOS_ID
     bounds = np.flatnonzero(tokens == main.EOS_ID).tolist() + [len(tokens)]
-    return [tokens[a + 1 : b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+    return [tokens[a + 1 : b].tolist() for a, b in itertools.pairwise(bounds)]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def test_tokens_match_hf_gpt2_article_by_article_with_eos_before_each(prepared, 
     cfg, m = prepared
     docs = split_docs(stream(cfg.out_dir, "train")) + split_docs(stream(cfg.out_dir, "val"))
     assert len(docs) == len(fixture_texts) == m["num_docs"]
-    for doc, text in zip(docs, fixture_texts):
+    for doc, text in zip(docs, fixture_texts, strict=True):
         assert doc == hf_tokenizer.encode(text)
 
 

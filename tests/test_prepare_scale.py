@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -51,7 +52,7 @@ def clean(dump, tmp_path_factory):
     """An unbroken prepare of `dump`, to compare every interrupted one with: (out_dir, digest, manifest)."""
     out = tmp_path_factory.mktemp("clean")
     main.main(args_for(dump, out))
-    return out, digest(out), json.load(open(out / "manifest.json"))
+    return out, digest(out), json.loads((out / "manifest.json").read_text())
 
 
 # Runs main.main(ARGS) once per job, each in a child forked from one process that has imported main.py once (a
@@ -324,11 +325,11 @@ def test_hub_articles_are_read_by_the_workers_not_the_main_process(fake_hub, cle
 def damaged_copy(src, dst):
     """src rewritten in row groups of 16, with bytes in the middle scrambled: reading fails part-way through."""
     pq.write_table(pq.read_table(src), dst, row_group_size=16)
-    data = bytearray(open(dst, "rb").read())
+    data = bytearray(dst.read_bytes())
     mid = pq.ParquetFile(dst).metadata.row_group(2).column(3).data_page_offset
     for i in range(mid + 200, mid + 2200):
         data[i] = (data[i] * 7 + 13) % 256
-    open(dst, "wb").write(data)
+    dst.write_bytes(data)
 
 
 def test_failed_rebuild_keeps_the_old_set_usable(tmp_path):
@@ -347,12 +348,12 @@ def test_failed_rebuild_keeps_the_old_set_usable(tmp_path):
 
 def test_kill_9_after_the_switch_still_deletes_the_old_set(dump, clean, killed, capsys):
     out, old = killed["after the switch"], clean[2]  # the old set: the same as the clean prepare's
-    assert json.load(open(out / "manifest.json"))["num_docs"] == 50
+    assert json.loads((out / "manifest.json").read_text())["num_docs"] == 50
     assert set(main.listed_shards(old)) <= set(os.listdir(out))  # still there
     capsys.readouterr()
     main.main(args_for(dump, out, max_docs=50))
     assert "reusing" in capsys.readouterr().out
-    new = json.load(open(out / "manifest.json"))
+    new = json.loads((out / "manifest.json").read_text())
     kept = {n for n in os.listdir(out) if n[0] != "."}  # not the lock files
     assert kept == set(main.listed_shards(new)) | {"manifest.json"}
     assert not set(main.listed_shards(old)) & set(os.listdir(out))
@@ -400,7 +401,7 @@ def children(pid):
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
-                stat = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+                stat = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
             if int(stat[1]) == pid and stat[0] != "Z":
@@ -449,7 +450,10 @@ def test_ctrl_c_during_prepare_is_one_line_and_the_rerun_continues(tmp_path, cap
         text=True,
         start_new_session=True,
     )
-    shards = lambda: out.exists() and sum(n.endswith(".bin") for n in os.listdir(out)) >= 3
+
+    def shards():
+        return out.exists() and sum(n.endswith(".bin") for n in os.listdir(out)) >= 3
+
     assert wait_for(shards, proc), "prepare finished before Ctrl-C"
     os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group, workers included
     _, err = proc.communicate(timeout=120)

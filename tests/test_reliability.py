@@ -124,6 +124,34 @@ def test_sigterm_stops_with_143_at_a_step_boundary_and_the_rerun_continues_bit_e
     assert logged(cut) == logged(trained.out)
 
 
+def test_an_inherited_ignored_sigint_stays_ignored_in_training_and_sigterm_still_saves(tmp_path, capsys, monkeypatch):
+    """`cmd &` in a script starts main.py with SIGINT ignored (as here, in-process): a Ctrl-C at micro-step 6 leaves
+    the run alone, and a SIGTERM right after it still stops at the step boundary with a checkpoint."""
+    real_step, calls, during = torch.optim.AdamW.step, [], []
+
+    def step(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 6:
+            during.append(signal.getsignal(signal.SIGINT))
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    cut = tmp_path / "cut"
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(SystemExit) as e:
+            run(cut, capsys)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # and ignored it stays after the run
+    finally:
+        signal.signal(signal.SIGINT, before)
+    err = capsys.readouterr().err
+    assert during == [signal.SIG_IGN] and "SIGINT" not in err, err[-2000:]
+    assert e.value.code == 143 and "stopped: SIGTERM at micro-step 6; checkpoint saved" in err, err[-2000:]
+    assert torch.load(cut / "ckpt.pt", weights_only=False)["meta"]["step"] == 6
+
+
 def test_a_crafted_checkpoint_runs_no_code_and_is_one_line(run_copy, tmp_path, capsys):
     marker = tmp_path / "pwned"
 

@@ -1,13 +1,17 @@
 """Experiment tracking: the W&B run gets what metrics.jsonl gets (through a recording stand-in for the wandb module,
-held to the real wandb's signatures where it is installed), the `run` row, the self-contained hf/."""
+held to the real wandb's signatures where it is installed, and once through the real library offline), the `run`
+row, the self-contained hf/."""
 
 import contextlib
 import dataclasses
+import glob
 import importlib.util
-import io
 import inspect
+import io
 import json
 import os
+import pathlib
+import struct
 import sys
 import types
 
@@ -135,6 +139,62 @@ def test_resume_continues_the_wandb_run_and_adds_a_run_row(tracked, tmp_path, mo
     assert rows[0] == runs[0] and runs[0]["resumed_from"] is None and runs[1]["resumed_from"] == 8
     assert runs[1]["config"]["steps"] == 12 and runs[1]["fingerprint"] == runs[0]["fingerprint"]
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 4, 8, 12]
+
+
+def offline_records(run_dir):
+    """The protobuf records of an offline run's .wandb file: W&B's 7-byte header, then a LevelDB log (32 KiB blocks
+    of chunks, each crc32, length, type; FULL=1 and LAST=4 end a record; a block tail under 7 bytes is padding)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = glob.glob(os.path.join(run_dir, "*.wandb"))
+    data = pathlib.Path(path).read_bytes()
+    assert data[:4] == b":W&B"
+    pos, buf = 7, b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        buf, pos = buf + data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            yield pb.Record.FromString(buf)
+            buf = b""
+
+
+@pytest.mark.skipif(REAL is None, reason="wandb is not installed (requirements-dev.txt has it)")
+def test_the_real_wandb_offline_holds_every_metrics_row_the_config_and_a_clean_exit(tmp_path, monkeypatch):
+    """The library itself, offline and without an account, as a user without a login runs it: its run file holds
+    every number metrics.jsonl got at the same micro-step, the TrainConfig, the curve and the samples, and exit 0."""
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}
+    for k, v in env.items():  # console capture off: pytest owns this process's stdout
+        monkeypatch.setenv(k, v)
+    monkeypatch.setitem(sys.modules, "wandb", REAL)
+    out = tmp_path / "run"
+    try:
+        main.main(cli_args(out, **WANDB_ARGS))
+    finally:
+        REAL.teardown()  # the W&B service process this run started
+    (run_dir,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    history, config, exits = {}, {}, []
+    for r in offline_records(run_dir):
+        if r.HasField("history"):
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            history.setdefault(items.pop("_step"), {}).update(items)
+        elif r.HasField("config"):
+            config.update({i.key: json.loads(i.value_json) for i in r.config.update})
+        elif r.HasField("exit"):
+            exits.append(r.exit.exit_code)
+    rows = numbers(read_jsonl(out / "metrics.jsonl"))
+    assert {r["kind"] for r in rows} == {"train", "eval"}
+    for r in rows:
+        for k in ("loss", "lr", "beta1", "tok_per_s", "mfu", "val_loss"):
+            if k in r:
+                assert history[r["step"]][k] == pytest.approx(r[k], rel=1e-9), (r["step"], k)
+    assert config["n_embd"] == 32 and config["steps"] == 8
+    assert config["run"]["fingerprint"] == read_jsonl(out / "metrics.jsonl")[0]["fingerprint"]
+    assert history[8]["loss_curve/_type"] == "image-file" and history[8]["samples/_type"] == "table-file"
+    assert exits == [0]
+    assert run_dir.endswith("-" + torch.load(out / "ckpt.pt", weights_only=False)["meta"]["wandb_id"])
 
 
 def test_run_row_opens_metrics_with_config_data_code_and_versions(trained):

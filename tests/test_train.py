@@ -1,6 +1,7 @@
 """The train loop: the schedule delivered to the optimizer, a tiny model that learns, deterministic batches, the NaN
 stop, resume after kill -9 (end to end), and the smoke run as a user starts it."""
 
+import itertools
 import signal
 
 import numpy as np
@@ -59,12 +60,35 @@ def test_tiny_model_lowers_val_loss_and_writes_plot_checkpoint_and_sample(traine
     assert "--- sample 1/1 (greedy) ---\nThe history of machine learning" in trained.stdout
 
 
+def test_loss_plot_draws_the_raw_and_smoothed_train_loss_and_the_val_loss_of_every_row(trained, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    drawn, real_savefig = [], matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *a, **kw):
+        drawn.append({line.get_label(): line.get_xydata().tolist() for line in fig.axes[0].get_lines()})
+        return real_savefig(fig, *a, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    main.plot_losses(str(trained.out / "metrics.jsonl"), str(tmp_path / "curve.png"), main.parse_config(trained.args))
+    rows = read_jsonl(trained.out / "metrics.jsonl")
+    train = [[r["step"], r["loss"]] for r in rows if r["kind"] == "train"]
+    (lines,) = drawn
+    assert lines["train (raw)"] == train and len(train) == 12
+    assert lines["val"] == [[r["step"], r["val_loss"]] for r in rows if r["kind"] == "eval"]
+    ema = lines["train (EMA 0.9)"]
+    assert ema[0] == train[0] and [s for s, _ in ema] == [s for s, _ in train]
+    for ((_, prev), (_, now)), (_, raw) in zip(itertools.pairwise(ema), train[1:], strict=True):
+        assert now == pytest.approx(0.9 * prev + 0.1 * raw)
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_val_batches_are_fixed_across_runs_and_seeds(trained):
     cfg = tiny_cfg(trained.out)
     stream = main.TokenStream(cfg.out_dir, main.load_manifest(cfg.out_dir)[0]["splits"]["val"])
     a = main.val_batches(stream, cfg)
     b = main.val_batches(stream, tiny_cfg(trained.out, seed=7))
-    assert len(a) == cfg.eval_iters and all((x1 == x2).all() for (x1, _), (x2, _) in zip(a, b))
+    assert len(a) == cfg.eval_iters and all((x1 == x2).all() for (x1, _), (x2, _) in zip(a, b, strict=True))
     x, y = a[0]
     assert x.shape == (cfg.batch_size, cfg.seq_len) and (x[:, 1:] == y[:, :-1]).all()
 
@@ -75,7 +99,10 @@ def test_train_batches_are_deterministic_per_seed_and_rank(tmp_path):
     s = main.TokenStream(cfg.out_dir, m["splits"]["train"])
     flat = np.concatenate([np.asarray(mm) for mm in s.maps])
     assert (s.window(2990, 40) == flat[2990:3030]).all()
-    draw = lambda seed, rank: main.TrainBatches(s, tiny_cfg(tmp_path, seed=seed), rank).next()[0]  # noqa: E731
+
+    def draw(seed, rank):
+        return main.TrainBatches(s, tiny_cfg(tmp_path, seed=seed), rank).next()[0]
+
     assert (draw(1, 0) == draw(1, 0)).all()
     assert not (draw(1, 0) == draw(2, 0)).all() and not (draw(1, 0) == draw(1, 1)).all()
 

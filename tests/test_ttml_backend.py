@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import fake_ttml
-
 from conftest import main as tt  # noqa: E402
 
 UserError = tt.UserError
@@ -166,7 +165,7 @@ def test_checkpoint_round_trips_through_torch_save_weights_only(tmp_path, kind):
         for m in (a, b):
             m.train_micro_step(x, y)
         assert a.optimizer_step(1e-2, 0.9) == b.optimizer_step(1e-2, 0.9)
-        assert all(np.array_equal(weights(a, k)[0], weights(b, k)[0]) for k in a.model.parameters().keys())
+        assert all(np.array_equal(weights(a, k)[0], weights(b, k)[0]) for k in a.model.parameters())
     assert set(a.state_dict(weights=False)) == {"rng"}
 
 
