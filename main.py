@@ -207,6 +207,9 @@ class TrainConfig:
     beta2: H[float, "AdamW beta2"] = 0.95
     weight_decay: H[float, "on matrices only"] = 0.1
     grad_clip: H[float, "max global grad norm; 0 disables"] = 1.0
+    optimizer: H[Literal["adamw", "muon"], "muon: Muon on the blocks' matrices, AdamW on the rest"] = "adamw"
+    muon_lr: H[float, "Muon's peak learning rate; the schedule scales it as it scales lr"] = 0.02
+    muon_momentum: H[float, "Muon's momentum; with optimizer=muon a beta1 warmup moves it, not AdamW's beta1"] = 0.95
     # eval, sampling, checkpoints
     init_from: H[str, "auto (continue out_dir's run) | scratch | resume | a GPT-2 folder or hub name"] = "auto"
     eval_only: H[bool, "val loss, bits per byte and a sample of the starting model; no training, no checkpoint"] = False
@@ -339,6 +342,7 @@ def check_config(cfg):
         "top_k",
         "peak_flops",
         "lr",
+        "muon_lr",
         "ddp_wait_s",
     ):
         if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
@@ -355,7 +359,7 @@ def check_config(cfg):
     ):
         if not getattr(cfg, name) >= 0:
             problems.append(f"{name}={getattr(cfg, name)} must be >= 0")
-    for name in ("dropout", "beta1", "beta2", "beta1_start", "beta1_end", "val_fraction"):
+    for name in ("dropout", "beta1", "beta2", "beta1_start", "beta1_end", "muon_momentum", "val_fraction"):
         v = getattr(cfg, name)
         if v is not None and not 0.0 <= v < 1.0 or name == "val_fraction" and v == 0:
             problems.append(f"{name}={v} must be in {'(0' if name == 'val_fraction' else '[0'}, 1)")
@@ -596,7 +600,8 @@ RUN_OUTPUTS = ("ckpt.pt", "metrics.jsonl", "loss_curve.png", "hf")  # what makes
 CREATED_DIRS = []  # out_dirs this process made: removed at exit if a failure left nothing in them but locks
 # What a resumed run may change. These change what a step means, the model or the val set, so a change is refused;
 # any other field may change, and the start-up line and the run row say which did. The data is checked by content.
-RESUME_FIXED = ("n_layer", "n_head", "n_embd", "seq_len", "batch_size", "accumulation_steps", "eval_iters", "backend")
+RESUME_FIXED = ("n_layer", "n_head", "n_embd", "seq_len", "batch_size", "accumulation_steps", "eval_iters")
+RESUME_FIXED += ("backend", "optimizer")  # what the model and the optimizer state are laid out for
 RESUME_FIXED_TT = ("tt_optimizer",)  # the optimizer state's precision and layout
 RESUME_IGNORED = (
     "init_from",
@@ -679,6 +684,7 @@ def read_checkpoint(path, backend, parts=("model", "optimizer")):
         meta = state["meta"]
         missing += [k for k in ("step", "optim_step", "rng", "config", "fingerprint", "content_hash") if k not in meta]
         meta.setdefault("replicas", len(meta["rng"]))
+        meta["config"].setdefault("optimizer", "adamw")  # written before there was a choice
         {k: meta["config"][k] for k in RESUME_FIXED}  # noqa: B018 - a config without them is not ours
     except Exception as e:  # truncated, empty, random bytes, another program's file, a pickle that would run code
         why = "it holds more than tensors and plain values" if "weights_only" in str(e) else type(e).__name__
@@ -1793,14 +1799,22 @@ class TorchBackend:
         self.raw = GPT(cfg).to(self.device)
         if self.device.type == "cpu":
             keep_freed_memory()
-        decay = [p for p in self.raw.parameters() if p.dim() >= 2]  # weight decay on matrices only
-        no_decay = [p for p in self.raw.parameters() if p.dim() < 2]
+        # Muon (optimizer=muon) takes the blocks' matrices; AdamW the rest, with weight decay on matrices only
+        params = dict(self.raw.named_parameters())  # the tied wte/lm_head once
+        muon = cfg.optimizer == "muon"
+        hidden = [n for n, p in params.items() if muon and n.startswith("transformer.h.") and p.dim() == 2]
+        decay = [p for n, p in params.items() if p.dim() >= 2 and n not in hidden]
+        no_decay = [p for p in params.values() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr,
             betas=(cfg.beta1, cfg.beta2),
             fused=cuda,
         )
+        # lr, weight decay 0 (the speedrun's Muon has none, nor has ttml's), momentum; nesterov as in the speedrun
+        hidden = [params[n] for n in hidden]
+        self.muon = torch.optim.Muon(hidden, cfg.muon_lr, 0.0, cfg.muon_momentum) if muon else None
+        self.optimizers = [o for o in (self.optimizer, self.muon) if o is not None]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
         self.autocast = (
             torch.autocast(self.device.type, dtype=getattr(torch, self.dtype))
@@ -1832,7 +1846,7 @@ class TorchBackend:
                 return self.train_micro_step(x, y)
             except Exception as e:  # no C compiler, an unsupported GPU or Python, an inductor bug
                 print(f"compile: failed ({type(e).__name__}: {str(e).splitlines()[0][:150]}); training eager")
-                self.optimizer.zero_grad(set_to_none=True)
+                self.raw.zero_grad(set_to_none=True)
                 self._loss.zero_()
                 self._micro, self.model = 0, self._wrap(self.raw)
         self._micro += 1
@@ -1845,14 +1859,19 @@ class TorchBackend:
         self._loss += loss.detach() * scale
 
     def optimizer_step(self, lr, beta1):
+        muon = self.muon is not None  # then beta1 is Muon's momentum and AdamW's beta1 stays put
         for group in self.optimizer.param_groups:
-            group["lr"], group["betas"] = lr, (beta1, self.cfg.beta2)
+            group["lr"], group["betas"] = lr, (self.cfg.beta1 if muon else beta1, self.cfg.beta2)
+        for group in self.muon.param_groups if muon else ():
+            group["lr"], group["momentum"] = lr * self.cfg.muon_lr / self.cfg.lr, beta1
         if self.cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
+            for opt in self.optimizers:
+                self.scaler.unscale_(opt)
             nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
+        for opt in self.optimizers:
+            self.scaler.step(opt)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.raw.zero_grad(set_to_none=True)
         loss, self._micro = self._loss.item(), 0
         self._loss.zero_()
         return loss
@@ -1883,6 +1902,7 @@ class TorchBackend:
         return {
             "model": self.raw.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            **({"muon": self.muon.state_dict()} if self.muon else {}),
             "scaler": self.scaler.state_dict(),
             "rng": rng,
         }
@@ -1894,6 +1914,8 @@ class TorchBackend:
             self.raw.load_state_dict(state["model"])
             if "optimizer" in state:
                 self.optimizer.load_state_dict(state["optimizer"])
+                if self.muon:
+                    self.muon.load_state_dict(state["muon"])
                 self.scaler.load_state_dict(state.get("scaler", {}))
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(
@@ -2089,12 +2111,14 @@ class TtmlBackend:
         AdamW has one weight_decay for all its parameters, and like the torch path only matrices decay (LayerNorm
         gains and biases are [1, 1, 1, n] rows). fp32_master: fp32 master weights and moments (AdamWFullPrecision,
         which copies the masters from the weights now), so the warmup's and decay's tiny updates are not rounded
-        away in bf16; bf16_stochastic: bf16 weights, rounded stochastically; bf16: plain bf16 AdamW."""
+        away in bf16; bf16_stochastic: bf16 weights, rounded stochastically; bf16: plain bf16 AdamW. With
+        optimizer=muon, ttml's Muon takes the blocks' matrices (its own fp32 momentum; no weight decay)."""
         opt, cfg = self.ttml.optimizers, self.cfg
-        groups = {"decay": {}, "no_decay": {}}
+        groups = {"decay": {}, "no_decay": {}, "muon": {}}
         for k, t in self._params().items():
-            groups["decay" if t.shape()[-2] > 1 else "no_decay"][k] = t
-        optimizers = {}
+            groups["muon" if self._muon(k) else "decay" if t.shape()[-2] > 1 else "no_decay"][k] = t
+        muon = groups.pop("muon")
+        optimizers = {"muon": opt.Muon(muon, opt.MuonConfig.make(cfg.muon_lr, cfg.muon_momentum, 5))} if muon else {}
         for name, params in groups.items():
             args = (
                 float(cfg.lr),
@@ -2109,6 +2133,11 @@ class TtmlBackend:
                 sr = cfg.tt_optimizer == "bf16_stochastic"
                 optimizers[name] = opt.AdamW(params, opt.AdamWConfig.make(*args, amsgrad=False, stochastic_rounding=sr))
         return optimizers
+
+    def _muon(self, name):
+        """Whether optimizer=muon gives this parameter to Muon: the blocks' matrices, whose steps leave them in fp32
+        (muon.cpp sets FULL - lr * update), so they are saved and restored through FULL."""
+        return self.cfg.optimizer == "muon" and "/blocks/" in name and name.endswith("/weight")
 
     def _params(self):  # Python modules hand back Parameter objects (.tensor), C++ ones the tensors themselves
         return {k: getattr(p, "tensor", p) for k, p in self.model.parameters().items()}
@@ -2157,8 +2186,8 @@ class TtmlBackend:
             self.ttml.core.distributed.synchronize_gradients(params, [1])  # mean over the [1, N] mesh's axis 1
         if self.cfg.grad_clip > 0:
             self.ttml.core.clip_grad_norm(params, float(self.cfg.grad_clip), 2.0, False)
-        for opt in self.optimizers.values():
-            opt.set_lr(float(lr))
+        for name, opt in self.optimizers.items():
+            opt.set_lr(float(lr * self.cfg.muon_lr / self.cfg.lr if name == "muon" else lr))
             opt.step()
             opt.zero_grad()
         if not self._checked:  # after the first step every device must hold the same weights
@@ -2204,11 +2233,10 @@ class TtmlBackend:
         state = {"rng": {"seed": int(self._seed), "micro_steps": int(self._micro_steps)}}
         if not weights:
             return state
-        full = self.cfg.tt_optimizer == "fp32_master"  # AdamWFullPrecision's state lives in fp32, AdamW's in bf16
         opt = {}
         for group, o in self.optimizers.items():
-            opt[group] = {}
-            for key, v in o.get_state_dict().items():  # moments, fp32 master weights, the step count
+            opt[group], full = {}, self._full_state(group)
+            for key, v in o.get_state_dict().items():  # moments, fp32 master weights or momentum, the step count
                 if hasattr(v, "items"):
                     opt[group][key] = {
                         k: torch.from_numpy(self._read(getattr(t, "tensor", t), True, full)) for k, t in v.items()
@@ -2217,9 +2245,12 @@ class TtmlBackend:
                     opt[group][key] = v
         return {
             **state,
-            "model": {k: torch.from_numpy(self._read(t, True)) for k, t in self._params().items()},
+            "model": {k: torch.from_numpy(self._read(t, True, self._muon(k))) for k, t in self._params().items()},
             "optimizer": opt,
         }
+
+    def _full_state(self, group):  # AdamWFullPrecision's state and Muon's momentum live in fp32, AdamW's in bf16
+        return group == "muon" or self.cfg.tt_optimizer == "fp32_master"
 
     def _restore(self, dst, value, name, full=False):
         """Write a checkpoint array into a live tensor in place (the optimizer keeps pointing at it), replicated to
@@ -2249,9 +2280,9 @@ class TtmlBackend:
                 "torch backend? load it with --backend=torch"
             )
         for k, v in state.get("model", {}).items():
-            self._restore(params[k], v, k)
+            self._restore(params[k], v, k, self._muon(k))
         self.optimizers = self._make_optimizers()
-        saved, full = state.get("optimizer"), self.cfg.tt_optimizer == "fp32_master"
+        saved = state.get("optimizer")
         for group, o in self.optimizers.items() if saved is not None else ():
             if group not in saved:
                 raise UserError(
@@ -2266,7 +2297,8 @@ class TtmlBackend:
                 o.step()
             for key, live in o.get_state_dict().items():
                 for k, t in live.items() if hasattr(live, "items") else ():
-                    self._restore(getattr(t, "tensor", t), saved[group][key][k], f"optimizer/{group}/{key}/{k}", full)
+                    where, full = f"optimizer/{group}/{key}/{k}", self._full_state(group)
+                    self._restore(getattr(t, "tensor", t), saved[group][key][k], where, full)
         if "rng" in state:
             self._seed, self._micro_steps = int(state["rng"]["seed"]), int(state["rng"]["micro_steps"])
 
@@ -2297,8 +2329,9 @@ def lr_at(k, cfg):
 
 
 def beta1_at(k, cfg):
-    """Momentum warmup: beta1 linear from beta1_start to beta1_end over beta1_warmup_steps, then flat."""
-    end = cfg.beta1 if cfg.beta1_end is None else cfg.beta1_end
+    """Momentum warmup: beta1 linear from beta1_start to beta1_end over beta1_warmup_steps, then flat. With
+    optimizer=muon it is Muon's momentum that warms up (the speedrun's 0.85 -> 0.95), flat at muon_momentum."""
+    end = (cfg.muon_momentum if cfg.optimizer == "muon" else cfg.beta1) if cfg.beta1_end is None else cfg.beta1_end
     if cfg.beta1_start is None or k >= cfg.beta1_warmup_steps:
         return end
     return cfg.beta1_start + (end - cfg.beta1_start) * k / cfg.beta1_warmup_steps

@@ -630,6 +630,72 @@ def populate(mod):
     class AdamWFullPrecision(Optimizer):
         full_precision = True
 
+    def newtonschulz5(v, steps, eps):
+        """ops/newton_schulz_op.cpp:13-53 (6d1aca4, AI ULC): X / (||X||_F + eps) over the last two dims, transposed
+        while rows > cols, then `steps` times X <- aX + (bA + cA^2)X with A = XX^T, (a, b, c) = (3.4445, -4.7750,
+        2.0315). Computed in float32; open: a bf16 input's intermediate roundings, here only its result is bf16."""
+        a, b, c, out = np.float32(3.4445), np.float32(-4.7750), np.float32(2.0315), []
+        for p in v.parts:
+            X = p / (np.sqrt(np.square(p).sum(axis=(-2, -1), keepdims=True)) + np.float32(eps))
+            tall = X.shape[-2] > X.shape[-1]
+            X = X.swapaxes(-2, -1) if tall else X
+            for _ in range(steps):
+                A = X @ X.swapaxes(-2, -1)
+                X = a * X + (b * A + c * (A @ A)) @ X
+            X = (X.swapaxes(-2, -1) if tall else X).astype(np.float32)
+            out.append(bf16(X) if v.dtype == DataType.BFLOAT16 else X)
+        return DeviceTensor(out, v.dtype)
+
+    class Muon(Optimizer):
+        """optimizers/muon.cpp@c2c358f (AI ULC), bound at nb_optimizers.cpp@04087d1:273-277: a momentum buffer per
+        parameter and Newton-Schulz on the last two dims; no weight decay, no nesterov, no per-shape lr scale.
+        zero_grad, set_lr and get_lr as OptimizerBase's. Open: ttnn's binary ops return the first operand's dtype,
+        so the buffer is bf16 after the first step (the gradient itself) and fp32 after later ones, and the
+        parameter fp32 after every step (set_value of FULL - lr * update)."""
+
+        def __init__(self, parameters, cfg):  # :18-29: fp32 zero buffers shaped like the FULL view
+            self.params, self.cfg, self.steps = NamedParameters(parameters), cfg, 0
+            full = {k: t.get_value(PreferredPrecision.FULL).parts for k, t in self.params.items()}
+            self.momentum_buffer = NamedParameters(
+                {
+                    k: Tensor(DeviceTensor([np.zeros_like(p) for p in v], DataType.FLOAT32), False)
+                    for k, v in full.items()
+                }
+            )
+
+        def step(self):  # :39-68
+            c, f32 = self.cfg, np.float32
+            for k, buf in self.momentum_buffer.items():
+                t = self.params[k]
+                if t.grad is None:  # :47-49
+                    continue
+                grad = DeviceTensor([g.copy() for g in t.grad], DataType.BFLOAT16)
+                if self.steps > 0 and c.momentum != 0.0:  # :53-58: the first step takes the gradient as it is
+                    old = buf.get_value(PreferredPrecision.FULL).parts
+                    grad = DeviceTensor([o * f32(c.momentum) + g for o, g in zip(old, grad.parts)], DataType.FLOAT32)
+                buf.set_value(grad)  # :60
+                update = newtonschulz5(grad, c.ns_steps, 1e-7)  # :62
+                w = t.get_value(PreferredPrecision.FULL).parts  # :64-65
+                t.set_value(DeviceTensor([p - u * f32(c.lr) for p, u in zip(w, update.parts)], DataType.FLOAT32))
+            self.steps += 1  # :67, also when no parameter had a gradient
+
+        def get_state_dict(self):  # :70-75
+            return {"momentum_buffer": self.momentum_buffer, "steps": self.steps}
+
+        def set_state_dict(self, d):  # :77-80
+            self.momentum_buffer = NamedParameters(d["momentum_buffer"])
+            self.steps = _get_value_type(d, "steps", "size_t")
+
+    @dataclasses.dataclass
+    class MuonConfig:  # optimizers/muon.hpp@26d38dc; make() at nb_optimizers.cpp@04087d1:259-271
+        lr: float = 1e-3
+        momentum: float = 0.95
+        ns_steps: int = 5
+
+        @staticmethod
+        def make(lr=1e-3, momentum=0.95, ns_steps=5):
+            return MuonConfig(float(np.float32(lr)), float(np.float32(momentum)), int(ns_steps))
+
     @dataclasses.dataclass
     class AdamWConfig:
         lr: float = 1e-3
@@ -691,6 +757,8 @@ def populate(mod):
         AdamWFullPrecision=AdamWFullPrecision,
         AdamWConfig=AdamWConfig,
         AdamWFullPrecisionConfig=AdamWFullPrecisionConfig,
+        Muon=Muon,
+        MuonConfig=MuonConfig,
     )
     mod._state = st
     return mod

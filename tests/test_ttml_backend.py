@@ -41,6 +41,9 @@ def cfg_(**kw):
         out_dir="/tmp",
         tt_runner="default",
         tt_optimizer="fp32_master",
+        optimizer="adamw",
+        muon_lr=0.02,
+        muon_momentum=0.95,
     )
     return types.SimpleNamespace(**{**base, **kw})
 
