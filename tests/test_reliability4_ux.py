@@ -198,21 +198,27 @@ def sample_text(stdout):
     return stdout.split("--- sample 1/1 (greedy) ---\n", 1)[1][:-1]  # print's newline off
 
 
-def test_endoftext_in_a_prompt_is_eos_in_main_py_and_in_the_exported_tokenizer(trained, run_copy, capsys):
+def test_endoftext_in_a_prompt_is_eos_in_main_py_and_in_the_exported_tokenizer(trained, run_copy, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    fed, next_logits = [], main.TorchBackend.next_logits
+    monkeypatch.setattr(main.TorchBackend, "next_logits", lambda b, ids: fed.append(list(ids)) or next_logits(b, ids))
+
+    def sample(prompt):  # -> (main.py's greedy text, the ids its sampler started from)
+        fed.clear()
+        return sample_text(run(run_copy, capsys, sample_only="true", sample_prompt=prompt).out), fed[0]
+
     prompt = "<|endoftext|>The history of"
-    ours = sample_text(run(run_copy, capsys, sample_only="true", sample_prompt=prompt).out)
+    ours, started = sample(prompt)
     tok = AutoTokenizer.from_pretrained(trained.out / "hf")
     ids = tok(prompt, return_tensors="pt").input_ids
-    assert ids[0, 0] == main.EOS_ID and len(ids[0]) == 4
+    assert started == ids[0].tolist() and started[0] == main.EOS_ID and len(started) == 4
     model = AutoModelForCausalLM.from_pretrained(trained.out / "hf")
     theirs = tok.decode(model.generate(ids, max_new_tokens=TINY["sample_tokens"], do_sample=False)[0])
     assert ours.startswith(theirs) and theirs.startswith(prompt)  # transformers stops at EOS, main.py goes on
     # main.py's output for an empty prompt starts with <|endoftext|>; pasted back, it means the same
-    empty = sample_text(run(run_copy, capsys, sample_only="true", sample_prompt="").out)
-    assert empty.startswith("<|endoftext|>")
-    assert sample_text(run(run_copy, capsys, sample_only="true", sample_prompt="<|endoftext|>").out) == empty
+    empty = sample("")
+    assert empty[0].startswith("<|endoftext|>") and sample("<|endoftext|>") == empty == (empty[0], [main.EOS_ID])
 
 
 # --- MFU's device table ----------------------------------------------------------------------------------------------
