@@ -2231,9 +2231,8 @@ def start_training(cfg, backend, dist, state):
         if cfg.warmup_steps + cfg.hold_steps > cfg.optim_steps:  # a short try of a preset meant for long runs
             top = lr_at(max(0, min(cfg.steps // cfg.accumulation_steps, cfg.warmup_steps) - 1), cfg)
             print(
-                f"note: warmup_steps {cfg.warmup_steps} + hold_steps {cfg.hold_steps} outlast the {cfg.optim_steps} "
-                f"optimizer steps: lr peaks at {top:.2e} ({top / cfg.lr:.1%} of lr) and never decays; lower "
-                "--warmup_steps or raise --steps"
+                f"note: warmup_steps + hold_steps outlast the {plural(cfg.optim_steps, 'optimizer step')}: lr peaks "
+                f"at {top:.2e} ({top / cfg.lr:.1%} of lr) and never decays; lower --warmup_steps or raise --steps"
             )
     if state is None and dist.local_rank == 0:  # every node's own out_dir, or the shared one (twice is harmless)
         shutil.rmtree(os.path.join(cfg.out_dir, "hf"), ignore_errors=True)

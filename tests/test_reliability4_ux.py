@@ -71,8 +71,8 @@ def test_help_lists_the_allowed_values_of_every_choice_field(capsys):
 
 def test_a_run_shorter_than_its_warmup_says_so_at_start_up(run_copy, trained, capsys):
     out = run(run_copy, capsys, steps=16, warmup_steps=100).out
-    note = [line for line in out.splitlines() if "warmup_steps 100" in line]
-    assert len(note) == 1 and "lr peaks at 3.20e-03 (16.0% of lr)" in note[0] and "--warmup_steps" in note[0], out
+    note = [line for line in out.splitlines() if line.startswith("note: warmup_steps")]
+    assert len(note) == 1 and "lr peaks at 3.20e-03 (16.0% of lr)" in note[0] and "lower --warmup_steps" in note[0], out
     assert "warmup_steps" not in trained.stdout  # warmup 2 of 12 steps: nothing to say
 
 
