@@ -2234,6 +2234,9 @@ def start_training(cfg, backend, dist, state):
                 f"note: warmup_steps + hold_steps outlast the {plural(cfg.optim_steps, 'optimizer step')}: lr peaks "
                 f"at {top:.2e} ({top / cfg.lr:.1%} of lr) and never decays; lower --warmup_steps or raise --steps"
             )
+        if cfg.beta1_start is not None and cfg.beta1_warmup_steps > cfg.steps // cfg.accumulation_steps:
+            last = beta1_at(cfg.steps // cfg.accumulation_steps - 1, cfg)
+            print(f"note: beta1_warmup_steps outlasts the run: beta1 stops at {last:.4g}; lower --beta1_warmup_steps")
     if state is None and dist.local_rank == 0:  # every node's own out_dir, or the shared one (twice is harmless)
         shutil.rmtree(os.path.join(cfg.out_dir, "hf"), ignore_errors=True)
         delete_files(cfg.out_dir, ("loss_curve.png", "metrics.jsonl", "ckpt.pt"))

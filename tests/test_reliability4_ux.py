@@ -70,9 +70,10 @@ def test_help_lists_the_allowed_values_of_every_choice_field(capsys):
 
 
 def test_a_run_shorter_than_its_warmup_says_so_at_start_up(run_copy, trained, capsys):
-    out = run(run_copy, capsys, steps=16, warmup_steps=100).out
+    out = run(run_copy, capsys, steps=16, warmup_steps=100, beta1_start=0.8, beta1_end=0.9, beta1_warmup_steps=30).out
     note = [line for line in out.splitlines() if line.startswith("note: warmup_steps")]
     assert len(note) == 1 and "lr peaks at 3.20e-03 (16.0% of lr)" in note[0] and "lower --warmup_steps" in note[0], out
+    assert "note: beta1_warmup_steps outlasts the run: beta1 stops at 0.85; lower --beta1_warmup_steps" in out, out
     assert "warmup_steps" not in trained.stdout  # warmup 2 of 12 steps: nothing to say
 
 
