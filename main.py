@@ -93,6 +93,10 @@ def one_line(e, n=200):
     return " ".join(str(e).split())[:n]
 
 
+def plural(n, noun):
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def check_disk(e, path):
     """A full disk anywhere in the exception chain (numpy and torch's zip writer report it without errno) is one
     line naming the fix."""
@@ -124,6 +128,12 @@ def atomic_write(path, mode="wb"):
         raise
 
 
+def progress_bar(show=True, **kw):
+    """tqdm where a person watches; off in a log file (SLURM, nohup, `| tee`), where its carriage returns make one
+    endless line (train() prints log lines there instead)."""
+    return tqdm(dynamic_ncols=True, disable=not (show and sys.stdout.isatty() and sys.stderr.isatty()), **kw)
+
+
 def write_json_atomic(path, obj):
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=1)
@@ -139,7 +149,13 @@ def read_json(path):
         return None
 
 
-ROW_KEYS = {"train": ("step", "loss"), "eval": ("step", "val_loss"), "run": ("config",)}
+ROW_KEYS = {  # metrics.jsonl's rows by kind: every key each holds (README's Outputs table lists the same)
+    "run": (
+        "config fingerprint git torch ttml device world dist_backend data_parallel resumed_from changed pretrained"
+    ).split(),
+    "train": "step optim_step loss lr beta1 tok_per_s mfu tokens".split(),
+    "eval": "step val_loss val_bpb".split(),
+}
 
 
 def read_jsonl(path):
@@ -157,7 +173,8 @@ def read_jsonl(path):
             if i == len(lines) - 1:
                 break
             row = None
-        if not isinstance(row, dict) or not all(k in row for k in ROW_KEYS.get(row.get("kind"), ("?",))):
+        # the first two keys of each kind: what every version of main.py wrote, so older runs still read
+        if not isinstance(row, dict) or not all(k in row for k in ROW_KEYS.get(row.get("kind"), ("?",))[:2]):
             raise UserError(
                 f"{path}: line {i + 1} is not a metrics row ({line.strip()[:60]}); fix or delete that "
                 "line, or move the file away to start a fresh log"
@@ -300,7 +317,7 @@ def parse_config(argv):
             f"--{f.name}",
             default=argparse.SUPPRESS,
             choices=choices,
-            metavar="VALUE",
+            metavar=None if choices else "{true,false}" if typ is bool else "VALUE",  # None: argparse lists choices
             type=None if choices else value_parser(typ),
             nargs="?" if typ is bool else None,
             const=True if typ is bool else None,
@@ -322,7 +339,10 @@ def parse_config(argv):
 
 def check_config(cfg):
     """Reject values that cannot work before anything is read or written (and expand ~ in out_dir)."""
-    cfg.out_dir, problems = os.path.expanduser(cfg.out_dir), []
+    cfg.out_dir = os.path.expanduser(cfg.out_dir)
+    # nan and inf fail or pass the range checks below by accident: they get one message of their own
+    odd = [k for k, v in dataclasses.asdict(cfg).items() if isinstance(v, float) and not math.isfinite(v)]
+    problems = [f"{name}={getattr(cfg, name)} must be a finite number" for name in odd]
     for name in (
         "shard_tokens",
         "seq_len",
@@ -345,7 +365,7 @@ def check_config(cfg):
         "muon_lr",
         "ddp_wait_s",
     ):
-        if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
+        if name not in odd and getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
             problems.append(f"{name}={getattr(cfg, name)} must be positive")
     for name in (
         "min_lr",
@@ -357,18 +377,16 @@ def check_config(cfg):
         "temperature",
         "sample_tokens",
     ):
-        if not getattr(cfg, name) >= 0:
+        if name not in odd and not getattr(cfg, name) >= 0:
             problems.append(f"{name}={getattr(cfg, name)} must be >= 0")
     for name in ("dropout", "beta1", "beta2", "beta1_start", "beta1_end", "muon_momentum", "val_fraction"):
         v = getattr(cfg, name)
-        if v is not None and not 0.0 <= v < 1.0 or name == "val_fraction" and v == 0:
+        if name not in odd and (v is not None and not 0.0 <= v < 1.0 or name == "val_fraction" and v == 0):
             problems.append(f"{name}={v} must be in {'(0' if name == 'val_fraction' else '[0'}, 1)")
-    # nan passes no comparison above; inf is caught here
-    problems += [
-        f"{f.name}={getattr(cfg, f.name)} must be a finite number"
-        for f in dataclasses.fields(cfg)
-        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name))
-    ]
+    if 0 < cfg.lr < cfg.min_lr < math.inf:
+        problems.append(f"min_lr={cfg.min_lr} is above lr={cfg.lr}: the decay would climb; set min_lr <= lr")
+    if cfg.prepare_only and cfg.sample_only:
+        problems.append("prepare_only and sample_only exclude each other; pass one of them")
     if cfg.shard_tokens > 1 << 30:
         problems.append(f"shard_tokens={cfg.shard_tokens} is over 2**30 (a 2 GiB shard buffer in memory)")
     if cfg.n_head > 0 and cfg.n_embd % cfg.n_head:
@@ -529,7 +547,7 @@ def choose_compile(requested, device_type, platform=sys.platform):
 def check_system(cfg, dist):
     """Everything about this machine that can refuse the run, before any work: the device, TT-Train's availability,
     the replica count, optional packages. Returns (cfg with its device and backend resolved, ttml modules or None)."""
-    tt, tt_why = None, None
+    tt = None
     if cfg.backend in ("auto", "ttml"):
         try:
             tt = import_ttml()
@@ -540,13 +558,12 @@ def check_system(cfg, dist):
                 raise UserError(
                     f"backend={cfg.backend}: {e}{why}; --backend=torch trains on this machine's CPU/GPU instead"
                 ) from None
-            tt_why = str(e).split(";")[0]
     cfg = dataclasses.replace(cfg, backend="ttml" if tt else "torch")
     if tt is None:
         cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device, dist.local_rank))
         if cfg.data_parallel is not None and cfg.data_parallel != dist.world:
             raise UserError(
-                f"data_parallel={cfg.data_parallel} but this run has {dist.world} replicas (processes);"
+                f"data_parallel={cfg.data_parallel} but this run has {plural(dist.world, 'replica')} (processes);"
                 f" launch with torchrun --nproc_per_node={cfg.data_parallel}, or leave data_parallel unset"
             )
     elif dist.world > 1:
@@ -575,12 +592,8 @@ def check_system(cfg, dist):
         )
     if cfg.wandb_project and dist.main and not cfg.sample_only:
         import_wandb()
-    if dist.main:
-        print(
-            "backend: ttml (TT-Train)"
-            if tt
-            else "backend: torch" + (f" (ttml unavailable: {tt_why})" if tt_why else "")
-        )
+    if dist.main and tt:  # torch is what runs anywhere else; a machine with Tenstorrent signs stopped above
+        print("backend: ttml (TT-Train)")
     return cfg, tt
 
 
@@ -1222,7 +1235,8 @@ def start_or_resume(out_dir, fp, files, log):
             elif not first_damaged_shard(out_dir, progress):
                 log(
                     f"prepare: resuming after {len(progress['splits']['train'])} train + "
-                    f"{len(progress['splits']['val'])} val finished shards, at article {progress['next']['article']:,}"
+                    f"{plural(len(progress['splits']['val']), 'val finished shard')}, at article "
+                    f"{progress['next']['article']:,}"
                 )
                 return progress
     except (KeyError, TypeError):
@@ -1251,7 +1265,7 @@ def build_shards(cfg, progress, jobs, n_train, n_docs):
         progress["next"] = {"article": article, "skip_tokens": skip_tokens, "empty": empty + more_empty}
         write_json_atomic(os.path.join(cfg.out_dir, PROGRESS), progress)
 
-    with tqdm(total=n_docs, initial=end, unit="art", desc="prepare", dynamic_ncols=True, mininterval=1.0) as bar:
+    with progress_bar(total=n_docs, initial=end, unit="art", desc="prepare", mininterval=1.0) as bar:
         for (_, first, end), (tokens, kept) in tokenize_in_order(jobs, cfg.num_proc):
             split = "train" if first < n_train else "val"
             if split == "val" and writers["train"].flush():  # the train split ends here, in its last, partial shard
@@ -1267,6 +1281,11 @@ def build_shards(cfg, progress, jobs, n_train, n_docs):
         if writers[split].flush():
             record(end)
     return end, empty
+
+
+def shards_kept(progress):
+    n = len(listed_shards(progress))
+    return f"{plural(n, 'finished shard')} kept" if n else "no shard was finished"
 
 
 def prepare(cfg, log=print, state=None):
@@ -1295,8 +1314,8 @@ def prepare(cfg, log=print, state=None):
             manifest["request"] = data_request(cfg)
             write_json_atomic(os.path.join(cfg.out_dir, "manifest.json"), manifest)
         log(
-            f"prepare: reusing {sum(manifest['num_tokens'].values()):,} tokens in {cfg.out_dir} (fingerprint {fp}), "
-            f"prepared from {cfg.data_files or cfg.wiki_config}"
+            f"prepare: reusing {plural(sum(manifest['num_tokens'].values()), 'token')} in {cfg.out_dir} "
+            f"(fingerprint {fp}), prepared from {cfg.data_files or cfg.wiki_config}"
         )
         return manifest
     old = manifest["fingerprint"] if manifest else state["meta"]["fingerprint"] if state else None
@@ -1329,21 +1348,19 @@ def build(cfg, fp, files, log):
         )
     except KeyboardInterrupt:
         raise Interrupted(
-            f"prepare interrupted; the {len(listed_shards(progress))} finished shards in {cfg.out_dir} "
-            "are kept, and the same command continues after them"
+            f"prepare interrupted ({shards_kept(progress)}); the same command continues from there"
         ) from None
     except UserError:
         raise
     except Exception as e:
         task, detail = getattr(e, "task", None), f"{type(e).__name__}: {one_line(e, 300)}"
-        where = f"{task[0]} (row group {task[1]})" if task else "the input"
-        kept = f"; the finished shards ({len(listed_shards(progress))}) are kept" if listed_shards(progress) else ""
+        where, kept = f"{task[0]} (row group {task[1]})" if task else "the input", shards_kept(progress)
         if task and not task[0].startswith(HUB) and fails_again(e):
             why = "a rerun fails the same way: repair or replace that file, or leave it out"
-            raise UserError(f"{where} is damaged ({detail}); {why}{kept}") from None
-        raise UserError(f"reading {where} failed ({detail}); a rerun continues where it stopped{kept}") from None
+            raise UserError(f"{where} is damaged ({detail}); {why} ({kept})") from None
+        raise UserError(f"reading {where} failed ({detail}); a rerun continues where it stopped ({kept})") from None
     if end != n_docs:
-        raise UserError(f"the input ended after {end:,} of the {n_docs:,} articles it announced")
+        raise UserError(f"the input ended after {end:,} of the {plural(n_docs, 'article')} it announced")
     splits = progress["splits"]
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -1371,10 +1388,11 @@ def build(cfg, fp, files, log):
     write_json_atomic(os.path.join(cfg.out_dir, "manifest.json"), manifest)  # the switch: it vouches for the shards
     finish_switch(cfg.out_dir, manifest)
     log(
-        f"prepare: {n_docs:,} articles{f' ({empty:,} with no text, left out)' if empty else ''} -> "
-        f"{sum(manifest['num_tokens'].values()):,} tokens in {time.time() - t0:.1f}s"
+        f"prepare: {plural(n_docs, 'article')}{f' ({empty:,} with no text, left out)' if empty else ''} -> "
+        f"{plural(sum(manifest['num_tokens'].values()), 'token')} in {time.time() - t0:.1f}s"
         f"{f' (resumed at article {resumed_at:,})' if resumed_at else ''}, "
-        f"train {n_train:,} / val {n_val:,} articles, content hash {manifest['content_hash'][:16]}"
+        f"train {plural(n_train, 'article')} / val {plural(n_val, 'article')}, "
+        f"content hash {manifest['content_hash'][:16]}"
     )
     return manifest
 
@@ -1386,7 +1404,7 @@ def check_enough_tokens(manifest, seq_len):
         n = manifest["num_tokens"][split]
         if n < seq_len + 1:
             raise UserError(
-                f"the {split} split has {n} tokens, fewer than one seq_len+1={seq_len + 1} window; "
+                f"the {split} split has {plural(n, 'token')}, fewer than one seq_len+1={seq_len + 1} window; "
                 "use more articles (max_docs/data_files), a smaller seq_len, or another val_fraction"
             )
 
@@ -1727,6 +1745,8 @@ PEAK_FLOPS = {  # dense tensor-core peaks, FLOP/s: (bf16/fp16, fp32); fp32 on Am
     "H100": (989e12, 495e12),
     "H200": (989e12, 495e12),
     "A100": (312e12, 156e12),
+    "L40S": (362e12, 183e12),
+    "L40": (181e12, 90.5e12),
     "L4": (121e12, 60e12),
     "A10": (125e12, 62.5e12),
     "RTX 4090": (165e12, 82.6e12),
@@ -1737,8 +1757,9 @@ PEAK_FLOPS = {  # dense tensor-core peaks, FLOP/s: (bf16/fp16, fp32); fp32 on Am
 
 
 def peak_flops(device_name, dtype, override=None):
-    """The device's peak for this dtype, or None (MFU unknown) when the device is not in the table."""
-    peaks = [p for frag, p in PEAK_FLOPS.items() if frag in device_name]
+    """The device's peak for this dtype, or None (MFU unknown) when the device is not in the table. A key matches
+    whole words of the name only: "NVIDIA L40S" is no L4 and "NVIDIA A10G" no A10."""
+    peaks = [p for key, p in PEAK_FLOPS.items() if re.search(rf"\b{re.escape(key)}\b", device_name)]
     return override or (peaks[0][dtype == "float32"] if peaks else None)
 
 
@@ -1750,6 +1771,7 @@ class Backend(typing.Protocol):
     device_name: str  # for the log, the run row and the MFU table
     dtype: str  # what the matmuls run in: float32 | bfloat16 | float16
     replicas: int  # data-parallel replicas this process feeds: 1 for torch, the device mesh for ttml
+    compiling: bool  # torch.compile runs at the first step (the start-up line says so)
 
     def train_micro_step(self, x: np.ndarray, y: np.ndarray) -> None:
         """Forward and backward of one micro-batch; gradients add up over the accumulation window."""
@@ -1823,7 +1845,7 @@ class TorchBackend:
         )
         # Only the training step is compiled: eval and sampling use the eager module, so no second graph (eval
         # mode, other shapes) is ever compiled and the first step comes sooner.
-        want = self._compile_pending = choose_compile(cfg.compile, self.device.type)
+        want = self.compiling = choose_compile(cfg.compile, self.device.type)
         self.model = self._wrap(torch.compile(self.raw) if want else self.raw)
         torch.manual_seed(cfg.seed + dist.rank)  # dropout differs per rank
         self._loss = torch.zeros((), device=self.device)  # window loss stays on the device: one sync per step
@@ -1840,8 +1862,8 @@ class TorchBackend:
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t.to(self.device)
 
     def train_micro_step(self, x, y):
-        if self._compile_pending:  # torch.compile compiles at the first call: a failure there falls back to eager
-            self._compile_pending = False
+        if self.compiling:  # torch.compile compiles at the first call: a failure there falls back to eager
+            self.compiling = False
             try:
                 return self.train_micro_step(x, y)
             except Exception as e:  # no C compiler, an unsupported GPU or Python, an inductor bug
@@ -2032,6 +2054,7 @@ class TtmlBackend:
     read through their HALF view, fp32 optimizer state through FULL, and every restore writes the precision the
     tensor lives in: `assign` goes through HALF and would round fp32 state to bf16."""
 
+    compiling = False
     dtype = "bfloat16"
 
     def __init__(self, cfg, ttml, ttnn):
@@ -2459,8 +2482,18 @@ def start_training(cfg, backend, dist, state):
         print(
             f"device: {backend.device_name} ({backend.dtype}); data_parallel {dp}; global batch {gb * dp:,} tokens "
             f"= seq_len {cfg.seq_len} x batch_size {cfg.batch_size} x accumulation_steps {cfg.accumulation_steps} "
-            f"x data_parallel {dp}; {cfg.optim_steps} optimizer steps"
+            f"x data_parallel {dp}; {plural(cfg.optim_steps, 'optimizer step')}"
+            + ("; torch.compile on: the first step compiles the model (minutes on a CPU)" if backend.compiling else "")
         )
+        if cfg.warmup_steps + cfg.hold_steps > cfg.optim_steps:  # a short try of a preset meant for long runs
+            top = lr_at(max(0, min(cfg.steps // cfg.accumulation_steps, cfg.warmup_steps) - 1), cfg)
+            print(
+                f"note: warmup_steps + hold_steps outlast the {plural(cfg.optim_steps, 'optimizer step')}: lr peaks "
+                f"at {top:.2e} ({top / cfg.lr:.1%} of lr) and never decays; lower --warmup_steps or raise --steps"
+            )
+        if cfg.beta1_start is not None and cfg.beta1_warmup_steps > cfg.steps // cfg.accumulation_steps:
+            last = beta1_at(cfg.steps // cfg.accumulation_steps - 1, cfg)
+            print(f"note: beta1_warmup_steps outlasts the run: beta1 stops at {last:.4g}; lower --beta1_warmup_steps")
     if state is None and dist.local_rank == 0:  # every node's own out_dir, or the shared one (twice is harmless)
         shutil.rmtree(os.path.join(cfg.out_dir, "hf"), ignore_errors=True)
         delete_files(cfg.out_dir, ("loss_curve.png", "metrics.jsonl", "ckpt.pt"))
@@ -2507,9 +2540,7 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None, source=None)
     wandb_id = None if wandb_run is None else wandb_run.id
     tokens_per_window = cfg.seq_len * rows * dist.world * accum
     peak = peak_flops(backend.device_name, backend.dtype, cfg.peak_flops or getattr(backend, "peak_flops", None))
-    bar = tqdm(
-        total=cfg.steps, initial=start * accum, unit="step", desc="train", disable=not dist.main, dynamic_ncols=True
-    )
+    bar = progress_bar(dist.main, total=cfg.steps, initial=start * accum, unit="step", desc="train")
     val_loss = None
     with stop_flag() as stop:
         for it in range(start, n_iters + 1):
@@ -2518,14 +2549,17 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None, source=None)
                 val_loss, bpb = evaluate(backend, val, dist)
                 line = f"val loss {val_loss:.4f}, {bpb:.4f} bits per byte"
                 if last and it == start and state is not None and dist.main and not cfg.eval_only:
-                    bar.write(f"the run in {cfg.out_dir} has finished all {cfg.steps} steps: {line} (raise --steps)")
+                    bar.write(
+                        f"the run in {cfg.out_dir} has finished all {plural(cfg.steps, 'step')}: {line} "
+                        "(raise --steps to train on)"
+                    )
                 if it > start or state is None or cfg.eval_only:  # a resumed run's first eval is already logged
                     metrics.write(kind="eval", step=step, val_loss=val_loss, val_bpb=bpb)
                     if dist.main:
                         bar.write(f"{'eval_only at' if cfg.eval_only else ''} step {step}: {line}".strip())
                 if (it > start or state is None) and not cfg.eval_only:
                     if dist.main:
-                        plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss_curve.png"), cfg)
+                        plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss_curve.png"), cfg, manifest)
                     save_checkpoint(ckpt, cfg, backend, batches, dist, it, manifest, wandb_id)
             if last:
                 break
@@ -2563,14 +2597,11 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None, source=None)
                 mfu=mfu,
                 tokens=(it + 1) * tokens_per_window,
             )
+            shown = dict(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}" if mfu else "?")
+            bar.set_postfix(shown, refresh=False)  # before update(), which draws the bar: this step's numbers
             bar.update(accum)
-            bar.set_postfix(
-                loss=f"{loss:.3f}",
-                lr=f"{lr:.2e}",
-                tok_s=f"{tok_s:,.0f}",
-                mfu=f"{100 * mfu:.1f}%" if mfu else "?",
-                refresh=False,
-            )
+            if dist.main and bar.disable:  # a log file: one greppable line per step, as nanoGPT and llm.c print
+                print(f"step {step + accum}/{cfg.steps} | " + " | ".join(f"{k} {v}" for k, v in shown.items()))
     bar.close()
     return val_loss
 
@@ -2603,7 +2634,9 @@ def generate(backend, ids, cfg, rng):
 def print_samples(backend, cfg):
     """Print num_samples continuations of sample_prompt and return their texts; reproducible from cfg.seed."""
     enc, rng, texts = get_tokenizer(), np.random.default_rng(cfg.seed), []
-    prompt = enc.encode_ordinary(cfg.sample_prompt) or [EOS_ID]  # an empty prompt: start as a new article does
+    # <|endoftext|> in a prompt is EOS, as in the exported tokenizer and in what this prints (an empty prompt
+    # starts as a new article does, after EOS); in the training text it is ordinary text
+    prompt = enc.encode(cfg.sample_prompt, allowed_special="all") or [EOS_ID]
     for i in range(cfg.num_samples):
         texts.append(enc.decode(generate(backend, prompt, cfg, rng)))
         print(
@@ -2614,7 +2647,16 @@ def print_samples(backend, cfg):
     return texts
 
 
-def plot_losses(metrics_path, png_path, cfg):
+def data_label(manifest):
+    """The input in words meant for sharing (the plot title, the model card): file names without the local
+    directories, which name users and machines; the first name and a count when there are many."""
+    if "wiki_config" in manifest["data"]:
+        return f"wikimedia/wikipedia {manifest['data']['wiki_config']}"
+    names = [f["name"] for f in manifest["data"]["data_files"]]
+    return names[0] + (f" and {plural(len(names) - 1, 'more file')}" if len(names) > 1 else "")
+
+
+def plot_losses(metrics_path, png_path, cfg, manifest):
     """Train loss (raw and smoothed) and val loss against micro-step; rewritten at every eval."""
     import matplotlib
 
@@ -2626,10 +2668,11 @@ def plot_losses(metrics_path, png_path, cfg):
     train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
     if train:
         s, loss = zip(*train)
-        ema = [loss[0]]
-        for v in loss[1:]:
-            ema.append(0.9 * ema[-1] + 0.1 * v)
-        ax.plot(s, loss, color="tab:blue", alpha=0.3, lw=0.8, label="train (raw)")
+        m, ema = 0.0, []
+        for t, v in enumerate(loss, 1):  # bias-corrected, as Adam's moments: no pull toward the first loss
+            m = 0.9 * m + 0.1 * v
+            ema.append(m / (1 - 0.9**t))
+        ax.plot(s, loss, "o" if len(s) == 1 else "-", color="tab:blue", alpha=0.3, lw=0.8, label="train (raw)")
         ax.plot(s, ema, color="tab:blue", lw=1.8, label="train (EMA 0.9)")
     val = [(r["step"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
     if val:
@@ -2637,7 +2680,7 @@ def plot_losses(metrics_path, png_path, cfg):
     ax.set(xlabel="micro-step", ylabel="cross-entropy loss (nats/token)")
     ax.set_title(
         f"GPT-2 {cfg.n_layer}L/{cfg.n_head}H/{cfg.n_embd}d, seq {cfg.seq_len}, batch {cfg.batch_size}"
-        f"x{cfg.accumulation_steps}, lr {cfg.lr:g}\n{cfg.data_files or cfg.wiki_config}",
+        f"x{cfg.accumulation_steps}, lr {cfg.lr:g}\n{data_label(manifest)}",
         fontsize=9,
     )
     ax.grid(alpha=0.3)
@@ -2648,7 +2691,7 @@ def plot_losses(metrics_path, png_path, cfg):
     plt.close(fig)
 
 
-def model_card(rows):
+def model_card(rows, data):
     """hf/README.md from metrics.jsonl's rows: the latest run row's facts (data, code, versions), the tokens
     trained on and the final val loss, and how to use and benchmark the model."""
     run, c = [r for r in rows if r["kind"] == "run"][-1], [r for r in rows if r["kind"] == "run"][-1]["config"]
@@ -2657,14 +2700,14 @@ def model_card(rows):
     final = f"{val[-1]['val_loss']:.4f} nats/token, {val[-1].get('val_bpb', 0):.4f} bits/byte" if val else "none"
     facts = {
         "started from": f"{source.get('init_from')} (revision {source.get('revision')})" if source else "scratch",
-        "data": c["data_files"] or f"wikimedia/wikipedia {c['wiki_config']}",
+        "data": data,
         "data fingerprint": run["fingerprint"],
         "tokens seen": f"{tokens:,}",
         "final val loss": final,
         "model": f"{c['n_layer']} layers, {c['n_head']} heads, width {c['n_embd']}, context {c['seq_len']}",
         "trained on": f"{run['device']} x {run['data_parallel']}",
         "code": f"main.py at git {run['git']}",
-        "versions": f"torch {run['torch']}, tt-metal {run['ttml']}",
+        "versions": f"torch {run['torch']}" + (f", tt-metal {run['ttml']}" if run["ttml"] else ""),
     }
     table = "\n".join(f"| {k} | {v} |" for k, v in facts.items())
     return f"""---
@@ -2686,10 +2729,10 @@ print(generate("The history of", max_new_tokens=32, do_sample=False)[0]["generat
 
 Benchmark with EleutherAI's harness: `lm_eval --model hf --model_args pretrained=path/to/hf --tasks hellaswag`
 
-The full configuration (main.py's TrainConfig):
+The full configuration (main.py's TrainConfig, without the local paths):
 
 ```json
-{json.dumps(c, indent=1)}
+{json.dumps({k: v for k, v in c.items() if k not in ("data_files", "out_dir")}, indent=1)}
 ```
 """
 
@@ -2699,7 +2742,9 @@ def export_hf(model_state, cfg, out, card, step):
     tokenizer, generation_config.json, the model card and trained.json (the checkpoint step it was made from).
     Written beside `out` and renamed over it (through a symlink, to its target), so `out` is never half an export."""
     from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar for writing one file: noise on a terminal, \r in a log file
     c, out = cfg, os.path.realpath(out)
     hf = GPT2LMHeadModel(
         GPT2Config(
@@ -2760,7 +2805,7 @@ def save_hf_extras(out, cfg, card):
         f.write(card)
 
 
-def finish(cfg, backend, dist, wandb_run):
+def finish(cfg, backend, dist, wandb_run, manifest):
     """Rank 0's end of a run: the HF export unless hf/ already holds this checkpoint's model (or the run only
     evaluated), the samples, and the final plot and samples in W&B."""
     if not dist.main:
@@ -2768,7 +2813,7 @@ def finish(cfg, backend, dist, wandb_run):
     hf = os.path.join(cfg.out_dir, "hf")
     exported = (read_json(os.path.join(hf, "trained.json")) or {}).get("step") == cfg.steps
     if cfg.export_hf and not cfg.eval_only and not exported:
-        card = model_card(read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl")))
+        card = model_card(read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl")), data_label(manifest))
         model = backend.state_dict()["model"]
         export_hf(from_tt(model, cfg) if cfg.backend == "ttml" else model, cfg, hf, card, cfg.steps)
     samples = print_samples(backend, cfg)
@@ -2783,6 +2828,8 @@ def sample_only(cfg, tt):
     """Load out_dir/ckpt.pt (its own model shape) and print continuations of sample_prompt."""
     state = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.backend, parts=("model",))
     shape = {k: state["meta"]["config"][k] for k in ("n_layer", "n_head", "n_embd", "seq_len")}
+    if any(getattr(cfg, k) != v for k, v in shape.items()):
+        print(f"sample_only: the model shape comes from the checkpoint, not the flags: {shape}")
     model_cfg = dataclasses.replace(cfg, compile="false", **shape)
     backend = make_backend(model_cfg, Dist(), tt)
     try:
@@ -2824,7 +2871,7 @@ def run(cfg):
         wandb_run = start_wandb(cfg, state, dist)
         start_training(cfg, backend, dist, state)
         train(cfg, manifest, backend, dist, state, wandb_run, source if state is None else None)
-        finish(cfg, backend, dist, wandb_run)
+        finish(cfg, backend, dist, wandb_run, manifest)
     finally:
         backend.close()
         if wandb_run is not None:  # marked failed when an exception is on its way out

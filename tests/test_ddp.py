@@ -44,6 +44,6 @@ def test_data_parallel_that_does_not_match_the_world_size_is_one_line(tmp_path, 
     one_line_error(
         capsys,
         cli_args(tmp_path, **RUN, data_parallel=2),
-        "data_parallel=2 but this run has 1 replicas",
+        "data_parallel=2 but this run has 1 replica",
         "torchrun --nproc_per_node=2",
     )

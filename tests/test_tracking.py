@@ -237,7 +237,8 @@ def test_pipeline_on_the_export_generates_main_py_greedy_text_offline(trained):
         card = f.read()
     rows = read_jsonl(trained.out / "metrics.jsonl")
     val = [r["val_loss"] for r in rows if r["kind"] == "eval"][-1]
-    assert f"{val:.4f}" in card and f"{12 * 32 * 4:,}" in card and cfg.data_files in card and "lm_eval" in card
+    assert f"{val:.4f}" in card and f"{12 * 32 * 4:,}" in card and "lm_eval" in card
+    assert "| data | wiki_fixture.parquet |" in card and cfg.data_files not in card  # the name, not the local path
 
 
 def test_wandb_project_without_wandb_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):

@@ -70,7 +70,8 @@ def test_loss_plot_draws_the_raw_and_smoothed_train_loss_and_the_val_loss_of_eve
         return real_savefig(fig, *a, **kw)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
-    main.plot_losses(str(trained.out / "metrics.jsonl"), str(tmp_path / "curve.png"), main.parse_config(trained.args))
+    cfg, manifest = main.parse_config(trained.args), main.read_json(str(trained.out / "manifest.json"))
+    main.plot_losses(str(trained.out / "metrics.jsonl"), str(tmp_path / "curve.png"), cfg, manifest)
     rows = read_jsonl(trained.out / "metrics.jsonl")
     train = [[r["step"], r["loss"]] for r in rows if r["kind"] == "train"]
     (lines,) = drawn
