@@ -37,6 +37,7 @@ import glob
 import hashlib
 import importlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -50,7 +51,8 @@ import types
 import typing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Annotated as H, Literal, Optional
+from typing import Annotated as H
+from typing import Literal
 
 try:  # a Ctrl-C while torch loads (a second or more) is one line, as it is later
     import numpy as np
@@ -193,9 +195,9 @@ class TrainConfig:
     wiki_config: H[str, "20231101.<lang> (wikimedia/wikipedia) or 20220301.<lang>; env WIKI_DUMP"] = field(
         default_factory=lambda: os.environ.get("WIKI_DUMP", "20231101.en")
     )
-    data_files: H[Optional[str], "local parquet files/globs/dirs, comma-separated (\\, in a name) or repeated"] = None
+    data_files: H[str | None, "local parquet files/globs/dirs, comma-separated (\\, in a name) or repeated"] = None
     out_dir: H[str, "shards, manifest.json, metrics, checkpoint, plot, hf/ export"] = "./wiki_memmap_gpt2"
-    max_docs: H[Optional[int], "use only the first max_docs articles"] = None
+    max_docs: H[int | None, "use only the first max_docs articles"] = None
     shard_tokens: H[int, "tokens per uint16 shard file (256 MiB)"] = 134217728
     val_fraction: H[float, "the last val_fraction of the articles form the validation split"] = 0.1
     prepare_only: H[bool, "stop after writing the shards"] = False
@@ -207,19 +209,19 @@ class TrainConfig:
     dropout: H[float, "dropout on embeddings, attention and residuals"] = 0.0
     # batch: global batch tokens = seq_len * batch_size * accumulation_steps * data_parallel
     seq_len: H[int, "tokens per training window (and the context length)"] = 1024
-    data_parallel: H[Optional[int], "replicas; None = torchrun's WORLD_SIZE (torch) / 1 (ttml)"] = None
+    data_parallel: H[int | None, "replicas; None = torchrun's WORLD_SIZE (torch) / 1 (ttml)"] = None
     batch_size: H[int, "sequences per micro-step (per replica)"] = 16
     accumulation_steps: H[int, "micro-steps per optimizer step"] = 1
     steps: H[int, "training length in micro-steps"] = 5000
-    total_optim_steps: H[Optional[int], "end of the linear decay; None = steps / accumulation_steps"] = None
+    total_optim_steps: H[int | None, "end of the linear decay; None = steps / accumulation_steps"] = None
     # optimizer and speedrun schedule (functions of the optimizer step)
     lr: H[float, "peak learning rate"] = 3e-4
     min_lr: H[float, "learning rate at the end of the decay"] = 0.0
     warmup_steps: H[int, "linear warmup (optimizer steps)"] = 2000
     hold_steps: H[int, "flat at lr after warmup (optimizer steps)"] = 0
     beta1: H[float, "AdamW beta1 when no beta1 warmup is set"] = 0.9
-    beta1_start: H[Optional[float], "beta1 warmup: from beta1_start ..."] = None
-    beta1_end: H[Optional[float], "... to beta1_end (None = beta1) ..."] = None
+    beta1_start: H[float | None, "beta1 warmup: from beta1_start ..."] = None
+    beta1_end: H[float | None, "... to beta1_end (None = beta1) ..."] = None
     beta1_warmup_steps: H[int, "... over this many optimizer steps"] = 0
     beta2: H[float, "AdamW beta2"] = 0.95
     weight_decay: H[float, "on matrices only"] = 0.1
@@ -235,20 +237,20 @@ class TrainConfig:
     sample_prompt: H[str, "continued at the end of training"] = "The history of machine learning"
     sample_tokens: H[int, "tokens to generate per sample"] = 64
     temperature: H[float, "0 = greedy"] = 0.0
-    top_k: H[Optional[int], "sample from the top_k tokens only (temperature > 0)"] = None
+    top_k: H[int | None, "sample from the top_k tokens only (temperature > 0)"] = None
     num_samples: H[int, "samples printed"] = 1
     sample_only: H[bool, "load out_dir/ckpt.pt, print samples, exit"] = False
     overwrite: H[bool, "let init_from=scratch or a model (or other data) replace the run in out_dir"] = False
     export_hf: H[bool, "write out_dir/hf/ (transformers GPT2LMHeadModel) at the end"] = True
-    wandb_project: H[Optional[str], "also log to this W&B project (rank 0; pip install wandb)"] = None
-    wandb_run_name: H[Optional[str], "the W&B run's display name; None = W&B picks one"] = None
+    wandb_project: H[str | None, "also log to this W&B project (rank 0; pip install wandb)"] = None
+    wandb_run_name: H[str | None, "the W&B run's display name; None = W&B picks one"] = None
     # system
     backend: H[Literal["auto", "torch", "ttml"], "auto: ttml when TT-Train imports, else torch"] = "auto"
     device: H[str, "auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps"] = "auto"
     ddp_wait_s: H[int, "seconds a rank waits for the others in a collective (a slower node's prepare too)"] = 1800
     dtype: H[Literal["auto", "float32", "bfloat16", "float16"], "auto: bf16 (fp16) on CUDA, fp32 elsewhere"] = "auto"
     compile: H[Literal["auto", "true", "false"], "torch.compile the training step; auto = CUDA on Linux"] = "auto"
-    peak_flops: H[Optional[float], "device peak FLOP/s for MFU; None = look the device up"] = None
+    peak_flops: H[float | None, "device peak FLOP/s for MFU; None = look the device up"] = None
     seed: H[int, "model init, batch order (with the rank), sampling"] = 1337
     tt_runner: H[Literal["default", "memory_efficient"], "ttml: memory_efficient recomputes activations"] = "default"
     tt_optimizer: H[Literal["fp32_master", "bf16_stochastic", "bf16"], "ttml AdamW precision"] = "fp32_master"
@@ -424,7 +426,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     node: int = 0  # torchrun's node rank
-    backend: Optional[str] = None  # what the process group was made with; None without one
+    backend: str | None = None  # what the process group was made with; None without one
     writer: bool = True  # writes out_dir's checkpoint: one process per distinct out_dir (claim_run decides)
 
     @property
@@ -1084,7 +1086,7 @@ def parquet_tasks(files, task_rows, at, n_train, n):
             lo, hi = max(first, at["article"]), min(first + rows, n)
             cuts = sorted({lo, hi, n_train, *(range(first, first + rows, task_rows) if task_rows else ())})
             edges = [c for c in cuts if lo <= c <= hi]
-            for a, b in zip(edges, edges[1:]):
+            for a, b in itertools.pairwise(edges):
                 yield (f["path"], rg, a - first, b - first), a, b
             first += rows
             if first >= n:
@@ -2667,7 +2669,7 @@ def plot_losses(metrics_path, png_path, cfg, manifest):
     fig, ax = plt.subplots(figsize=(8, 5))
     train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
     if train:
-        s, loss = zip(*train)
+        s, loss = zip(*train, strict=True)
         m, ema = 0.0, []
         for t, v in enumerate(loss, 1):  # bias-corrected, as Adam's moments: no pull toward the first loss
             m = 0.9 * m + 0.1 * v
@@ -2676,7 +2678,7 @@ def plot_losses(metrics_path, png_path, cfg, manifest):
         ax.plot(s, ema, color="tab:blue", lw=1.8, label="train (EMA 0.9)")
     val = [(r["step"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
     if val:
-        ax.plot(*zip(*val), "o-", color="tab:red", lw=1.5, label="val")
+        ax.plot(*zip(*val, strict=True), "o-", color="tab:red", lw=1.5, label="val")
     ax.set(xlabel="micro-step", ylabel="cross-entropy loss (nats/token)")
     ax.set_title(
         f"GPT-2 {cfg.n_layer}L/{cfg.n_head}H/{cfg.n_embd}d, seq {cfg.seq_len}, batch {cfg.batch_size}"

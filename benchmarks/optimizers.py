@@ -37,7 +37,8 @@ def one_run(data_dir, out_dir, options):
     """Train once in out_dir (shards copied from data_dir); -> {eval step: val loss}, median seconds per step."""
     shutil.copytree(data_dir, out_dir, ignore=shutil.ignore_patterns(".*"))
     main_py({**options, "out_dir": out_dir})
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
     window = options["seq_len"] * options["batch_size"]
     evals = {r["step"]: r["val_loss"] for r in rows if r["kind"] == "eval"}
     return evals, statistics.median(window / r["tok_per_s"] for r in rows if r["kind"] == "train")

@@ -672,11 +672,15 @@ def populate(mod):
                 grad = DeviceTensor([g.copy() for g in t.grad], DataType.BFLOAT16)
                 if self.steps > 0 and c.momentum != 0.0:  # :53-58: the first step takes the gradient as it is
                     old = buf.get_value(PreferredPrecision.FULL).parts
-                    grad = DeviceTensor([o * f32(c.momentum) + g for o, g in zip(old, grad.parts)], DataType.FLOAT32)
+                    grad = DeviceTensor(
+                        [o * f32(c.momentum) + g for o, g in zip(old, grad.parts, strict=True)], DataType.FLOAT32
+                    )
                 buf.set_value(grad)  # :60
                 update = newtonschulz5(grad, c.ns_steps, 1e-7)  # :62
                 w = t.get_value(PreferredPrecision.FULL).parts  # :64-65
-                t.set_value(DeviceTensor([p - u * f32(c.lr) for p, u in zip(w, update.parts)], DataType.FLOAT32))
+                t.set_value(
+                    DeviceTensor([p - u * f32(c.lr) for p, u in zip(w, update.parts, strict=True)], DataType.FLOAT32)
+                )
             self.steps += 1  # :67, also when no parameter had a gradient
 
         def get_state_dict(self):  # :70-75

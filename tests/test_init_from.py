@@ -10,11 +10,12 @@ import os
 import shutil
 import types
 
-import fake_ttml
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+import fake_ttml
 from conftest import FIXTURE, TINY, cli_args, logged, main, one_line_error, read_jsonl
 
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32)
@@ -52,7 +53,7 @@ def run(args):
 
 def windows(out, seq_len, batch_size=TINY["batch_size"], eval_iters=TINY["eval_iters"]):
     """The val batches main.py evaluates, read from the prepared shards."""
-    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    manifest = main.read_json(os.path.join(out, "manifest.json"))
     cfg = types.SimpleNamespace(seq_len=seq_len, batch_size=batch_size, eval_iters=eval_iters)
     return main.val_batches(main.TokenStream(str(out), manifest["splits"]["val"]), cfg)
 
@@ -116,8 +117,9 @@ def test_a_run_from_the_folder_trains_resumes_exactly_and_round_trips_through_hf
     evals = [r for r in rows if r["kind"] == "eval"]
     assert train[-1] < train[0] and evals[-1]["val_loss"] < evals[0]["val_loss"]
     assert [r["optim_step"] for r in rows if r["kind"] == "train"][0] == 0  # the schedule starts at step 0
-    assert f"started from | {folder.path}" in open(whole / "hf" / "README.md").read()
-    assert "bits/byte" in open(whole / "hf" / "README.md").read() and "val_bpb" in evals[-1]
+    card = (whole / "hf" / "README.md").read_text()
+    assert f"started from | {folder.path}" in card
+    assert "bits/byte" in card and "val_bpb" in evals[-1]
     # the same command continues its own run: stopped at step 4, then run to 8, it logs what the whole run did
     run(argv(parts, init_from=folder.path, export_hf="false", **{**TRAIN, "steps": 4}))
     again = run(argv(parts, init_from=folder.path, export_hf="false", **TRAIN))
@@ -156,9 +158,9 @@ def bad_folders(root, good):
         for f in drop:
             os.remove(d / f)
         if edit:
-            c = json.load(open(d / "config.json"))
+            c = json.loads((d / "config.json").read_text())
             c.update(edit)
-            json.dump(c, open(d / "config.json", "w"))
+            (d / "config.json").write_text(json.dumps(c))
         made[name] = d
         return d
 

@@ -7,12 +7,24 @@ import signal
 import numpy as np
 import pytest
 import torch
-
-from conftest import ROOT, RUN, TWO_RANKS, cli_args, copy_run, logged, main, one_line_error, read_jsonl, start_held
-from conftest import torchrun, wait_for
 from test_ttml_backend import batch, cfg_
 from test_ttml_cli import args as tt_args
 from test_ttml_cli import sigterm_at, tensors, tt_env, tt_main  # noqa: F401 - tt_env is a fixture
+
+from conftest import (
+    ROOT,
+    RUN,
+    TWO_RANKS,
+    cli_args,
+    copy_run,
+    logged,
+    main,
+    one_line_error,
+    read_jsonl,
+    start_held,
+    torchrun,
+    wait_for,
+)
 
 MUON = dict(RUN, optimizer="muon", export_hf="false")
 TINY_CPU = dict(n_layer=2, n_head=2, n_embd=32, seq_len=32, device="cpu", backend="torch", compile="false")
@@ -104,8 +116,9 @@ def test_two_gloo_ranks_with_muon_stay_identical_and_match_one_process_with_the_
 
 
 def test_the_tt_stand_ins_muon_trains_and_resumes_exactly(monkeypatch):
-    import fake_ttml
     import test_ttml_backend
+
+    import fake_ttml
 
     for name, value in (("VOCAB_SIZE", test_ttml_backend.V), ("EOS_ID", test_ttml_backend.V - 1), ("TT_VOCAB", 1024)):
         monkeypatch.setattr(main, name, value)

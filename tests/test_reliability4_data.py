@@ -6,6 +6,7 @@ never trained."""
 import errno
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -16,9 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_tracking import fake_wandb
 
 from conftest import FIXTURE, ROOT, TINY, cli_args, main, one_line_error, run_main, tiny_cfg
-from test_tracking import fake_wandb
 
 TRAIN = dict(steps=2, eval_every=2, export_hf="false")
 
@@ -252,4 +253,4 @@ def test_a_run_that_fails_before_training_creates_no_wandb_run(tmp_path, capsys,
     blank = texts_file(tmp_path / "blank.parquet", [" "] * 50)
     error_after_prepare(capsys, cli_args(tmp_path / "o", data_files=blank, wandb_project="p", **TRAIN), "no text")
     assert len(w.logins) == 1 and w.inits == []  # the login was checked before the work; no run was started
-    assert "wandb/" in open(os.path.join(ROOT, ".gitignore")).read().split()
+    assert "wandb/" in pathlib.Path(os.path.join(ROOT, ".gitignore")).read_text().split()

@@ -5,6 +5,7 @@ metrics schema."""
 import dataclasses
 import json
 import os
+import pathlib
 import re
 import shutil
 import sys
@@ -241,7 +242,7 @@ def test_peak_flops_matches_whole_device_names_not_prefixes():
 
 
 def test_readme_metrics_schema_lists_every_key_the_rows_hold(trained):
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    readme = pathlib.Path(os.path.join(ROOT, "README.md")).read_text()
     for kind, keys in main.ROW_KEYS.items():
         assert f'{{"kind":"{kind}",' + ",".join(f'"{k}"' for k in keys) + "}" in readme, kind
     for row in read_jsonl(trained.out / "metrics.jsonl"):

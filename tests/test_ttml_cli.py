@@ -99,7 +99,7 @@ def test_a_tt_run_stopped_by_sigterm_and_continued_equals_an_unbroken_one(tt_env
 
 
 def test_layernorm_gains_and_biases_get_no_weight_decay_through_the_cli(tt_env, tmp_path):
-    # lr * weight_decay = 1: decoupled decay zeroes every decayed tensor in one step, so what is not zero was not decayed
+    # lr * weight_decay = 1: decoupled decay zeroes every decayed tensor in one step: what is not zero was not decayed
     p = tt_main(args(tmp_path, steps=2, warmup_steps=1, lr=1e-3, weight_decay=1000), tt_env)
     assert p.returncode == 0, p.stderr[-3000:]
     model = {k: v.float() for k, v in tensors(tmp_path)[0].items() if k.startswith("/model/")}
