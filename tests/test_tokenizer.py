@@ -87,3 +87,25 @@ def test_asking_for_fastokens_when_it_is_not_installed_is_one_line(tmp_path, mon
     without_fastokens(monkeypatch)
     one_line_error(capsys, cli_args(tmp_path, tokenizer="fastokens", prepare_only=True), "pip install fastokens")
     assert not (tmp_path / "manifest.json").exists()
+
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+@needs_fastokens
+def test_the_fastokens_word_cache_stops_growing_however_many_new_words_come(monkeypatch):
+    monkeypatch.setattr(main, "_fastokens", None)  # a fresh tokenizer, with an empty cache
+    rng, letters = np.random.default_rng(0), np.frombuffer(b" abcdefghijklmnopqrstuvwxyz", np.uint8)
+
+    def new_words(n):  # n words of 10 random letters, none seen before, in articles of 2,000 words
+        text = letters[np.hstack([np.zeros((n, 1), int), rng.integers(1, 27, (n, 10))])].tobytes().decode()
+        main.encode_articles([text[i : i + 22000] for i in range(0, len(text), 22000)], "fastokens")
+
+    for _ in range(4):
+        new_words(500_000)  # past where the library caps its cache
+    full = rss_mb()
+    for _ in range(2):
+        new_words(500_000)  # before the cap, a million new words took ~95 MB more
+    assert rss_mb() - full < 20, f"RSS {full:.0f} MB -> {rss_mb():.0f} MB over 1M more new words"
