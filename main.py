@@ -903,9 +903,8 @@ def first_disagreement(task):
 
 
 def choose_tokenizer(cfg, first_task, log):
-    """fastokens if it is installed and asked for, but only where it gives tiktoken's tokens (the reference) on the
-    hard strings and the input's first articles, checked in a worker: another version of either library must not
-    change the shards."""
+    """fastokens if installed and asked for, but only if it gives tiktoken's tokens (the reference) on the hard strings
+    and the input's first articles, checked in a worker: no version of either library may change the shards."""
     if cfg.tokenizer == "tiktoken" or not importlib.util.find_spec("fastokens"):
         return "tiktoken"
     differs = next(tokenize_in_order([(first_task,)], cfg.num_proc, first_disagreement))[1]
