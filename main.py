@@ -902,44 +902,58 @@ def first_disagreement(task):
     return None
 
 
-def choose_tokenizer(cfg, first_task, log):
-    """fastokens if installed and asked for, but only if it gives tiktoken's tokens (the reference) on the hard strings
-    and the input's first articles, checked in a worker: no version of either library may change the shards."""
-    if cfg.tokenizer == "tiktoken" or not importlib.util.find_spec("fastokens"):
+def choose_tokenizer(wanted, first_task, pool, num_proc, log):
+    """fastokens if wanted, but only if it gives tiktoken's tokens (the reference) on the hard strings and the input's
+    first articles, checked in a worker: no version of either library may change the shards."""
+    if wanted == "tiktoken":
         return "tiktoken"
-    differs = next(tokenize_in_order([(first_task,)], cfg.num_proc, first_disagreement))[1]
+    differs = next(tokenize_in_order([(first_task,)], first_disagreement, pool, num_proc))[1]
     if differs:
         log(f"prepare: fastokens and tiktoken disagree on {differs}; tokenizing with tiktoken")
     return "tiktoken" if differs else "fastokens"
 
 
-def init_worker(parent_pid):
+def init_worker(parent_pid, tokenizer):
     """Pool workers die with main.py (a kill -9 of it must not leave them blocked forever) and leave Ctrl-C to it,
-    so an interrupted prepare prints one line, not a traceback per worker."""
+    so an interrupted prepare prints one line, not a traceback per worker. All start at once (fork), so each loads
+    fastokens while the first one checks it against tiktoken."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us when the parent dies
     if os.getppid() != parent_pid:  # the parent died before prctl took hold
         os._exit(1)
+    if tokenizer == "fastokens":
+        get_fastokens()
 
 
-def tokenize_in_order(jobs, num_proc, work):
-    """Yield (job, work(task)) in input order for jobs (task, ...); num_proc worker processes with at most 2 tasks
-    each in flight, so memory stays flat however big the input is (Pool.imap would read the whole stream ahead)."""
+@contextlib.contextmanager
+def worker_pool(num_proc, tokenizer):
+    """num_proc worker processes, or None for one (the work then runs in this process). One pool serves the tokenizer
+    check and the shards, so a worker's start-up (the fork, loading the BPE) is paid once."""
     if num_proc <= 1:
-        yield from ((job, work(job[0])) for job in jobs)
+        yield None
         return
-    pool = ProcessPoolExecutor(num_proc, initializer=init_worker, initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(num_proc, initializer=init_worker, initargs=(os.getpid(), tokenizer))
     try:
-        pending = collections.deque()
-        for job in jobs:
-            pending.append((job, pool.submit(work, job[0])))
-            if len(pending) >= 2 * num_proc:
-                yield pending[0][0], pending.popleft()[1].result()
-        while pending:
-            yield pending[0][0], pending.popleft()[1].result()
+        yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def tokenize_in_order(jobs, work, pool, num_proc):
+    """Yield (job, work(task)) in input order for jobs (task, ...), on the pool's num_proc workers with at most 2
+    tasks each in flight, so memory stays flat however big the input is (Pool.imap would read the whole stream
+    ahead)."""
+    if pool is None:
+        yield from ((job, work(job[0])) for job in jobs)
+        return
+    pending = collections.deque()
+    for job in jobs:
+        pending.append((job, pool.submit(work, job[0])))
+        if len(pending) >= 2 * num_proc:
+            yield pending[0][0], pending.popleft()[1].result()
+    while pending:
+        yield pending[0][0], pending.popleft()[1].result()
 
 
 def resolve_data_files(spec):
@@ -1249,7 +1263,7 @@ def start_or_resume(out_dir, fp, files, log):
     return progress
 
 
-def build_shards(cfg, progress, jobs, n_train, n_docs, tokenizer):
+def build_shards(cfg, progress, jobs, n_train, n_docs, tokenizer, pool):
     """Tokenize the jobs into the train and val shards, writing the progress record after every finished shard.
     Returns the end article of the last job."""
     tag, skip, end = progress["fingerprint"][:8], progress["next"]["skip_tokens"], progress["next"]["article"]
@@ -1261,7 +1275,7 @@ def build_shards(cfg, progress, jobs, n_train, n_docs, tokenizer):
 
     with tqdm(total=n_docs, initial=end, unit="art", desc="prepare", dynamic_ncols=True, mininterval=1.0) as bar:
         work = functools.partial(tokenize_task, tokenizer=tokenizer)
-        for (_, first, end), tokens in tokenize_in_order(jobs, cfg.num_proc, work):
+        for (_, first, end), tokens in tokenize_in_order(jobs, work, pool, cfg.num_proc):
             split = "train" if first < n_train else "val"
             if split == "val" and writers["train"].flush():  # the train split ends here, in its last, partial shard
                 record(first)
@@ -1325,9 +1339,12 @@ def build(cfg, fp, files, log):
     task_rows = TASK_ARTICLES if cfg.data_files else None  # a hub task is a whole row group: one download each
     try:
         first_task = next(parquet_tasks(files, CHECK_ARTICLES, {"article": 0}, n_train, n_docs))[0]
-        tokenizer = choose_tokenizer(cfg, first_task, log)
-        jobs = parquet_tasks(files, task_rows, progress["next"], n_train, n_docs)
-        end = build_shards(cfg, progress, jobs, n_train, n_docs, tokenizer)
+        fast = cfg.tokenizer != "tiktoken" and importlib.util.find_spec("fastokens")
+        wanted = "fastokens" if fast else "tiktoken"
+        with worker_pool(cfg.num_proc, wanted) as pool:
+            tokenizer = choose_tokenizer(wanted, first_task, pool, cfg.num_proc, log)
+            jobs = parquet_tasks(files, task_rows, progress["next"], n_train, n_docs)
+            end = build_shards(cfg, progress, jobs, n_train, n_docs, tokenizer, pool)
     except KeyboardInterrupt:
         raise Interrupted(
             f"prepare interrupted; the {len(listed_shards(progress))} finished shards in {cfg.out_dir} "
