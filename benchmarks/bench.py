@@ -1,6 +1,6 @@
 """Benchmarks for main.py: numbers printed, nothing asserted (tests/ asserts behaviour).
 
-    python benchmarks/bench.py prepare            # prepare with each tokenizer vs tiktoken's limit (~3 min)
+    python benchmarks/bench.py prepare            # prepare with each tokenizer vs tiktoken's limit (~4 min)
     python benchmarks/bench.py train              # tok/s, MFU, memory: main.py vs the plain reference (CPU: tiny, mid)
     python benchmarks/bench.py train --gpu        # GPT-2 small, seq 1024, batch 16 and 32, on one GPU (<= 5 min)
     python benchmarks/bench.py train --gpu --ab   # main vs ref at batch 16, then candidate variants of main's step
@@ -171,7 +171,7 @@ def bench_prepare():
     src = src if os.path.exists(src) else main.FIXTURE
     texts = [t for t in pq.read_table(src, columns=["text"]).column("text").to_pylist() if t]
     cores, enc = len(os.sched_getaffinity(0)), main.get_tokenizer()
-    corpora = {"repeated": [texts * 60], "growing": list(growing_vocabulary(texts, 6, 1_000_000))}
+    corpora = {"repeated": [texts * 240], "growing": list(growing_vocabulary(texts, 24, 1_000_000))}
     with tempfile.TemporaryDirectory() as tmp:
         for name, files in corpora.items():
             for i, articles in enumerate(files):
