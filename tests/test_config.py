@@ -116,7 +116,7 @@ def test_optional_fields_parse_whether_spelled_optional_or_union_with_none(monke
     pep604.__file__ = main.__file__
     monkeypatch.setitem(sys.modules, "main_pep604", pep604)
     exec(compile(src, main.__file__, "exec"), pep604.__dict__)
-    argv = ["--max_docs=1000", "--top_k=None", "--beta1_start=0.85", "--data_files=a.parquet", "--peak_flops="]
+    argv = ["--max_docs=1000", "--top_k=None", "--beta1_start=0.85", "--data_files=a.parquet", "--peak_flops=None"]
     got = pep604.parse_config(argv)
     assert dataclasses.asdict(got) == dataclasses.asdict(main.parse_config(argv))
     assert (got.max_docs, got.top_k, got.beta1_start, got.peak_flops) == (1000, None, 0.85, None)

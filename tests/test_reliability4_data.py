@@ -119,7 +119,7 @@ def test_articles_with_no_text_are_left_out_and_counted_also_across_a_resume(tmp
 
     monkeypatch.setattr(main, "open_parquet", fails_once)
     cfg = tiny_cfg(tmp_path / "broken", data_files=mixed, shard_tokens=5000)
-    with pytest.raises(main.UserError, match=r"mixed.parquet \(row group 8\) failed .*rerun continues") as e:
+    with pytest.raises(main.UserError, match=r"mixed.parquet \(row group \d+\) failed .*rerun continues") as e:
         main.prepare(cfg, log=print)
     assert "damaged" not in str(e.value)
     monkeypatch.setattr(main, "open_parquet", real)
