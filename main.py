@@ -1541,8 +1541,6 @@ class TokenStream:
     def batch(self, starts, seq_len):
         """(x, y) uint16 arrays of shape (B, seq_len); y is x shifted by one token."""
         w = np.stack([self.window(int(s), seq_len + 1) for s in starts])
-        if w.max() >= VOCAB_SIZE:  # the shards were verified, so only a bug or a foreign file gets here
-            raise UserError(f"token id {int(w.max())} in the shards is outside GPT-2's vocabulary; rebuild them")
         return w[:, :-1], w[:, 1:]
 
 
@@ -1551,8 +1549,8 @@ class TrainBatches:
     One batch is drawn ahead (prefetch(), called while the device computes), so the host's memmap reads overlap
     the step; state() is the generator state before that batch, i.e. the state an unbuffered sampler would have."""
 
-    def __init__(self, stream, cfg, rank=0, rows=None):
-        self.stream, self.cfg, self.rows = stream, cfg, rows or cfg.batch_size
+    def __init__(self, stream, cfg, rank, rows):
+        self.stream, self.cfg, self.rows = stream, cfg, rows
         self.rng = np.random.default_rng([cfg.seed, rank])
         self.ahead = None  # (generator state before the draw, (x, y))
 
@@ -1574,10 +1572,9 @@ class TrainBatches:
         self.rng.bit_generator.state, self.ahead = state, None
 
 
-def val_batches(stream, cfg, rows=None, replicas=1):
+def val_batches(stream, cfg, rows, replicas):
     """Evenly spaced windows, eval_iters global batches' worth, in batches of `rows`: the same windows for every
     eval, and for every run with the same global batch whatever its split into ranks."""
-    rows = rows or cfg.batch_size
     starts = np.linspace(0, stream.n - cfg.seq_len - 1, cfg.eval_iters * rows * replicas).astype(np.int64)
     return [stream.batch(s, cfg.seq_len) for s in starts.reshape(-1, rows)]
 
@@ -1847,36 +1844,14 @@ def peak_flops(device_name, dtype, override=None):
 
 
 # -----------------------------------------------------------------------------
-# 8. Backends: train(), evaluate() and sampling see a backend only through this protocol; tokens cross as numpy
+# 8. Backends: PyTorch and TT-Train behind one seam (listed below); tokens cross it as numpy arrays
 
 
-class Backend(typing.Protocol):
-    device_name: str  # for the log, the run row and the MFU table
-    dtype: str  # what the matmuls run in: float32 | bfloat16 | float16
-    replicas: int  # data-parallel replicas this process feeds: 1 for torch, the device mesh for ttml
-    compiling: bool  # torch.compile runs at the first step (the start-up line says so)
-
-    def train_micro_step(self, x: np.ndarray, y: np.ndarray) -> None:
-        """Forward and backward of one micro-batch; gradients add up over the accumulation window."""
-
-    def optimizer_step(self, lr: float, beta1: float) -> float:
-        """Clip, step, zero the gradients; the window's mean training loss (the one host sync of a step)."""
-
-    def eval_loss(self, x: np.ndarray, y: np.ndarray) -> float:
-        """The mean loss without gradients, in eval mode (both switched inside and restored)."""
-
-    def next_logits(self, ids: np.ndarray) -> np.ndarray:
-        """float32 logits over the real vocabulary for the token after ids (at most seq_len of them)."""
-
-    def state_dict(self, weights: bool = True) -> dict:
-        """{"rng": this process's generators} and, with weights, {"model": ..., "optimizer": ...}: tensors and plain
-        values only, so ckpt.pt loads with weights_only=True."""
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what of "model", "optimizer" and "rng" state holds."""
-
-    def close(self) -> None:
-        """Release the devices."""
+# The seam: train(), evaluate() and sampling call train_micro_step(x, y) (gradients add up over the window),
+# optimizer_step(lr, beta1) -> the window's mean loss (one host sync), eval_loss(x, y), next_logits(ids) (fp32 over
+# the real vocabulary), state_dict(weights) ({"rng"} and, with weights, "model" and "optimizer": plain values and
+# tensors, so ckpt.pt loads with weights_only=True), load_state_dict(state), close(); and read device_name, dtype,
+# replicas (data-parallel copies this process feeds) and compiling.
 
 
 def keep_freed_memory():
@@ -2041,22 +2016,12 @@ TT_METAL_COMMIT = "00cb91b3141186a0769ac82c74fdc52d98bbd45d"
 TT_DEFAULT_BATCH = 4  # per device: tt-train's GPT-2-small config uses 4; batch > 8 did not fit a 12 GB N150
 TT_VOCAB = 50304  # tt-train's NanoGPTConfig default for GPT-2: 50257 padded to 128 * 393 (50272 = 32 * prime)
 TT_1X8_MGD = "tests/tt_metal/tt_fabric/custom_mesh_descriptors/t3k_1x8_mesh_graph_descriptor.textproto"
-# what this file calls: a build without one of them is the wrong build, said in one line
-TT_NEEDS = (
-    "autograd.AutoContext",
-    "models.nanogpt.NanoGPTConfig",
-    "models.nanogpt.create_nanogpt",
-    "models.RunnerType.MemoryEfficient",
-    "models.WeightTyingType.Enabled",
-    "optimizers.AdamWFullPrecision",
-    "optimizers.AdamWFullPrecisionConfig.make",
-    "optimizers.AdamWConfig.make",
-    "core.clip_grad_norm",
-    "core.distributed.synchronize_gradients",
-    "core.distributed.enable_fabric",
-    "ops.binary.mul",
-    "ops.loss.cross_entropy_loss",
-)
+TT_NEEDS = (  # what this file calls: a build without one of them is the wrong build, said in one line
+    "autograd.AutoContext models.nanogpt.NanoGPTConfig models.nanogpt.create_nanogpt models.RunnerType.MemoryEfficient "
+    "models.WeightTyingType.Enabled optimizers.AdamWFullPrecision optimizers.AdamWFullPrecisionConfig.make "
+    "optimizers.AdamWConfig.make core.clip_grad_norm core.distributed.synchronize_gradients "
+    "core.distributed.enable_fabric ops.binary.mul ops.loss.cross_entropy_loss"
+).split()
 
 
 def tt_signs():
@@ -2072,14 +2037,13 @@ def tt_signs():
 
 def import_ttml():
     """(ttml, ttnn) from the pinned build, or UserError in one line naming what was tried and what is missing.
-    `./build_metal.sh --build-tt-train` leaves the nanobind module _ttml in $TT_METAL_HOME/build/tt-train/sources/ttml
-    (build_Release/... for other presets) and the ttml package lives in $TT_METAL_HOME/tt-train/sources/ttml; the
-    package finds no build folder itself, so both go first on sys.path, ahead of any stale tt-train/build entry."""
+    The build leaves the nanobind module _ttml in $TT_METAL_HOME/build*/tt-train/sources/ttml and the package
+    lives in $TT_METAL_HOME/tt-train/sources/ttml, which finds no build folder itself: both go first on sys.path,
+    ahead of any stale tt-train/build entry."""
     rebuild = f"build tt-metal at {TT_METAL_COMMIT[:12]} with ./build_metal.sh --build-tt-train"
     home, tried = os.environ.get("TT_METAL_HOME"), []
     if home:
-        # the runtime reads TT_METAL_RUNTIME_ROOT (kernels, mesh descriptors); tt-train's examples export it
-        os.environ.setdefault("TT_METAL_RUNTIME_ROOT", home)
+        os.environ.setdefault("TT_METAL_RUNTIME_ROOT", home)  # kernels, mesh descriptors: tt-train's examples set it
         tried = [os.path.join(home, b, "tt-train", "sources", "ttml") for b in ("build", "build_Release", "")]
         found = [b for b in tried[:2] if glob.glob(os.path.join(b, "_ttml*"))][:1]
         sys.path[:0] = [p for p in found + tried[2:] if os.path.isdir(p) and p not in sys.path]
@@ -2091,16 +2055,13 @@ def import_ttml():
                 raise UserError(
                     f"TT-Train is broken: {found[0]}/_ttml does not load ({type(e).__name__}: {one_line(e)}); {rebuild}"
                 ) from None
-            # one copy of the .so under both names: the package's `from . import _ttml` then reuses it
-            sys.modules.setdefault("ttml._ttml", low)
+            sys.modules.setdefault("ttml._ttml", low)  # one copy of the .so: the package's `from . import _ttml`
     where = ", ".join(tried) if tried else "no TT_METAL_HOME, so only the installed packages"
     try:
         ttml = importlib.import_module("ttml")
-    except ModuleNotFoundError as e:
-        if e.name not in ("ttml", "_ttml", "ttml._ttml"):
-            raise UserError(f"TT-Train is broken: importing ttml needs {e.name} ({where}); {rebuild}") from None
-        raise UserError(f"TT-Train is not installed (tried {where}); {rebuild} and export TT_METAL_HOME") from None
     except Exception as e:
+        if isinstance(e, ModuleNotFoundError) and e.name in ("ttml", "_ttml", "ttml._ttml"):
+            raise UserError(f"TT-Train is not installed (tried {where}); {rebuild} and export TT_METAL_HOME") from None
         raise UserError(
             f"TT-Train is broken: import ttml raised {type(e).__name__}: {one_line(e)} (tried {where}); {rebuild}"
         ) from None
@@ -2108,23 +2069,22 @@ def import_ttml():
     def find(dotted):  # ttml.a.b.c, or None where any part is missing
         return functools.reduce(lambda m, part: getattr(m, part, None), dotted.split("."), ttml)
 
-    if find("autograd.AutoContext") is None:
+    missing = [n for n in TT_NEEDS if find(n) is None]
+    fields = getattr(find("models.nanogpt.NanoGPTConfig"), "__dataclass_fields__", {})
+    missing += [f"NanoGPTConfig.{f}" for f in ("runner_type", "weight_tying") if fields and f not in fields]
+    if "autograd.AutoContext" in missing:  # nothing of TT-Train at all
+        missing = ["autograd.AutoContext (PyPI's unrelated tensor-train 'ttml'? then pip uninstall ttml)"]
+    if missing:
+        where = getattr(ttml, "__file__", "?")
         raise UserError(
-            f"the importable 'ttml' ({getattr(ttml, '__file__', '?')}) is not TT-Train (no autograd."
-            f"AutoContext: PyPI's unrelated tensor-train 'ttml'?); pip uninstall ttml and {rebuild}"
+            f"the importable 'ttml' ({where}) is not TT-Train at the pin: it lacks {', '.join(missing)}; {rebuild}"
         )
     try:
-        ttnn = importlib.import_module("ttnn")
+        return ttml, importlib.import_module("ttnn")
     except Exception as e:
         raise UserError(
             f"TT-Train imports but tt-metal's ttnn does not ({one_line(e)}); activate tt-metal's python_env"
         ) from None
-    missing = [n for n in TT_NEEDS if find(n) is None]
-    fields = getattr(find("models.nanogpt.NanoGPTConfig"), "__dataclass_fields__", {})
-    missing += [f"NanoGPTConfig.{f}" for f in ("runner_type", "weight_tying") if fields and f not in fields]
-    if missing:
-        raise UserError(f"this TT-Train ({getattr(ttml, '__file__', '?')}) lacks {', '.join(missing)}; {rebuild}")
-    return ttml, ttnn
 
 
 class TtmlBackend:
@@ -2173,12 +2133,13 @@ class TtmlBackend:
         # the mesh first: get_device() and from_numpy open a 1x1 device lazily, and a later [1, N] open fails
         self.ctx.open_device([1, n])
         try:
-            self._build(cfg, ttml, ttnn, n)
+            self._build(n)
         except BaseException:
             self.close()
             raise
 
-    def _build(self, cfg, ttml, ttnn, n):
+    def _build(self, n):
+        cfg, ttml = self.cfg, self.ttml
         self.ctx.set_seed(cfg.seed)
         device, self.mapper, self.composer = self.ctx.get_device(), None, None
         if n > 1:
@@ -2206,7 +2167,7 @@ class TtmlBackend:
         self.optimizers = self._make_optimizers()
         try:  # bf16 peak as train_nanogpt.py computes it: cores x 1.0 TFLOP/s (Wormhole), x 1.35 (Blackhole)
             grid = device.compute_with_storage_grid_size()
-            self.peak_flops = grid.x * grid.y * (1.35e12 if ttnn.device.is_blackhole(device) else 1.0e12) * n
+            self.peak_flops = grid.x * grid.y * (1.35e12 if self.ttnn.device.is_blackhole(device) else 1.0e12) * n
         except Exception:  # no such query on this device object: MFU is left out, nothing else depends on it
             self.peak_flops = None
         self.model.train()
@@ -2247,6 +2208,14 @@ class TtmlBackend:
 
     def _params(self):  # Python modules hand back Parameter objects (.tensor), C++ ones the tensors themselves
         return {k: getattr(p, "tensor", p) for k, p in self.model.parameters().items()}
+
+    def _walk(self, group, opt):
+        """(key, name, tensor, full) for each state tensor of an optimizer (moments, fp32 masters, momentum): full
+        when it lives in fp32, as AdamWFullPrecision's state and Muon's momentum do; AdamW's lives in bf16."""
+        full = group == "muon" or self.cfg.tt_optimizer == "fp32_master"
+        for key, v in opt.get_state_dict().items():
+            for k, t in v.items() if hasattr(v, "items") else ():
+                yield key, k, getattr(t, "tensor", t), full
 
     def _tokens(self, x, y=None):
         """uint16 rows -> UINT32 row-major tensors ([B,1,1,T] inputs, [B,T] targets); only 32-bit numpy crosses."""
@@ -2340,23 +2309,12 @@ class TtmlBackend:
         if not weights:
             return state
         opt = {}
-        for group, o in self.optimizers.items():
-            opt[group], full = {}, self._full_state(group)
-            for key, v in o.get_state_dict().items():  # moments, fp32 master weights or momentum, the step count
-                if hasattr(v, "items"):
-                    opt[group][key] = {
-                        k: torch.from_numpy(self._read(getattr(t, "tensor", t), True, full)) for k, t in v.items()
-                    }
-                elif isinstance(v, (bool, int, float, str)):
-                    opt[group][key] = v
-        return {
-            **state,
-            "model": {k: torch.from_numpy(self._read(t, True, self._muon(k))) for k, t in self._params().items()},
-            "optimizer": opt,
-        }
-
-    def _full_state(self, group):  # AdamWFullPrecision's state and Muon's momentum live in fp32, AdamW's in bf16
-        return group == "muon" or self.cfg.tt_optimizer == "fp32_master"
+        for group, o in self.optimizers.items():  # the step count as it is, the state tensors read in their precision
+            opt[group] = {k: v for k, v in o.get_state_dict().items() if isinstance(v, (bool, int, float, str))}
+            for key, k, t, full in self._walk(group, o):
+                opt[group].setdefault(key, {})[k] = torch.from_numpy(self._read(t, True, full))
+        model = {k: torch.from_numpy(self._read(t, True, self._muon(k))) for k, t in self._params().items()}
+        return {**state, "model": model, "optimizer": opt}
 
     def _restore(self, dst, value, name, full=False):
         """Write a checkpoint array into a live tensor in place (the optimizer keeps pointing at it), replicated to
@@ -2401,10 +2359,8 @@ class TtmlBackend:
             # as the unbroken run did) and touches no tensor
             for _ in range(int(saved[group]["steps"])):
                 o.step()
-            for key, live in o.get_state_dict().items():
-                for k, t in live.items() if hasattr(live, "items") else ():
-                    where, full = f"optimizer/{group}/{key}/{k}", self._full_state(group)
-                    self._restore(getattr(t, "tensor", t), saved[group][key][k], where, full)
+            for key, k, t, full in self._walk(group, o):
+                self._restore(t, saved[group][key][k], f"optimizer/{group}/{key}/{k}", full)
         if "rng" in state:
             self._seed, self._micro_steps = int(state["rng"]["seed"]), int(state["rng"]["micro_steps"])
 
