@@ -1529,8 +1529,7 @@ class TokenStream:
         self.starts = np.cumsum([0] + [len(m) for m in self.maps])
         self.n = int(self.starts[-1])
 
-    def window(self, start, length):
-        """tokens[start:start+length], stitched across shard boundaries."""
+    def window(self, start, length):  # stitched across shard boundaries
         parts, i = [], int(np.searchsorted(self.starts, start, side="right")) - 1
         while length > 0:
             piece = self.maps[i][start - self.starts[i] : start - self.starts[i] + length]
@@ -1545,9 +1544,8 @@ class TokenStream:
 
 
 class TrainBatches:
-    """Deterministic given (seed, rank); the generator state goes into checkpoints so resume continues exactly.
-    One batch is drawn ahead (prefetch(), called while the device computes), so the host's memmap reads overlap
-    the step; state() is the generator state before that batch, i.e. the state an unbuffered sampler would have."""
+    """Deterministic given (seed, rank), its generator state checkpointed. prefetch() draws the next batch while the
+    device computes; state() is the generator state before that batch, as an unbuffered sampler's would be."""
 
     def __init__(self, stream, cfg, rank, rows):
         self.stream, self.cfg, self.rows = stream, cfg, rows
@@ -1636,24 +1634,24 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(cfg.n_embd, PADDED_VOCAB, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
-        # added to the padded logits: 0 for real tokens, -inf for the padding columns, which so take no softmax mass
+        self.lm_head.weight = self.transformer.wte.weight
+        # added to the padded logits: -inf for the padding columns, which so take no softmax mass
         pad_bias = torch.zeros(PADDED_VOCAB)
         pad_bias[VOCAB_SIZE:] = float("-inf")
         self.register_buffer("pad_bias", pad_bias, persistent=False)
-        for m in self.modules():  # GPT-2's init: N(0, 0.02) weights, zero biases
+        for m in self.modules():  # GPT-2's init
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=0.02)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
-        for name, p in self.named_parameters():  # residual projections scaled by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():  # residual projections
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     def forward(self, idx, targets=None):
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
@@ -1683,20 +1681,15 @@ def pretrained_folder(name):
     if os.path.isdir(name):
         return name, None
     if os.path.exists(name) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
-        raise UserError(
-            f"--init_from={name} is not a folder; use auto | scratch | resume, a transformers GPT-2 folder "
-            "(config.json + *.safetensors) or a hub name such as openai-community/gpt2"
-        )
+        use = "auto | scratch | resume, a transformers GPT-2 folder or a hub name such as openai-community/gpt2"
+        raise UserError(f"--init_from={name} is not a folder; use {use}")
     from huggingface_hub import snapshot_download
 
     try:
         path = snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"])
     except Exception as e:  # offline with nothing cached, no such repo, no network
-        raise UserError(
-            f"--init_from={name} is neither a folder nor in the Hugging Face cache ({type(e).__name__}); download "
-            f"it once, with network, by `hf download {name} --include config.json --include '*.safetensors*'` "
-            "(then it loads offline), or give a transformers GPT-2 folder, or auto | scratch | resume"
-        ) from None
+        get = f"download it once, with network: hf download {name} --include config.json --include '*.safetensors*'"
+        raise UserError(f"--init_from={name}: no such folder nor in the HF cache ({type(e).__name__}); {get}") from None
     return path, os.path.basename(path)  # the cache's snapshots/<commit> folder
 
 
@@ -1720,27 +1713,23 @@ def pretrained_config(cfg, hc, path):
 
 
 def from_hf(sd, cfg, path):
-    """A transformers GPT-2 state dict (with or without the `transformer.` prefix) -> GPT's: Conv1D weights
-    transposed, wpe cut to seq_len, lm_head tied to wte, and wte padded to PADDED_VOCAB with copies of its mean row.
-    On torch pad_bias keeps the padding out of every softmax; ttml's loss sees the padded vocab, and a mean row's
-    logit is the mean real logit, so (Jensen) the padding takes at most 47/50257 of the mass, where zero rows would
-    take nearly all of it from GPT-2, whose logits are far below 0. A missing or misshapen weight is one line."""
+    """A transformers GPT-2 state dict -> GPT's. wte is padded with its mean row: ttml's loss sees the padded vocab,
+    and a mean row's logit is the mean real logit, so (Jensen) the padding takes at most 47/50257 of the mass, where
+    zero rows would take nearly all of it from GPT-2, whose logits are far below 0."""
     out = {}
     for k, v in sd.items():
         k = "transformer." + k.removeprefix("transformer.")
         if k.endswith((".attn.bias", ".attn.masked_bias", "lm_head.weight")):  # causal-mask buffers; the tied head
             continue
         v = v.float().t() if k.endswith(CONV1D) and v.dim() == 2 else v.float()
-        if k == "transformer.wte.weight":  # padding rows: the mean real row (why: from_hf's docstring)
+        if k == "transformer.wte.weight":
             v = torch.cat([v, v.mean(0).expand(max(0, PADDED_VOCAB - len(v)), -1)])
         out[k] = v[: cfg.seq_len] if k == "transformer.wpe.weight" else v
     out["lm_head.weight"], shapes = out.get("transformer.wte.weight"), gpt_shapes(cfg)
     for k, want in shapes.items():
         if out.get(k) is None or out[k].shape != want.shape:
             got = "missing" if out.get(k) is None else f"{tuple(out[k].shape)}, not {tuple(want.shape)}"
-            raise UserError(
-                f"{path}: weight {k} is {got} (as GPT names it); the folder does not hold this config's model"
-            )
+            raise UserError(f"{path}: weight {k} is {got}; the folder does not hold this config's model")
     return {k: out[k].contiguous() for k in shapes}
 
 
@@ -1755,47 +1744,36 @@ def read_pretrained(cfg):
         what = "no readable config.json" if hc is None else f"config.json with model_type {hc.get('model_type')!r}"
         raise UserError(f"{path} has {what}; --init_from takes a transformers GPT-2 folder (model_type gpt2)")
     if hc.get("vocab_size") != VOCAB_SIZE or hc.get("activation_function", "gelu_new") != "gelu_new":
-        raise UserError(
-            f"{path}: vocab_size {hc.get('vocab_size')}, activation {hc.get('activation_function')} is "
-            f"not GPT-2's ({VOCAB_SIZE}, gelu_new), which main.py's tokenizer and model are"
-        )
+        got = f"vocab_size {hc.get('vocab_size')}, activation {hc.get('activation_function')}"
+        raise UserError(f"{path}: {got} is not GPT-2's ({VOCAB_SIZE}, gelu_new), which main.py trains")
     cfg, taken = pretrained_config(cfg, hc, path)
     index = read_json(os.path.join(path, "model.safetensors.index.json")) or {}
     files = sorted(set(index.get("weight_map", {}).values())) or sorted(glob.glob("*.safetensors", root_dir=path))
     lacking = [f for f in files if not os.path.exists(os.path.join(path, f))] if files else ["*.safetensors"]
     if lacking:
-        raise UserError(
-            f"{path} has no {lacking[0]}; main.py reads safetensors only (a .bin is a pickle, which can run code): "
-            "download the model's *.safetensors, or save it again with transformers' save_pretrained"
-        )
+        why = "main.py reads safetensors only (a .bin is a pickle, which can run code)"
+        raise UserError(f"{path} has no {lacking[0]}; {why}: download its *.safetensors or save_pretrained it")
     sd = {}
     for f in files:
         try:
             sd.update(load_file(os.path.join(path, f)))
         except Exception as e:  # truncated, not safetensors at all, a bad header
-            raise UserError(
-                f"{path}/{f} is not a readable safetensors file ({one_line(e, 120)}); download it again"
-            ) from None
+            raise UserError(f"{path}/{f} is not a readable safetensors file ({one_line(e, 120)}); refetch") from None
     source = {"init_from": cfg.init_from, "path": os.path.abspath(path), "revision": revision, "from_config": taken}
     return cfg, from_hf(sd, cfg, path), source
 
 
-TT_RENAMES = (  # GPT's names -> ttml NanoGPT's, as ttml's nanogpt/safetensors_loader.py maps GPT-2's keys
-    ("transformer.wte.", "NanoGPT/fc/"),  # tied: NanoGPT registers the embedding as the LM head's weight
-    ("transformer.wpe.", "NanoGPT/pos_emb/"),
-    ("transformer.ln_f.weight", "NanoGPT/ln_f_gamma"),
-    ("transformer.ln_f.bias", "NanoGPT/ln_f_beta"),
-    ("transformer.h.", "NanoGPT/blocks/"),
-    ("ln_1.weight", "ln1/gamma"),
-    ("ln_1.bias", "ln1/beta"),
-    ("ln_2.weight", "ln2/gamma"),
-    ("ln_2.bias", "ln2/beta"),
-    ("attn.c_attn.", "attention/qkv_linear/"),
-    ("attn.c_proj.", "attention/out_linear/"),
-    ("mlp.c_fc.", "mlp/fc1/"),
-    ("mlp.c_proj.", "mlp/fc2/"),
-    (".", "/"),
-)
+# GPT's names -> ttml NanoGPT's, old=new in order, as ttml's nanogpt/safetensors_loader.py maps GPT-2's keys
+# (wte becomes fc: NanoGPT registers the tied embedding as the LM head's weight)
+TT_RENAMES = [
+    rename.split("=")
+    for rename in (
+        "transformer.wte.=NanoGPT/fc/ transformer.wpe.=NanoGPT/pos_emb/ transformer.ln_f.weight=NanoGPT/ln_f_gamma "
+        "transformer.ln_f.bias=NanoGPT/ln_f_beta transformer.h.=NanoGPT/blocks/ ln_1.weight=ln1/gamma "
+        "ln_1.bias=ln1/beta ln_2.weight=ln2/gamma ln_2.bias=ln2/beta attn.c_attn.=attention/qkv_linear/ "
+        "attn.c_proj.=attention/out_linear/ mlp.c_fc.=mlp/fc1/ mlp.c_proj.=mlp/fc2/ .=/"
+    ).split()
+]
 
 
 def tt_name(k):
@@ -1844,9 +1822,8 @@ def peak_flops(device_name, dtype, override=None):
 
 
 # -----------------------------------------------------------------------------
-# 8. Backends: PyTorch and TT-Train behind one seam (listed below); tokens cross it as numpy arrays
-
-
+# 8. Backends: PyTorch and TT-Train behind one seam; tokens cross it as numpy arrays
+#
 # The seam: train(), evaluate() and sampling call train_micro_step(x, y) (gradients add up over the window),
 # optimizer_step(lr, beta1) -> the window's mean loss (one host sync), eval_loss(x, y), next_logits(ids) (fp32 over
 # the real vocabulary), state_dict(weights) ({"rng"} and, with weights, "model" and "optimizer": plain values and
@@ -1896,11 +1873,8 @@ class TorchBackend:
         self.muon = torch.optim.Muon(hidden, cfg.muon_lr, 0.0, cfg.muon_momentum) if muon else None
         self.optimizers = [o for o in (self.optimizer, self.muon) if o is not None]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=getattr(torch, self.dtype))
-            if self.dtype != "float32"
-            else contextlib.nullcontext()
-        )
+        half = getattr(torch, self.dtype) if self.dtype != "float32" else None
+        self.autocast = torch.autocast(self.device.type, dtype=half) if half else contextlib.nullcontext()
         # Only the training step is compiled: eval and sampling use the eager module, so no second graph (eval
         # mode, other shapes) is ever compiled and the first step comes sooner.
         want = self.compiling = choose_compile(cfg.compile, self.device.type)
@@ -1979,13 +1953,9 @@ class TorchBackend:
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}
         if not weights:
             return {"rng": rng}
-        return {
-            "model": self.raw.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            **({"muon": self.muon.state_dict()} if self.muon else {}),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng,
-        }
+        muon = {"muon": self.muon.state_dict()} if self.muon else {}
+        weights = {"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return weights | muon | {"scaler": self.scaler.state_dict(), "rng": rng}
 
     def load_state_dict(self, state):
         """From read_checkpoint's CPU tensors: load_state_dict copies the weights onto the device, and the
@@ -1998,10 +1968,8 @@ class TorchBackend:
                     self.muon.load_state_dict(state["muon"])
                 self.scaler.load_state_dict(state.get("scaler", {}))
         except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(
-                f"the checkpoint does not fit this model ({one_line(e)}); same n_layer, n_head, n_embd "
-                "and seq_len as the run that wrote it?"
-            ) from None
+            fix = "same n_layer, n_head, n_embd and seq_len as the run that wrote it?"
+            raise UserError(f"the checkpoint does not fit this model ({one_line(e)}); {fix}") from None
         if "rng" in state:
             torch.set_rng_state(state["rng"]["torch"].cpu())
             if state["rng"]["cuda"] is not None and self.device.type == "cuda":
@@ -2052,9 +2020,8 @@ def import_ttml():
             try:
                 low = importlib.import_module("_ttml")
             except Exception as e:  # a .so that does not load: wrong build, missing libtt_metal
-                raise UserError(
-                    f"TT-Train is broken: {found[0]}/_ttml does not load ({type(e).__name__}: {one_line(e)}); {rebuild}"
-                ) from None
+                why = f"{type(e).__name__}: {one_line(e)}"
+                raise UserError(f"TT-Train is broken: {found[0]}/_ttml does not load ({why}); {rebuild}") from None
             sys.modules.setdefault("ttml._ttml", low)  # one copy of the .so: the package's `from . import _ttml`
     where = ", ".join(tried) if tried else "no TT_METAL_HOME, so only the installed packages"
     try:
@@ -2062,9 +2029,8 @@ def import_ttml():
     except Exception as e:
         if isinstance(e, ModuleNotFoundError) and e.name in ("ttml", "_ttml", "ttml._ttml"):
             raise UserError(f"TT-Train is not installed (tried {where}); {rebuild} and export TT_METAL_HOME") from None
-        raise UserError(
-            f"TT-Train is broken: import ttml raised {type(e).__name__}: {one_line(e)} (tried {where}); {rebuild}"
-        ) from None
+        why = f"{type(e).__name__}: {one_line(e)}"
+        raise UserError(f"TT-Train is broken: import ttml raised {why} (tried {where}); {rebuild}") from None
 
     def find(dotted):  # ttml.a.b.c, or None where any part is missing
         return functools.reduce(lambda m, part: getattr(m, part, None), dotted.split("."), ttml)
@@ -2075,16 +2041,12 @@ def import_ttml():
     if "autograd.AutoContext" in missing:  # nothing of TT-Train at all
         missing = ["autograd.AutoContext (PyPI's unrelated tensor-train 'ttml'? then pip uninstall ttml)"]
     if missing:
-        where = getattr(ttml, "__file__", "?")
-        raise UserError(
-            f"the importable 'ttml' ({where}) is not TT-Train at the pin: it lacks {', '.join(missing)}; {rebuild}"
-        )
+        what = f"the importable 'ttml' ({getattr(ttml, '__file__', '?')}) is not TT-Train at the pin"
+        raise UserError(f"{what}: it lacks {', '.join(missing)}; {rebuild}")
     try:
         return ttml, importlib.import_module("ttnn")
     except Exception as e:
-        raise UserError(
-            f"TT-Train imports but tt-metal's ttnn does not ({one_line(e)}); activate tt-metal's python_env"
-        ) from None
+        raise UserError(f"TT-Train imports but ttnn does not ({one_line(e)}); activate tt-metal's python_env") from None
 
 
 class TtmlBackend:
@@ -2106,21 +2068,14 @@ class TtmlBackend:
         if cfg.dtype not in ("auto", "bfloat16"):
             raise UserError(f"backend=ttml trains in bfloat16; dtype={cfg.dtype} is torch-only (use --dtype=auto)")
         if cfg.beta1_start is not None:  # no beta setter is bound (nanobind/nb_optimizers.cpp): the schedule can't run
-            raise UserError(
-                "backend=ttml cannot change beta1 during training (TT-Train binds no beta setter); drop --beta1_start"
-            )
+            raise UserError("backend=ttml cannot change beta1 (TT-Train binds no beta setter); drop --beta1_start")
         self.cfg, self.ttml, self.ttnn = cfg, ttml, ttnn
         self.replicas = n = cfg.data_parallel or 1
         if n == 32 and not os.environ.get("TT_MESH_GRAPH_DESC_PATH"):  # enable_fabric opens a Galaxy as [4, 8]
-            raise UserError(
-                "data_parallel=32: a Galaxy's default mesh is [4, 8]; a [1, 32] data-parallel mesh needs "
-                "TT_MESH_GRAPH_DESC_PATH pointing at a 1x32 mesh graph descriptor"
-            )
+            fix = "set TT_MESH_GRAPH_DESC_PATH to a 1x32 mesh graph descriptor"
+            raise UserError(f"data_parallel=32: a Galaxy's default mesh is [4, 8], not [1, 32]; {fix}")
         if cfg.tt_optimizer == "bf16_stochastic":
-            print(
-                "ttml: bf16_stochastic rounds with seeds from std::random_device (the pin's AdamW kernel), so no two "
-                "runs, resumed or not, are bit-identical"
-            )
+            print("ttml: bf16_stochastic rounds with random seeds: no two runs, resumed or not, are bit-identical")
         self.device_name = f"Tenstorrent {n}x device mesh [1, {n}] (ttml)"
         self.ctx, self._closed = ttml.autograd.AutoContext.get_instance(), False
         if n > 1:
@@ -2148,19 +2103,9 @@ class TtmlBackend:
             self.ctx.initialize_parallelism_context(ttml.autograd.DistributedConfig(enable_ddp=True, enable_tp=False))
         m = ttml.models
         runner = m.RunnerType.MemoryEfficient if cfg.tt_runner == "memory_efficient" else m.RunnerType.Default
-        self.model = m.nanogpt.create_nanogpt(
-            m.nanogpt.NanoGPTConfig(
-                vocab_size=TT_VOCAB,
-                block_size=cfg.seq_len,
-                n_embd=cfg.n_embd,
-                n_layer=cfg.n_layer,
-                n_head=cfg.n_head,
-                dropout=float(cfg.dropout),
-                bias=True,
-                runner_type=runner,
-                weight_tying=m.WeightTyingType.Enabled,
-            )
-        )  # wte is the lm_head, as in the torch GPT
+        kw = {k: getattr(cfg, k) for k in SHAPE} | dict(vocab_size=TT_VOCAB, block_size=cfg.seq_len, bias=True)
+        kw |= dict(dropout=float(cfg.dropout), runner_type=runner, weight_tying=m.WeightTyingType.Enabled)
+        self.model = m.nanogpt.create_nanogpt(m.nanogpt.NanoGPTConfig(**kw))  # wte is the lm_head, as in torch's GPT
         if n > 1:  # whether every chip draws the same init is not settled at the pin: give them device 0's
             for t in self._params().values():
                 t.assign(self._device_tensor(self._read(t, replica=True), self.ttnn.DataType.BFLOAT16))
@@ -2174,12 +2119,9 @@ class TtmlBackend:
         self._losses, self._micro_steps, self._checked, self._seed = [], 0, n == 1, cfg.seed
 
     def _make_optimizers(self):
-        """One AdamW per weight-decay group, as ttml/common/muon_optimizer.py builds one optimizer per subset: ttml's
-        AdamW has one weight_decay for all its parameters, and like the torch path only matrices decay (LayerNorm
-        gains and biases are [1, 1, 1, n] rows). fp32_master: fp32 master weights and moments (AdamWFullPrecision,
-        which copies the masters from the weights now), so the warmup's and decay's tiny updates are not rounded
-        away in bf16; bf16_stochastic: bf16 weights, rounded stochastically; bf16: plain bf16 AdamW. With
-        optimizer=muon, ttml's Muon takes the blocks' matrices (its own fp32 momentum; no weight decay)."""
+        """One AdamW per weight-decay group (ttml's AdamW has one weight_decay; only matrices decay, as on torch).
+        fp32_master: AdamWFullPrecision's fp32 masters (copied from the weights now) and moments, so tiny updates are
+        not rounded away in bf16; bf16_stochastic: rounded stochastically. Muon takes the blocks' matrices."""
         opt, cfg = self.ttml.optimizers, self.cfg
         groups = {"decay": {}, "no_decay": {}, "muon": {}}
         for k, t in self._params().items():
@@ -2187,13 +2129,8 @@ class TtmlBackend:
         muon = groups.pop("muon")
         optimizers = {"muon": opt.Muon(muon, opt.MuonConfig.make(cfg.muon_lr, cfg.muon_momentum, 5))} if muon else {}
         for name, params in groups.items():
-            args = (
-                float(cfg.lr),
-                float(cfg.beta1),
-                float(cfg.beta2),
-                1e-8,
-                float(cfg.weight_decay) if name == "decay" else 0.0,
-            )
+            decay = float(cfg.weight_decay) if name == "decay" else 0.0
+            args = (float(cfg.lr), float(cfg.beta1), float(cfg.beta2), 1e-8, decay)
             if cfg.tt_optimizer == "fp32_master":
                 optimizers[name] = opt.AdamWFullPrecision(params, opt.AdamWFullPrecisionConfig.make(*args))
             else:
@@ -2225,8 +2162,7 @@ class TtmlBackend:
         ty = None if y is None else Tensor.from_numpy(np.ascontiguousarray(y, np.uint32), L.ROW_MAJOR, D.UINT32, **kw)
         return tx, ty
 
-    def _device_tensor(self, a, dtype):
-        """A host array replicated to every device (no mapper), TILE layout."""
+    def _device_tensor(self, a, dtype):  # replicated to every device (no mapper)
         return self.ttml.autograd.Tensor.from_numpy(np.ascontiguousarray(a, np.float32), self.ttnn.Layout.TILE, dtype)
 
     def _read(self, t, replica=False, full=False):
@@ -2270,10 +2206,8 @@ class TtmlBackend:
             name, t = min(self._params().items(), key=lambda kv: int(np.prod(kv[1].shape())))
             first, *rest = np.split(self._read(t), self.replicas)
             if not all(np.array_equal(first, r) for r in rest):
-                raise UserError(
-                    f"data_parallel={self.replicas}: the devices' copies of {name} differ after the first "
-                    "step, so the gradient sync did not average them; run with --data_parallel=1"
-                )
+                why = f"the devices' copies of {name} differ after the first step: the gradient sync did not average"
+                raise UserError(f"data_parallel={self.replicas}: {why}; run with --data_parallel=1")
         loss, self._losses = sum(s * float(self._read(t, full=True).mean()) for t, s in self._losses), []
         return loss
 
@@ -2322,10 +2256,8 @@ class TtmlBackend:
         bf16, exactly for values that came out of a bf16 tensor."""
         a = value.detach().cpu().float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, np.float32)
         if list(dst.shape()) != list(a.shape):
-            raise UserError(
-                f"checkpoint parameter {name} {tuple(a.shape)} does not fit this model "
-                f"{tuple(dst.shape())}; same n_layer, n_head, n_embd and seq_len as the run that wrote it?"
-            )
+            what = f"checkpoint parameter {name} {tuple(a.shape)} does not fit this model {tuple(dst.shape())}"
+            raise UserError(f"{what}; same n_layer, n_head, n_embd and seq_len as the run that wrote it?")
         src = self._device_tensor(a, self.ttnn.DataType.FLOAT32)
         if full:
             dst.set_value(src.get_value(self.ttml.autograd.PreferredPrecision.FULL))
@@ -2339,21 +2271,15 @@ class TtmlBackend:
         params = self._params()
         unknown = sorted(set(state.get("model", {})) - set(params))
         if unknown:
-            raise UserError(
-                f"checkpoint parameter {unknown[0]} is not in this model; was it written by the "
-                "torch backend? load it with --backend=torch"
-            )
+            raise UserError(f"checkpoint parameter {unknown[0]} is not in this model: torch backend's? --backend=torch")
         for k, v in state.get("model", {}).items():
             self._restore(params[k], v, k, self._muon(k))
         self.optimizers = self._make_optimizers()
         saved = state.get("optimizer")
         for group, o in self.optimizers.items() if saved is not None else ():
             if group not in saved:
-                raise UserError(
-                    f"the checkpoint has no optimizer state for the {group} group; it was written by "
-                    "another version of main.py: continue it there, or start over with "
-                    "--init_from=scratch --overwrite=true"
-                )
+                fix = "continue it with the main.py that wrote it, or --init_from=scratch --overwrite=true"
+                raise UserError(f"the checkpoint has no optimizer state for the {group} group; {fix}")
             # set_state_dict takes the count only as a size_t, which a Python int never becomes at the pin
             # (serialization/serializable.hpp); step() with no gradient yet counts (and multiplies the beta powers,
             # as the unbroken run did) and touches no tensor
@@ -2370,8 +2296,7 @@ class TtmlBackend:
             self.ctx.close_device()
 
 
-def make_backend(cfg, dist, tt):
-    """The backend check_system chose: ttml (tt = its modules) or PyTorch."""
+def make_backend(cfg, dist, tt):  # tt: the ttml modules check_system imported, or None
     return TtmlBackend(cfg, *tt) if tt else TorchBackend(cfg, dist)
 
 
