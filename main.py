@@ -1862,12 +1862,8 @@ class TorchBackend:
         hidden = [n for n, p in params.items() if muon and n.startswith("transformer.h.") and p.dim() == 2]
         decay = [p for n, p in params.items() if p.dim() >= 2 and n not in hidden]
         no_decay = [p for p in params.values() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr,
-            betas=(cfg.beta1, cfg.beta2),
-            fused=cuda,
-        )
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=cuda)
         # lr, weight decay 0 (the speedrun's Muon has none, nor has ttml's), momentum; nesterov as in the speedrun
         hidden = [params[n] for n in hidden]
         self.muon = torch.optim.Muon(hidden, cfg.muon_lr, 0.0, cfg.muon_momentum) if muon else None
@@ -1875,8 +1871,7 @@ class TorchBackend:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
         half = getattr(torch, self.dtype) if self.dtype != "float32" else None
         self.autocast = torch.autocast(self.device.type, dtype=half) if half else contextlib.nullcontext()
-        # Only the training step is compiled: eval and sampling use the eager module, so no second graph (eval
-        # mode, other shapes) is ever compiled and the first step comes sooner.
+        # only the training step is compiled: eval and sampling run eager, so no second graph is ever compiled
         want = self.compiling = choose_compile(cfg.compile, self.device.type)
         self.model = self._wrap(torch.compile(self.raw) if want else self.raw)
         torch.manual_seed(cfg.seed + dist.rank)  # dropout differs per rank
@@ -2050,14 +2045,11 @@ def import_ttml():
 
 
 class TtmlBackend:
-    """GPT-2 on Tenstorrent through TT-Train, as tt-train's examples/nano_gpt/train_nanogpt.py trains it: the Python
-    ttml.models.nanogpt model, mask=None (the fused SDPA kernel's causal mode, which skips tiles above the diagonal),
-    a [1, N] mesh for data parallelism. Checked against tests/fake_ttml.py (the pin's rules) only, never on hardware.
-
-    Precision at the pin is lazy (autograd/autocast_tensor.cpp): a tensor keeps the precision it was last set in,
-    and the other view is a typecast cached on first read that nothing refreshes. So the model's weights (bf16) are
-    read through their HALF view, fp32 optimizer state through FULL, and every restore writes the precision the
-    tensor lives in: `assign` goes through HALF and would round fp32 state to bf16."""
+    """GPT-2 on Tenstorrent as tt-train's examples/nano_gpt/train_nanogpt.py trains it (ttml.models.nanogpt, mask=None:
+    the fused SDPA kernel's causal mode), on a [1, N] mesh; checked against tests/fake_ttml.py only, never on hardware.
+    Precision at the pin is lazy (autograd/autocast_tensor.cpp): a tensor keeps the precision it was last set in, the
+    other view is a typecast cached on first read that nothing refreshes. So bf16 weights are read through HALF, fp32
+    optimizer state through FULL, and a restore writes the precision the tensor lives in (assign rounds to bf16)."""
 
     compiling = False
     dtype = "bfloat16"
@@ -2251,9 +2243,8 @@ class TtmlBackend:
         return {**state, "model": model, "optimizer": opt}
 
     def _restore(self, dst, value, name, full=False):
-        """Write a checkpoint array into a live tensor in place (the optimizer keeps pointing at it), replicated to
-        every device, in the precision the tensor lives in: set_value of a FULL value keeps fp32; assign rounds to
-        bf16, exactly for values that came out of a bf16 tensor."""
+        """A checkpoint array into a live tensor in place (the optimizer keeps pointing at it), on every device:
+        set_value of a FULL value keeps fp32; assign rounds to bf16, exact for values that came out of bf16."""
         a = value.detach().cpu().float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, np.float32)
         if list(dst.shape()) != list(a.shape):
             what = f"checkpoint parameter {name} {tuple(a.shape)} does not fit this model {tuple(dst.shape())}"
@@ -2265,9 +2256,8 @@ class TtmlBackend:
             dst.assign(src)
 
     def load_state_dict(self, state):
-        """Before any training step. The weights first; then the optimizers are built again, so that
-        AdamWFullPrecision copies its masters from the loaded weights (a load into a built one is overwritten by its
-        masters at the next step); then their saved state, when there is one."""
+        """Before any training step. The weights, then the optimizers built again, so that AdamWFullPrecision copies
+        its masters from the loaded weights (old masters would overwrite them at the next step), then their state."""
         params = self._params()
         unknown = sorted(set(state.get("model", {})) - set(params))
         if unknown:
@@ -2280,9 +2270,8 @@ class TtmlBackend:
             if group not in saved:
                 fix = "continue it with the main.py that wrote it, or --init_from=scratch --overwrite=true"
                 raise UserError(f"the checkpoint has no optimizer state for the {group} group; {fix}")
-            # set_state_dict takes the count only as a size_t, which a Python int never becomes at the pin
-            # (serialization/serializable.hpp); step() with no gradient yet counts (and multiplies the beta powers,
-            # as the unbroken run did) and touches no tensor
+            # set_state_dict takes the count as a size_t, which no Python int becomes at the pin; step() with no
+            # gradient yet counts (and multiplies the beta powers, as the unbroken run did) and touches no tensor
             for _ in range(int(saved[group]["steps"])):
                 o.step()
             for key, k, t, full in self._walk(group, o):
