@@ -1782,9 +1782,8 @@ def tt_name(k):
 
 def to_tt(sd):
     """GPT's state dict -> TtmlBackend's: NanoGPT's names, [1, 1, out, in] matrices and [1, 1, 1, n] rows."""
-    return {
-        tt_name(k): v.reshape((1,) * (4 - v.dim()) + tuple(v.shape)) for k, v in sd.items() if k != "lm_head.weight"
-    }
+    sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}  # tied to wte, which NanoGPT holds once
+    return {tt_name(k): v.reshape((1,) * (4 - v.dim()) + tuple(v.shape)) for k, v in sd.items()}
 
 
 def from_tt(sd, cfg):
@@ -2017,7 +2016,7 @@ def import_ttml():
             except Exception as e:  # a .so that does not load: wrong build, missing libtt_metal
                 why = f"{type(e).__name__}: {one_line(e)}"
                 raise UserError(f"TT-Train is broken: {found[0]}/_ttml does not load ({why}); {rebuild}") from None
-            sys.modules.setdefault("ttml._ttml", low)  # one copy of the .so: the package's `from . import _ttml`
+            sys.modules.setdefault("ttml._ttml", low)  # the package's `from . import _ttml` reuses this copy
     where = ", ".join(tried) if tried else "no TT_METAL_HOME, so only the installed packages"
     try:
         ttml = importlib.import_module("ttml")
