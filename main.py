@@ -1529,8 +1529,7 @@ class TokenStream:
         self.starts = np.cumsum([0] + [len(m) for m in self.maps])
         self.n = int(self.starts[-1])
 
-    def window(self, start, length):
-        """tokens[start:start+length], stitched across shard boundaries."""
+    def window(self, start, length):  # stitched across shard boundaries
         parts, i = [], int(np.searchsorted(self.starts, start, side="right")) - 1
         while length > 0:
             piece = self.maps[i][start - self.starts[i] : start - self.starts[i] + length]
@@ -1541,18 +1540,15 @@ class TokenStream:
     def batch(self, starts, seq_len):
         """(x, y) uint16 arrays of shape (B, seq_len); y is x shifted by one token."""
         w = np.stack([self.window(int(s), seq_len + 1) for s in starts])
-        if w.max() >= VOCAB_SIZE:  # the shards were verified, so only a bug or a foreign file gets here
-            raise UserError(f"token id {int(w.max())} in the shards is outside GPT-2's vocabulary; rebuild them")
         return w[:, :-1], w[:, 1:]
 
 
 class TrainBatches:
-    """Deterministic given (seed, rank); the generator state goes into checkpoints so resume continues exactly.
-    One batch is drawn ahead (prefetch(), called while the device computes), so the host's memmap reads overlap
-    the step; state() is the generator state before that batch, i.e. the state an unbuffered sampler would have."""
+    """Deterministic given (seed, rank), its generator state checkpointed. prefetch() draws the next batch while the
+    device computes; state() is the generator state before that batch, as an unbuffered sampler's would be."""
 
-    def __init__(self, stream, cfg, rank=0, rows=None):
-        self.stream, self.cfg, self.rows = stream, cfg, rows or cfg.batch_size
+    def __init__(self, stream, cfg, rank, rows):
+        self.stream, self.cfg, self.rows = stream, cfg, rows
         self.rng = np.random.default_rng([cfg.seed, rank])
         self.ahead = None  # (generator state before the draw, (x, y))
 
@@ -1574,10 +1570,9 @@ class TrainBatches:
         self.rng.bit_generator.state, self.ahead = state, None
 
 
-def val_batches(stream, cfg, rows=None, replicas=1):
+def val_batches(stream, cfg, rows, replicas):
     """Evenly spaced windows, eval_iters global batches' worth, in batches of `rows`: the same windows for every
     eval, and for every run with the same global batch whatever its split into ranks."""
-    rows = rows or cfg.batch_size
     starts = np.linspace(0, stream.n - cfg.seq_len - 1, cfg.eval_iters * rows * replicas).astype(np.int64)
     return [stream.batch(s, cfg.seq_len) for s in starts.reshape(-1, rows)]
 
@@ -1639,24 +1634,24 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(cfg.n_embd, PADDED_VOCAB, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
-        # added to the padded logits: 0 for real tokens, -inf for the padding columns, which so take no softmax mass
+        self.lm_head.weight = self.transformer.wte.weight
+        # added to the padded logits: -inf for the padding columns, which so take no softmax mass
         pad_bias = torch.zeros(PADDED_VOCAB)
         pad_bias[VOCAB_SIZE:] = float("-inf")
         self.register_buffer("pad_bias", pad_bias, persistent=False)
-        for m in self.modules():  # GPT-2's init: N(0, 0.02) weights, zero biases
+        for m in self.modules():  # GPT-2's init
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=0.02)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
-        for name, p in self.named_parameters():  # residual projections scaled by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():  # residual projections
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     def forward(self, idx, targets=None):
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
@@ -1686,20 +1681,15 @@ def pretrained_folder(name):
     if os.path.isdir(name):
         return name, None
     if os.path.exists(name) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
-        raise UserError(
-            f"--init_from={name} is not a folder; use auto | scratch | resume, a transformers GPT-2 folder "
-            "(config.json + *.safetensors) or a hub name such as openai-community/gpt2"
-        )
+        use = "auto | scratch | resume, a transformers GPT-2 folder or a hub name such as openai-community/gpt2"
+        raise UserError(f"--init_from={name} is not a folder; use {use}")
     from huggingface_hub import snapshot_download
 
     try:
         path = snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"])
     except Exception as e:  # offline with nothing cached, no such repo, no network
-        raise UserError(
-            f"--init_from={name} is neither a folder nor in the Hugging Face cache ({type(e).__name__}); download "
-            f"it once, with network, by `hf download {name} --include config.json --include '*.safetensors*'` "
-            "(then it loads offline), or give a transformers GPT-2 folder, or auto | scratch | resume"
-        ) from None
+        get = f"download it once, with network: hf download {name} --include config.json --include '*.safetensors*'"
+        raise UserError(f"--init_from={name}: no such folder nor in the HF cache ({type(e).__name__}); {get}") from None
     return path, os.path.basename(path)  # the cache's snapshots/<commit> folder
 
 
@@ -1723,27 +1713,23 @@ def pretrained_config(cfg, hc, path):
 
 
 def from_hf(sd, cfg, path):
-    """A transformers GPT-2 state dict (with or without the `transformer.` prefix) -> GPT's: Conv1D weights
-    transposed, wpe cut to seq_len, lm_head tied to wte, and wte padded to PADDED_VOCAB with copies of its mean row.
-    On torch pad_bias keeps the padding out of every softmax; ttml's loss sees the padded vocab, and a mean row's
-    logit is the mean real logit, so (Jensen) the padding takes at most 47/50257 of the mass, where zero rows would
-    take nearly all of it from GPT-2, whose logits are far below 0. A missing or misshapen weight is one line."""
+    """A transformers GPT-2 state dict -> GPT's. wte is padded with its mean row: ttml's loss sees the padded vocab,
+    and a mean row's logit is the mean real logit, so (Jensen) the padding takes at most 47/50257 of the mass, where
+    zero rows would take nearly all of it from GPT-2, whose logits are far below 0."""
     out = {}
     for k, v in sd.items():
         k = "transformer." + k.removeprefix("transformer.")
         if k.endswith((".attn.bias", ".attn.masked_bias", "lm_head.weight")):  # causal-mask buffers; the tied head
             continue
         v = v.float().t() if k.endswith(CONV1D) and v.dim() == 2 else v.float()
-        if k == "transformer.wte.weight":  # padding rows: the mean real row (why: from_hf's docstring)
+        if k == "transformer.wte.weight":
             v = torch.cat([v, v.mean(0).expand(max(0, PADDED_VOCAB - len(v)), -1)])
         out[k] = v[: cfg.seq_len] if k == "transformer.wpe.weight" else v
     out["lm_head.weight"], shapes = out.get("transformer.wte.weight"), gpt_shapes(cfg)
     for k, want in shapes.items():
         if out.get(k) is None or out[k].shape != want.shape:
             got = "missing" if out.get(k) is None else f"{tuple(out[k].shape)}, not {tuple(want.shape)}"
-            raise UserError(
-                f"{path}: weight {k} is {got} (as GPT names it); the folder does not hold this config's model"
-            )
+            raise UserError(f"{path}: weight {k} is {got}; the folder does not hold this config's model")
     return {k: out[k].contiguous() for k in shapes}
 
 
@@ -1758,47 +1744,36 @@ def read_pretrained(cfg):
         what = "no readable config.json" if hc is None else f"config.json with model_type {hc.get('model_type')!r}"
         raise UserError(f"{path} has {what}; --init_from takes a transformers GPT-2 folder (model_type gpt2)")
     if hc.get("vocab_size") != VOCAB_SIZE or hc.get("activation_function", "gelu_new") != "gelu_new":
-        raise UserError(
-            f"{path}: vocab_size {hc.get('vocab_size')}, activation {hc.get('activation_function')} is "
-            f"not GPT-2's ({VOCAB_SIZE}, gelu_new), which main.py's tokenizer and model are"
-        )
+        got = f"vocab_size {hc.get('vocab_size')}, activation {hc.get('activation_function')}"
+        raise UserError(f"{path}: {got} is not GPT-2's ({VOCAB_SIZE}, gelu_new), which main.py trains")
     cfg, taken = pretrained_config(cfg, hc, path)
     index = read_json(os.path.join(path, "model.safetensors.index.json")) or {}
     files = sorted(set(index.get("weight_map", {}).values())) or sorted(glob.glob("*.safetensors", root_dir=path))
     lacking = [f for f in files if not os.path.exists(os.path.join(path, f))] if files else ["*.safetensors"]
     if lacking:
-        raise UserError(
-            f"{path} has no {lacking[0]}; main.py reads safetensors only (a .bin is a pickle, which can run code): "
-            "download the model's *.safetensors, or save it again with transformers' save_pretrained"
-        )
+        why = "main.py reads safetensors only (a .bin is a pickle, which can run code)"
+        raise UserError(f"{path} has no {lacking[0]}; {why}: download its *.safetensors or save_pretrained it")
     sd = {}
     for f in files:
         try:
             sd.update(load_file(os.path.join(path, f)))
         except Exception as e:  # truncated, not safetensors at all, a bad header
-            raise UserError(
-                f"{path}/{f} is not a readable safetensors file ({one_line(e, 120)}); download it again"
-            ) from None
+            raise UserError(f"{path}/{f} is not a readable safetensors file ({one_line(e, 120)}); refetch") from None
     source = {"init_from": cfg.init_from, "path": os.path.abspath(path), "revision": revision, "from_config": taken}
     return cfg, from_hf(sd, cfg, path), source
 
 
-TT_RENAMES = (  # GPT's names -> ttml NanoGPT's, as ttml's nanogpt/safetensors_loader.py maps GPT-2's keys
-    ("transformer.wte.", "NanoGPT/fc/"),  # tied: NanoGPT registers the embedding as the LM head's weight
-    ("transformer.wpe.", "NanoGPT/pos_emb/"),
-    ("transformer.ln_f.weight", "NanoGPT/ln_f_gamma"),
-    ("transformer.ln_f.bias", "NanoGPT/ln_f_beta"),
-    ("transformer.h.", "NanoGPT/blocks/"),
-    ("ln_1.weight", "ln1/gamma"),
-    ("ln_1.bias", "ln1/beta"),
-    ("ln_2.weight", "ln2/gamma"),
-    ("ln_2.bias", "ln2/beta"),
-    ("attn.c_attn.", "attention/qkv_linear/"),
-    ("attn.c_proj.", "attention/out_linear/"),
-    ("mlp.c_fc.", "mlp/fc1/"),
-    ("mlp.c_proj.", "mlp/fc2/"),
-    (".", "/"),
-)
+# GPT's names -> ttml NanoGPT's, old=new in order, as ttml's nanogpt/safetensors_loader.py maps GPT-2's keys
+# (wte becomes fc: NanoGPT registers the tied embedding as the LM head's weight)
+TT_RENAMES = [
+    rename.split("=")
+    for rename in (
+        "transformer.wte.=NanoGPT/fc/ transformer.wpe.=NanoGPT/pos_emb/ transformer.ln_f.weight=NanoGPT/ln_f_gamma "
+        "transformer.ln_f.bias=NanoGPT/ln_f_beta transformer.h.=NanoGPT/blocks/ ln_1.weight=ln1/gamma "
+        "ln_1.bias=ln1/beta ln_2.weight=ln2/gamma ln_2.bias=ln2/beta attn.c_attn.=attention/qkv_linear/ "
+        "attn.c_proj.=attention/out_linear/ mlp.c_fc.=mlp/fc1/ mlp.c_proj.=mlp/fc2/ .=/"
+    ).split()
+]
 
 
 def tt_name(k):
@@ -1807,9 +1782,8 @@ def tt_name(k):
 
 def to_tt(sd):
     """GPT's state dict -> TtmlBackend's: NanoGPT's names, [1, 1, out, in] matrices and [1, 1, 1, n] rows."""
-    return {
-        tt_name(k): v.reshape((1,) * (4 - v.dim()) + tuple(v.shape)) for k, v in sd.items() if k != "lm_head.weight"
-    }
+    sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}  # tied to wte, which NanoGPT holds once
+    return {tt_name(k): v.reshape((1,) * (4 - v.dim()) + tuple(v.shape)) for k, v in sd.items()}
 
 
 def from_tt(sd, cfg):
@@ -1847,36 +1821,13 @@ def peak_flops(device_name, dtype, override=None):
 
 
 # -----------------------------------------------------------------------------
-# 8. Backends: train(), evaluate() and sampling see a backend only through this protocol; tokens cross as numpy
-
-
-class Backend(typing.Protocol):
-    device_name: str  # for the log, the run row and the MFU table
-    dtype: str  # what the matmuls run in: float32 | bfloat16 | float16
-    replicas: int  # data-parallel replicas this process feeds: 1 for torch, the device mesh for ttml
-    compiling: bool  # torch.compile runs at the first step (the start-up line says so)
-
-    def train_micro_step(self, x: np.ndarray, y: np.ndarray) -> None:
-        """Forward and backward of one micro-batch; gradients add up over the accumulation window."""
-
-    def optimizer_step(self, lr: float, beta1: float) -> float:
-        """Clip, step, zero the gradients; the window's mean training loss (the one host sync of a step)."""
-
-    def eval_loss(self, x: np.ndarray, y: np.ndarray) -> float:
-        """The mean loss without gradients, in eval mode (both switched inside and restored)."""
-
-    def next_logits(self, ids: np.ndarray) -> np.ndarray:
-        """float32 logits over the real vocabulary for the token after ids (at most seq_len of them)."""
-
-    def state_dict(self, weights: bool = True) -> dict:
-        """{"rng": this process's generators} and, with weights, {"model": ..., "optimizer": ...}: tensors and plain
-        values only, so ckpt.pt loads with weights_only=True."""
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what of "model", "optimizer" and "rng" state holds."""
-
-    def close(self) -> None:
-        """Release the devices."""
+# 8. Backends: PyTorch and TT-Train behind one seam; tokens cross it as numpy arrays
+#
+# The seam: train(), evaluate() and sampling call train_micro_step(x, y) (gradients add up over the window),
+# optimizer_step(lr, beta1) -> the window's mean loss (one host sync), eval_loss(x, y), next_logits(ids) (fp32 over
+# the real vocabulary), state_dict(weights) ({"rng"} and, with weights, "model" and "optimizer": plain values and
+# tensors, so ckpt.pt loads with weights_only=True), load_state_dict(state), close(); and read device_name, dtype,
+# replicas (data-parallel copies this process feeds) and compiling.
 
 
 def keep_freed_memory():
@@ -1910,24 +1861,16 @@ class TorchBackend:
         hidden = [n for n, p in params.items() if muon and n.startswith("transformer.h.") and p.dim() == 2]
         decay = [p for n, p in params.items() if p.dim() >= 2 and n not in hidden]
         no_decay = [p for p in params.values() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr,
-            betas=(cfg.beta1, cfg.beta2),
-            fused=cuda,
-        )
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=cuda)
         # lr, weight decay 0 (the speedrun's Muon has none, nor has ttml's), momentum; nesterov as in the speedrun
         hidden = [params[n] for n in hidden]
         self.muon = torch.optim.Muon(hidden, cfg.muon_lr, 0.0, cfg.muon_momentum) if muon else None
         self.optimizers = [o for o in (self.optimizer, self.muon) if o is not None]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=getattr(torch, self.dtype))
-            if self.dtype != "float32"
-            else contextlib.nullcontext()
-        )
-        # Only the training step is compiled: eval and sampling use the eager module, so no second graph (eval
-        # mode, other shapes) is ever compiled and the first step comes sooner.
+        half = getattr(torch, self.dtype) if self.dtype != "float32" else None
+        self.autocast = torch.autocast(self.device.type, dtype=half) if half else contextlib.nullcontext()
+        # only the training step is compiled: eval and sampling run eager, so no second graph is ever compiled
         want = self.compiling = choose_compile(cfg.compile, self.device.type)
         self.model = self._wrap(torch.compile(self.raw) if want else self.raw)
         torch.manual_seed(cfg.seed + dist.rank)  # dropout differs per rank
@@ -2004,13 +1947,9 @@ class TorchBackend:
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}
         if not weights:
             return {"rng": rng}
-        return {
-            "model": self.raw.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            **({"muon": self.muon.state_dict()} if self.muon else {}),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng,
-        }
+        muon = {"muon": self.muon.state_dict()} if self.muon else {}
+        weights = {"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return weights | muon | {"scaler": self.scaler.state_dict(), "rng": rng}
 
     def load_state_dict(self, state):
         """From read_checkpoint's CPU tensors: load_state_dict copies the weights onto the device, and the
@@ -2023,10 +1962,8 @@ class TorchBackend:
                     self.muon.load_state_dict(state["muon"])
                 self.scaler.load_state_dict(state.get("scaler", {}))
         except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(
-                f"the checkpoint does not fit this model ({one_line(e)}); same n_layer, n_head, n_embd "
-                "and seq_len as the run that wrote it?"
-            ) from None
+            fix = "same n_layer, n_head, n_embd and seq_len as the run that wrote it?"
+            raise UserError(f"the checkpoint does not fit this model ({one_line(e)}); {fix}") from None
         if "rng" in state:
             torch.set_rng_state(state["rng"]["torch"].cpu())
             if state["rng"]["cuda"] is not None and self.device.type == "cuda":
@@ -2041,22 +1978,12 @@ TT_METAL_COMMIT = "00cb91b3141186a0769ac82c74fdc52d98bbd45d"
 TT_DEFAULT_BATCH = 4  # per device: tt-train's GPT-2-small config uses 4; batch > 8 did not fit a 12 GB N150
 TT_VOCAB = 50304  # tt-train's NanoGPTConfig default for GPT-2: 50257 padded to 128 * 393 (50272 = 32 * prime)
 TT_1X8_MGD = "tests/tt_metal/tt_fabric/custom_mesh_descriptors/t3k_1x8_mesh_graph_descriptor.textproto"
-# what this file calls: a build without one of them is the wrong build, said in one line
-TT_NEEDS = (
-    "autograd.AutoContext",
-    "models.nanogpt.NanoGPTConfig",
-    "models.nanogpt.create_nanogpt",
-    "models.RunnerType.MemoryEfficient",
-    "models.WeightTyingType.Enabled",
-    "optimizers.AdamWFullPrecision",
-    "optimizers.AdamWFullPrecisionConfig.make",
-    "optimizers.AdamWConfig.make",
-    "core.clip_grad_norm",
-    "core.distributed.synchronize_gradients",
-    "core.distributed.enable_fabric",
-    "ops.binary.mul",
-    "ops.loss.cross_entropy_loss",
-)
+TT_NEEDS = (  # what this file calls: a build without one of them is the wrong build, said in one line
+    "autograd.AutoContext models.nanogpt.NanoGPTConfig models.nanogpt.create_nanogpt models.RunnerType.MemoryEfficient "
+    "models.WeightTyingType.Enabled optimizers.AdamWFullPrecision optimizers.AdamWFullPrecisionConfig.make "
+    "optimizers.AdamWConfig.make core.clip_grad_norm core.distributed.synchronize_gradients "
+    "core.distributed.enable_fabric ops.binary.mul ops.loss.cross_entropy_loss"
+).split()
 
 
 def tt_signs():
@@ -2072,14 +1999,13 @@ def tt_signs():
 
 def import_ttml():
     """(ttml, ttnn) from the pinned build, or UserError in one line naming what was tried and what is missing.
-    `./build_metal.sh --build-tt-train` leaves the nanobind module _ttml in $TT_METAL_HOME/build/tt-train/sources/ttml
-    (build_Release/... for other presets) and the ttml package lives in $TT_METAL_HOME/tt-train/sources/ttml; the
-    package finds no build folder itself, so both go first on sys.path, ahead of any stale tt-train/build entry."""
+    The build leaves the nanobind module _ttml in $TT_METAL_HOME/build*/tt-train/sources/ttml and the package
+    lives in $TT_METAL_HOME/tt-train/sources/ttml, which finds no build folder itself: both go first on sys.path,
+    ahead of any stale tt-train/build entry."""
     rebuild = f"build tt-metal at {TT_METAL_COMMIT[:12]} with ./build_metal.sh --build-tt-train"
     home, tried = os.environ.get("TT_METAL_HOME"), []
     if home:
-        # the runtime reads TT_METAL_RUNTIME_ROOT (kernels, mesh descriptors); tt-train's examples export it
-        os.environ.setdefault("TT_METAL_RUNTIME_ROOT", home)
+        os.environ.setdefault("TT_METAL_RUNTIME_ROOT", home)  # kernels, mesh descriptors: tt-train's examples set it
         tried = [os.path.join(home, b, "tt-train", "sources", "ttml") for b in ("build", "build_Release", "")]
         found = [b for b in tried[:2] if glob.glob(os.path.join(b, "_ttml*"))][:1]
         sys.path[:0] = [p for p in found + tried[2:] if os.path.isdir(p) and p not in sys.path]
@@ -2088,54 +2014,41 @@ def import_ttml():
             try:
                 low = importlib.import_module("_ttml")
             except Exception as e:  # a .so that does not load: wrong build, missing libtt_metal
-                raise UserError(
-                    f"TT-Train is broken: {found[0]}/_ttml does not load ({type(e).__name__}: {one_line(e)}); {rebuild}"
-                ) from None
-            # one copy of the .so under both names: the package's `from . import _ttml` then reuses it
-            sys.modules.setdefault("ttml._ttml", low)
+                why = f"{type(e).__name__}: {one_line(e)}"
+                raise UserError(f"TT-Train is broken: {found[0]}/_ttml does not load ({why}); {rebuild}") from None
+            sys.modules.setdefault("ttml._ttml", low)  # the package's `from . import _ttml` reuses this copy
     where = ", ".join(tried) if tried else "no TT_METAL_HOME, so only the installed packages"
     try:
         ttml = importlib.import_module("ttml")
-    except ModuleNotFoundError as e:
-        if e.name not in ("ttml", "_ttml", "ttml._ttml"):
-            raise UserError(f"TT-Train is broken: importing ttml needs {e.name} ({where}); {rebuild}") from None
-        raise UserError(f"TT-Train is not installed (tried {where}); {rebuild} and export TT_METAL_HOME") from None
     except Exception as e:
-        raise UserError(
-            f"TT-Train is broken: import ttml raised {type(e).__name__}: {one_line(e)} (tried {where}); {rebuild}"
-        ) from None
+        if isinstance(e, ModuleNotFoundError) and e.name in ("ttml", "_ttml", "ttml._ttml"):
+            raise UserError(f"TT-Train is not installed (tried {where}); {rebuild} and export TT_METAL_HOME") from None
+        why = f"{type(e).__name__}: {one_line(e)}"
+        raise UserError(f"TT-Train is broken: import ttml raised {why} (tried {where}); {rebuild}") from None
 
     def find(dotted):  # ttml.a.b.c, or None where any part is missing
         return functools.reduce(lambda m, part: getattr(m, part, None), dotted.split("."), ttml)
 
-    if find("autograd.AutoContext") is None:
-        raise UserError(
-            f"the importable 'ttml' ({getattr(ttml, '__file__', '?')}) is not TT-Train (no autograd."
-            f"AutoContext: PyPI's unrelated tensor-train 'ttml'?); pip uninstall ttml and {rebuild}"
-        )
-    try:
-        ttnn = importlib.import_module("ttnn")
-    except Exception as e:
-        raise UserError(
-            f"TT-Train imports but tt-metal's ttnn does not ({one_line(e)}); activate tt-metal's python_env"
-        ) from None
     missing = [n for n in TT_NEEDS if find(n) is None]
     fields = getattr(find("models.nanogpt.NanoGPTConfig"), "__dataclass_fields__", {})
     missing += [f"NanoGPTConfig.{f}" for f in ("runner_type", "weight_tying") if fields and f not in fields]
+    if "autograd.AutoContext" in missing:  # nothing of TT-Train at all
+        missing = ["autograd.AutoContext (PyPI's unrelated tensor-train 'ttml'? then pip uninstall ttml)"]
     if missing:
-        raise UserError(f"this TT-Train ({getattr(ttml, '__file__', '?')}) lacks {', '.join(missing)}; {rebuild}")
-    return ttml, ttnn
+        what = f"the importable 'ttml' ({getattr(ttml, '__file__', '?')}) is not TT-Train at the pin"
+        raise UserError(f"{what}: it lacks {', '.join(missing)}; {rebuild}")
+    try:
+        return ttml, importlib.import_module("ttnn")
+    except Exception as e:
+        raise UserError(f"TT-Train imports but ttnn does not ({one_line(e)}); activate tt-metal's python_env") from None
 
 
 class TtmlBackend:
-    """GPT-2 on Tenstorrent through TT-Train, as tt-train's examples/nano_gpt/train_nanogpt.py trains it: the Python
-    ttml.models.nanogpt model, mask=None (the fused SDPA kernel's causal mode, which skips tiles above the diagonal),
-    a [1, N] mesh for data parallelism. Checked against tests/fake_ttml.py (the pin's rules) only, never on hardware.
-
-    Precision at the pin is lazy (autograd/autocast_tensor.cpp): a tensor keeps the precision it was last set in,
-    and the other view is a typecast cached on first read that nothing refreshes. So the model's weights (bf16) are
-    read through their HALF view, fp32 optimizer state through FULL, and every restore writes the precision the
-    tensor lives in: `assign` goes through HALF and would round fp32 state to bf16."""
+    """GPT-2 on Tenstorrent as tt-train's examples/nano_gpt/train_nanogpt.py trains it (ttml.models.nanogpt, mask=None:
+    the fused SDPA kernel's causal mode), on a [1, N] mesh; checked against tests/fake_ttml.py only, never on hardware.
+    Precision at the pin is lazy (autograd/autocast_tensor.cpp): a tensor keeps the precision it was last set in, the
+    other view is a typecast cached on first read that nothing refreshes. So bf16 weights are read through HALF, fp32
+    optimizer state through FULL, and a restore writes the precision the tensor lives in (assign rounds to bf16)."""
 
     compiling = False
     dtype = "bfloat16"
@@ -2146,21 +2059,14 @@ class TtmlBackend:
         if cfg.dtype not in ("auto", "bfloat16"):
             raise UserError(f"backend=ttml trains in bfloat16; dtype={cfg.dtype} is torch-only (use --dtype=auto)")
         if cfg.beta1_start is not None:  # no beta setter is bound (nanobind/nb_optimizers.cpp): the schedule can't run
-            raise UserError(
-                "backend=ttml cannot change beta1 during training (TT-Train binds no beta setter); drop --beta1_start"
-            )
+            raise UserError("backend=ttml cannot change beta1 (TT-Train binds no beta setter); drop --beta1_start")
         self.cfg, self.ttml, self.ttnn = cfg, ttml, ttnn
         self.replicas = n = cfg.data_parallel or 1
         if n == 32 and not os.environ.get("TT_MESH_GRAPH_DESC_PATH"):  # enable_fabric opens a Galaxy as [4, 8]
-            raise UserError(
-                "data_parallel=32: a Galaxy's default mesh is [4, 8]; a [1, 32] data-parallel mesh needs "
-                "TT_MESH_GRAPH_DESC_PATH pointing at a 1x32 mesh graph descriptor"
-            )
+            fix = "set TT_MESH_GRAPH_DESC_PATH to a 1x32 mesh graph descriptor"
+            raise UserError(f"data_parallel=32: a Galaxy's default mesh is [4, 8], not [1, 32]; {fix}")
         if cfg.tt_optimizer == "bf16_stochastic":
-            print(
-                "ttml: bf16_stochastic rounds with seeds from std::random_device (the pin's AdamW kernel), so no two "
-                "runs, resumed or not, are bit-identical"
-            )
+            print("ttml: bf16_stochastic rounds with random seeds: no two runs, resumed or not, are bit-identical")
         self.device_name = f"Tenstorrent {n}x device mesh [1, {n}] (ttml)"
         self.ctx, self._closed = ttml.autograd.AutoContext.get_instance(), False
         if n > 1:
@@ -2173,12 +2079,13 @@ class TtmlBackend:
         # the mesh first: get_device() and from_numpy open a 1x1 device lazily, and a later [1, N] open fails
         self.ctx.open_device([1, n])
         try:
-            self._build(cfg, ttml, ttnn, n)
+            self._build(n)
         except BaseException:
             self.close()
             raise
 
-    def _build(self, cfg, ttml, ttnn, n):
+    def _build(self, n):
+        cfg, ttml = self.cfg, self.ttml
         self.ctx.set_seed(cfg.seed)
         device, self.mapper, self.composer = self.ctx.get_device(), None, None
         if n > 1:
@@ -2187,38 +2094,25 @@ class TtmlBackend:
             self.ctx.initialize_parallelism_context(ttml.autograd.DistributedConfig(enable_ddp=True, enable_tp=False))
         m = ttml.models
         runner = m.RunnerType.MemoryEfficient if cfg.tt_runner == "memory_efficient" else m.RunnerType.Default
-        self.model = m.nanogpt.create_nanogpt(
-            m.nanogpt.NanoGPTConfig(
-                vocab_size=TT_VOCAB,
-                block_size=cfg.seq_len,
-                n_embd=cfg.n_embd,
-                n_layer=cfg.n_layer,
-                n_head=cfg.n_head,
-                dropout=float(cfg.dropout),
-                bias=True,
-                runner_type=runner,
-                weight_tying=m.WeightTyingType.Enabled,
-            )
-        )  # wte is the lm_head, as in the torch GPT
+        kw = {k: getattr(cfg, k) for k in SHAPE} | dict(vocab_size=TT_VOCAB, block_size=cfg.seq_len, bias=True)
+        kw |= dict(dropout=float(cfg.dropout), runner_type=runner, weight_tying=m.WeightTyingType.Enabled)
+        self.model = m.nanogpt.create_nanogpt(m.nanogpt.NanoGPTConfig(**kw))  # wte is the lm_head, as in torch's GPT
         if n > 1:  # whether every chip draws the same init is not settled at the pin: give them device 0's
             for t in self._params().values():
                 t.assign(self._device_tensor(self._read(t, replica=True), self.ttnn.DataType.BFLOAT16))
         self.optimizers = self._make_optimizers()
         try:  # bf16 peak as train_nanogpt.py computes it: cores x 1.0 TFLOP/s (Wormhole), x 1.35 (Blackhole)
             grid = device.compute_with_storage_grid_size()
-            self.peak_flops = grid.x * grid.y * (1.35e12 if ttnn.device.is_blackhole(device) else 1.0e12) * n
+            self.peak_flops = grid.x * grid.y * (1.35e12 if self.ttnn.device.is_blackhole(device) else 1.0e12) * n
         except Exception:  # no such query on this device object: MFU is left out, nothing else depends on it
             self.peak_flops = None
         self.model.train()
         self._losses, self._micro_steps, self._checked, self._seed = [], 0, n == 1, cfg.seed
 
     def _make_optimizers(self):
-        """One AdamW per weight-decay group, as ttml/common/muon_optimizer.py builds one optimizer per subset: ttml's
-        AdamW has one weight_decay for all its parameters, and like the torch path only matrices decay (LayerNorm
-        gains and biases are [1, 1, 1, n] rows). fp32_master: fp32 master weights and moments (AdamWFullPrecision,
-        which copies the masters from the weights now), so the warmup's and decay's tiny updates are not rounded
-        away in bf16; bf16_stochastic: bf16 weights, rounded stochastically; bf16: plain bf16 AdamW. With
-        optimizer=muon, ttml's Muon takes the blocks' matrices (its own fp32 momentum; no weight decay)."""
+        """One AdamW per weight-decay group (ttml's AdamW has one weight_decay; only matrices decay, as on torch).
+        fp32_master: AdamWFullPrecision's fp32 masters (copied from the weights now) and moments, so tiny updates are
+        not rounded away in bf16; bf16_stochastic: rounded stochastically. Muon takes the blocks' matrices."""
         opt, cfg = self.ttml.optimizers, self.cfg
         groups = {"decay": {}, "no_decay": {}, "muon": {}}
         for k, t in self._params().items():
@@ -2226,13 +2120,8 @@ class TtmlBackend:
         muon = groups.pop("muon")
         optimizers = {"muon": opt.Muon(muon, opt.MuonConfig.make(cfg.muon_lr, cfg.muon_momentum, 5))} if muon else {}
         for name, params in groups.items():
-            args = (
-                float(cfg.lr),
-                float(cfg.beta1),
-                float(cfg.beta2),
-                1e-8,
-                float(cfg.weight_decay) if name == "decay" else 0.0,
-            )
+            decay = float(cfg.weight_decay) if name == "decay" else 0.0
+            args = (float(cfg.lr), float(cfg.beta1), float(cfg.beta2), 1e-8, decay)
             if cfg.tt_optimizer == "fp32_master":
                 optimizers[name] = opt.AdamWFullPrecision(params, opt.AdamWFullPrecisionConfig.make(*args))
             else:
@@ -2248,6 +2137,14 @@ class TtmlBackend:
     def _params(self):  # Python modules hand back Parameter objects (.tensor), C++ ones the tensors themselves
         return {k: getattr(p, "tensor", p) for k, p in self.model.parameters().items()}
 
+    def _walk(self, group, opt):
+        """(key, name, tensor, full) for each state tensor of an optimizer (moments, fp32 masters, momentum): full
+        when it lives in fp32, as AdamWFullPrecision's state and Muon's momentum do; AdamW's lives in bf16."""
+        full = group == "muon" or self.cfg.tt_optimizer == "fp32_master"
+        for key, v in opt.get_state_dict().items():
+            for k, t in v.items() if hasattr(v, "items") else ():
+                yield key, k, getattr(t, "tensor", t), full
+
     def _tokens(self, x, y=None):
         """uint16 rows -> UINT32 row-major tensors ([B,1,1,T] inputs, [B,T] targets); only 32-bit numpy crosses."""
         L, D, Tensor = self.ttnn.Layout, self.ttnn.DataType, self.ttml.autograd.Tensor
@@ -2256,8 +2153,7 @@ class TtmlBackend:
         ty = None if y is None else Tensor.from_numpy(np.ascontiguousarray(y, np.uint32), L.ROW_MAJOR, D.UINT32, **kw)
         return tx, ty
 
-    def _device_tensor(self, a, dtype):
-        """A host array replicated to every device (no mapper), TILE layout."""
+    def _device_tensor(self, a, dtype):  # replicated to every device (no mapper)
         return self.ttml.autograd.Tensor.from_numpy(np.ascontiguousarray(a, np.float32), self.ttnn.Layout.TILE, dtype)
 
     def _read(self, t, replica=False, full=False):
@@ -2301,10 +2197,8 @@ class TtmlBackend:
             name, t = min(self._params().items(), key=lambda kv: int(np.prod(kv[1].shape())))
             first, *rest = np.split(self._read(t), self.replicas)
             if not all(np.array_equal(first, r) for r in rest):
-                raise UserError(
-                    f"data_parallel={self.replicas}: the devices' copies of {name} differ after the first "
-                    "step, so the gradient sync did not average them; run with --data_parallel=1"
-                )
+                why = f"the devices' copies of {name} differ after the first step: the gradient sync did not average"
+                raise UserError(f"data_parallel={self.replicas}: {why}; run with --data_parallel=1")
         loss, self._losses = sum(s * float(self._read(t, full=True).mean()) for t, s in self._losses), []
         return loss
 
@@ -2340,34 +2234,20 @@ class TtmlBackend:
         if not weights:
             return state
         opt = {}
-        for group, o in self.optimizers.items():
-            opt[group], full = {}, self._full_state(group)
-            for key, v in o.get_state_dict().items():  # moments, fp32 master weights or momentum, the step count
-                if hasattr(v, "items"):
-                    opt[group][key] = {
-                        k: torch.from_numpy(self._read(getattr(t, "tensor", t), True, full)) for k, t in v.items()
-                    }
-                elif isinstance(v, (bool, int, float, str)):
-                    opt[group][key] = v
-        return {
-            **state,
-            "model": {k: torch.from_numpy(self._read(t, True, self._muon(k))) for k, t in self._params().items()},
-            "optimizer": opt,
-        }
-
-    def _full_state(self, group):  # AdamWFullPrecision's state and Muon's momentum live in fp32, AdamW's in bf16
-        return group == "muon" or self.cfg.tt_optimizer == "fp32_master"
+        for group, o in self.optimizers.items():  # the step count as it is, the state tensors read in their precision
+            opt[group] = {k: v for k, v in o.get_state_dict().items() if isinstance(v, (bool, int, float, str))}
+            for key, k, t, full in self._walk(group, o):
+                opt[group].setdefault(key, {})[k] = torch.from_numpy(self._read(t, True, full))
+        model = {k: torch.from_numpy(self._read(t, True, self._muon(k))) for k, t in self._params().items()}
+        return {**state, "model": model, "optimizer": opt}
 
     def _restore(self, dst, value, name, full=False):
-        """Write a checkpoint array into a live tensor in place (the optimizer keeps pointing at it), replicated to
-        every device, in the precision the tensor lives in: set_value of a FULL value keeps fp32; assign rounds to
-        bf16, exactly for values that came out of a bf16 tensor."""
+        """A checkpoint array into a live tensor in place (the optimizer keeps pointing at it), on every device:
+        set_value of a FULL value keeps fp32; assign rounds to bf16, exact for values that came out of bf16."""
         a = value.detach().cpu().float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, np.float32)
         if list(dst.shape()) != list(a.shape):
-            raise UserError(
-                f"checkpoint parameter {name} {tuple(a.shape)} does not fit this model "
-                f"{tuple(dst.shape())}; same n_layer, n_head, n_embd and seq_len as the run that wrote it?"
-            )
+            what = f"checkpoint parameter {name} {tuple(a.shape)} does not fit this model {tuple(dst.shape())}"
+            raise UserError(f"{what}; same n_layer, n_head, n_embd and seq_len as the run that wrote it?")
         src = self._device_tensor(a, self.ttnn.DataType.FLOAT32)
         if full:
             dst.set_value(src.get_value(self.ttml.autograd.PreferredPrecision.FULL))
@@ -2375,36 +2255,26 @@ class TtmlBackend:
             dst.assign(src)
 
     def load_state_dict(self, state):
-        """Before any training step. The weights first; then the optimizers are built again, so that
-        AdamWFullPrecision copies its masters from the loaded weights (a load into a built one is overwritten by its
-        masters at the next step); then their saved state, when there is one."""
+        """Before any training step. The weights, then the optimizers built again, so that AdamWFullPrecision copies
+        its masters from the loaded weights (old masters would overwrite them at the next step), then their state."""
         params = self._params()
         unknown = sorted(set(state.get("model", {})) - set(params))
         if unknown:
-            raise UserError(
-                f"checkpoint parameter {unknown[0]} is not in this model; was it written by the "
-                "torch backend? load it with --backend=torch"
-            )
+            raise UserError(f"checkpoint parameter {unknown[0]} is not in this model: torch backend's? --backend=torch")
         for k, v in state.get("model", {}).items():
             self._restore(params[k], v, k, self._muon(k))
         self.optimizers = self._make_optimizers()
         saved = state.get("optimizer")
         for group, o in self.optimizers.items() if saved is not None else ():
             if group not in saved:
-                raise UserError(
-                    f"the checkpoint has no optimizer state for the {group} group; it was written by "
-                    "another version of main.py: continue it there, or start over with "
-                    "--init_from=scratch --overwrite=true"
-                )
-            # set_state_dict takes the count only as a size_t, which a Python int never becomes at the pin
-            # (serialization/serializable.hpp); step() with no gradient yet counts (and multiplies the beta powers,
-            # as the unbroken run did) and touches no tensor
+                fix = "continue it with the main.py that wrote it, or --init_from=scratch --overwrite=true"
+                raise UserError(f"the checkpoint has no optimizer state for the {group} group; {fix}")
+            # set_state_dict takes the count as a size_t, which no Python int becomes at the pin; step() with no
+            # gradient yet counts (and multiplies the beta powers, as the unbroken run did) and touches no tensor
             for _ in range(int(saved[group]["steps"])):
                 o.step()
-            for key, live in o.get_state_dict().items():
-                for k, t in live.items() if hasattr(live, "items") else ():
-                    where, full = f"optimizer/{group}/{key}/{k}", self._full_state(group)
-                    self._restore(getattr(t, "tensor", t), saved[group][key][k], where, full)
+            for key, k, t, full in self._walk(group, o):
+                self._restore(t, saved[group][key][k], f"optimizer/{group}/{key}/{k}", full)
         if "rng" in state:
             self._seed, self._micro_steps = int(state["rng"]["seed"]), int(state["rng"]["micro_steps"])
 
@@ -2414,8 +2284,7 @@ class TtmlBackend:
             self.ctx.close_device()
 
 
-def make_backend(cfg, dist, tt):
-    """The backend check_system chose: ttml (tt = its modules) or PyTorch."""
+def make_backend(cfg, dist, tt):  # tt: the ttml modules check_system imported, or None
     return TtmlBackend(cfg, *tt) if tt else TorchBackend(cfg, dist)
 
 

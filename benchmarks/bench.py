@@ -103,7 +103,7 @@ def one_run(spec):
             "window": lambda self, s, n: tokens[s : s + n],
         },
     )()
-    batches = main.TrainBatches(stream, cfg)
+    batches = main.TrainBatches(stream, cfg, 0, cfg.batch_size)
     times, first = [], None
     for _ in range(3 + spec["steps"]):
         t0 = time.perf_counter()

@@ -55,7 +55,7 @@ def windows(out, seq_len, batch_size=TINY["batch_size"], eval_iters=TINY["eval_i
     """The val batches main.py evaluates, read from the prepared shards."""
     manifest = main.read_json(os.path.join(out, "manifest.json"))
     cfg = types.SimpleNamespace(seq_len=seq_len, batch_size=batch_size, eval_iters=eval_iters)
-    return main.val_batches(main.TokenStream(str(out), manifest["splits"]["val"]), cfg)
+    return main.val_batches(main.TokenStream(str(out), manifest["splits"]["val"]), cfg, batch_size, 1)
 
 
 def hf_loss(model, batches):

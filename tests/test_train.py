@@ -88,8 +88,8 @@ def test_loss_plot_draws_the_raw_and_smoothed_train_loss_and_the_val_loss_of_eve
 def test_val_batches_are_fixed_across_runs_and_seeds(trained):
     cfg = tiny_cfg(trained.out)
     stream = main.TokenStream(cfg.out_dir, main.load_manifest(cfg.out_dir)[0]["splits"]["val"])
-    a = main.val_batches(stream, cfg)
-    b = main.val_batches(stream, tiny_cfg(trained.out, seed=7))
+    a = main.val_batches(stream, cfg, cfg.batch_size, 1)
+    b = main.val_batches(stream, tiny_cfg(trained.out, seed=7), cfg.batch_size, 1)
     assert len(a) == cfg.eval_iters and all((x1 == x2).all() for (x1, _), (x2, _) in zip(a, b, strict=True))
     x, y = a[0]
     assert x.shape == (cfg.batch_size, cfg.seq_len) and (x[:, 1:] == y[:, :-1]).all()
@@ -103,7 +103,7 @@ def test_train_batches_are_deterministic_per_seed_and_rank(tmp_path):
     assert (s.window(2990, 40) == flat[2990:3030]).all()
 
     def draw(seed, rank):
-        return main.TrainBatches(s, tiny_cfg(tmp_path, seed=seed), rank).next()[0]
+        return main.TrainBatches(s, tiny_cfg(tmp_path, seed=seed), rank, cfg.batch_size).next()[0]
 
     assert (draw(1, 0) == draw(1, 0)).all()
     assert not (draw(1, 0) == draw(2, 0)).all() and not (draw(1, 0) == draw(1, 1)).all()
