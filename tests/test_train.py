@@ -14,7 +14,7 @@ from conftest import RUN, cli_args, logged, main, read_jsonl, run_main, start_he
 def run_train(cfg, backend=None):
     manifest = main.prepare(cfg, log=lambda *a: None)
     backend = backend or main.TorchBackend(cfg, main.Dist())
-    return main.train(cfg, manifest, backend, main.Dist()), backend
+    return main.train(cfg, manifest, backend, main.Dist(), None, None, None), backend
 
 
 def test_optimizer_receives_the_schedule_once_per_optimizer_step(tmp_path):
