@@ -2452,19 +2452,12 @@ def stop_flag():
         if flag["signum"] is not None:
             raise KeyboardInterrupt
         flag["signum"] = signum
-        print(
-            f"\n{signal.Signals(signum).name}: stopping at the end of this optimizer step to save a checkpoint "
-            "(send it again to stop at once)",
-            file=sys.stderr,
-            flush=True,
-        )
+        then = "stopping at the end of this optimizer step to save a checkpoint (send it again to stop at once)"
+        print(f"\n{signal.Signals(signum).name}: {then}", file=sys.stderr, flush=True)
 
+    live = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
     try:
-        prev = {
-            s: signal.signal(s, handler)
-            for s in (signal.SIGINT, signal.SIGTERM)
-            if signal.getsignal(s) is not signal.SIG_IGN
-        }
+        prev = {s: signal.signal(s, handler) for s in live}
     except ValueError:  # not the main thread (a test runner's thread): no handler to install
         prev = {}
     try:
@@ -2477,9 +2470,10 @@ def stop_flag():
 def git_commit():
     """The commit of main.py's checkout, or None (not a git checkout, or no git)."""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        here = os.path.dirname(os.path.abspath(__file__))
-        p = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=30)
-        return p.stdout.strip() if p.returncode == 0 else None
+        here, quiet = os.path.dirname(os.path.abspath(__file__)), subprocess.DEVNULL
+        return subprocess.check_output(
+            ["git", "rev-parse", "HEAD"], cwd=here, stderr=quiet, text=True, timeout=30
+        ).strip()
 
 
 class Metrics:
@@ -2526,7 +2520,7 @@ def evaluate(backend, batches, dist):
     return total / count, total / count * tokens / (math.log(2) * nbytes)
 
 
-def save_checkpoint(path, cfg, backend, batches, dist, optim_step, manifest, wandb_id=None):
+def save_checkpoint(path, cfg, backend, batches, dist, optim_step, manifest, wandb_id):
     """Every rank's RNG state goes in, so a resumed run draws what an unbroken one would, and the W&B run id."""
     state = backend.state_dict(weights=dist.writer)
     rng = gather_objects({"batches": batches.state(), "backend": state.pop("rng")}, dist)
@@ -2633,11 +2627,8 @@ def train(cfg, manifest, backend, dist, state, wandb_run, source):
                 save_checkpoint(ckpt, cfg, backend, batches, dist, it, manifest, wandb_id)
                 bar.close()
                 signum = stop["signum"] or signal.SIGTERM  # a rank that got no signal stops with its peers
-                raise Interrupted(
-                    f"{signal.Signals(signum).name} at micro-step {step}; checkpoint saved to {ckpt}; "
-                    "the same command continues the run",
-                    signum,
-                )
+                saved = f"at micro-step {step}; checkpoint saved to {ckpt}; the same command continues the run"
+                raise Interrupted(f"{signal.Signals(signum).name} {saved}", signum)
             t0 = time.perf_counter()
             for _ in range(accum):
                 backend.train_micro_step(*batches.next())
@@ -2651,17 +2642,8 @@ def train(cfg, manifest, backend, dist, state, wandb_run, source):
                 )
             tok_s = tokens_per_window / (time.perf_counter() - t0)
             mfu = model_flops_per_token(cfg) * tok_s / peak if peak else None
-            metrics.write(
-                kind="train",
-                step=step + accum,
-                optim_step=it,
-                loss=loss,
-                lr=lr,
-                beta1=beta1,
-                tok_per_s=tok_s,
-                mfu=mfu,
-                tokens=(it + 1) * tokens_per_window,
-            )
+            row = dict(step=step + accum, optim_step=it, loss=loss, lr=lr, beta1=beta1, tok_per_s=tok_s, mfu=mfu)
+            metrics.write(kind="train", **row, tokens=(it + 1) * tokens_per_window)
             shown = dict(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}" if mfu else "?")
             bar.set_postfix(shown, refresh=False)  # before update(), which draws the bar: this step's numbers
             bar.update(accum)
@@ -2714,13 +2696,11 @@ def data_label(manifest):
 
 
 def plot_losses(metrics_path, png_path, cfg, manifest):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend, no global figure list
 
     rows = read_jsonl(metrics_path)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
     if train:
         s, loss = zip(*train, strict=True)
@@ -2732,17 +2712,13 @@ def plot_losses(metrics_path, png_path, cfg, manifest):
     if val:
         ax.plot(*zip(*val, strict=True), "o-", color="tab:red", lw=1.5, label="val")
     ax.set(xlabel="micro-step", ylabel="cross-entropy loss (nats/token)")
-    ax.set_title(
-        f"GPT-2 {cfg.n_layer}L/{cfg.n_head}H/{cfg.n_embd}d, seq {cfg.seq_len}, batch {cfg.batch_size}"
-        f"x{cfg.accumulation_steps}, lr {cfg.lr:g}\n{data_label(manifest)}",
-        fontsize=9,
-    )
+    model = f"GPT-2 {cfg.n_layer}L/{cfg.n_head}H/{cfg.n_embd}d, seq {cfg.seq_len}, batch {cfg.batch_size}"
+    ax.set_title(f"{model}x{cfg.accumulation_steps}, lr {cfg.lr:g}\n{data_label(manifest)}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     with atomic_write(png_path) as f:
         fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
 
 
 def model_card(rows, data):
@@ -2922,10 +2898,8 @@ def lost_peer(e):
     rank, world, node = (os.environ.get(k, "?") for k in ("RANK", "WORLD_SIZE", "GROUP_RANK"))
     peer = f"rank {1 - int(rank)}" if world == "2" else "another rank"  # with two ranks, it can only be the other
     detail = re.sub(r"^\[[^\]]*\] ", "", str(e).strip()).split(". ")[0] or type(e).__name__  # gloo's source path off
-    return (
-        f"rank {rank} on node {node} lost contact with {peer}, which died or stopped answering ({detail[:200]}); "
-        "if that rank failed on its own, it printed the cause"
-    )
+    why = f"which died or stopped answering ({detail[:200]}); if that rank failed on its own, it printed the cause"
+    return f"rank {rank} on node {node} lost contact with {peer}, {why}"
 
 
 def shut_down(clean):

@@ -1,7 +1,6 @@
 """The train loop: the schedule delivered to the optimizer, a tiny model that learns, deterministic batches, the NaN
 stop, resume after kill -9 (end to end), and the smoke run as a user starts it."""
 
-import itertools
 import signal
 
 import numpy as np
@@ -77,10 +76,11 @@ def test_loss_plot_draws_the_raw_and_smoothed_train_loss_and_the_val_loss_of_eve
     (lines,) = drawn
     assert lines["train (raw)"] == train and len(train) == 12
     assert lines["val"] == [[r["step"], r["val_loss"]] for r in rows if r["kind"] == "eval"]
-    ema = lines["train (EMA 0.9)"]
-    assert ema[0] == train[0] and [s for s, _ in ema] == [s for s, _ in train]
-    for ((_, prev), (_, now)), (_, raw) in zip(itertools.pairwise(ema), train[1:], strict=True):
-        assert now == pytest.approx(0.9 * prev + 0.1 * raw)
+    ema, m = lines["train (EMA 0.9)"], 0.0
+    assert [s for s, _ in ema] == [s for s, _ in train] and ema[0][1] == pytest.approx(train[0][1])  # no pull to 0
+    for t, ((_, e), (_, raw)) in enumerate(zip(ema, train, strict=True), 1):
+        m = 0.9 * m + 0.1 * raw
+        assert e == pytest.approx(m / (1 - 0.9**t))  # bias-corrected, as Adam's moments
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
