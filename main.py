@@ -2443,9 +2443,8 @@ def beta1_at(k, cfg):
 
 @contextlib.contextmanager
 def stop_flag():
-    """The first Ctrl-C or SIGTERM (SLURM's and the clouds' warning before a kill) only raises a flag, so the loop
-    checkpoints between optimizer steps, never with half-updated weights; a second one stops at once. A signal ignored
-    on entry stays ignored: a script's `cmd &` ignores SIGINT so that Ctrl-C, meant for the script, spares the run."""
+    """The first Ctrl-C or SIGTERM raises a flag, so the loop checkpoints between optimizer steps; a second stops at
+    once. A signal ignored on entry stays ignored (a script's `cmd &` ignores SIGINT: Ctrl-C is for the script)."""
     flag = {"signum": None}
 
     def handler(signum, frame):
@@ -2495,13 +2494,12 @@ class Metrics:
         except OSError as e:
             check_disk(e, self.path)
             raise
-        if self.wandb_run is not None and row["kind"] == "run":  # the config at the top, the other facts under `run`
+        run = self.wandb_run
+        if run is not None and row["kind"] == "run":  # the config at the top, the other facts under `run`
             facts = {k: v for k, v in row.items() if k not in ("kind", "config")}
-            self.wandb_run.config.update({**row["config"], "run": facts}, allow_val_change=True)
-        elif self.wandb_run is not None:
-            self.wandb_run.log(
-                {k: v for k, v in row.items() if k not in ("kind", "step") and v is not None}, step=row["step"]
-            )
+            run.config.update({**row["config"], "run": facts}, allow_val_change=True)
+        elif run is not None:
+            run.log({k: v for k, v in row.items() if k not in ("kind", "step") and v is not None}, step=row["step"])
 
 
 @functools.cache
@@ -2512,8 +2510,7 @@ def token_bytes():
 
 
 def evaluate(backend, batches, dist):
-    """(mean val loss, bits per byte), the same at any world size. Bits per byte (nanochat's measure, comparable across
-    tokenizers) = the windows' total nats / (ln 2 x the UTF-8 bytes of their target tokens)."""
+    """(mean val loss, bits per byte: nanochat's measure, comparable across tokenizers), the same at any world size."""
     mine = batches[dist.rank :: dist.world]
     total, count = all_sum([sum(backend.eval_loss(x, y) for x, y in mine), len(mine)], dist)
     tokens, nbytes = sum(y.size for _, y in batches), sum(int(token_bytes()[y].sum()) for _, y in batches)
@@ -2566,8 +2563,7 @@ def start_training(cfg, backend, dist, state):
 
 
 def train(cfg, manifest, backend, dist, state, wandb_run, source):
-    """nanoGPT's loop: evaluate and checkpoint when due, then one accumulation window and one optimizer step. `state`
-    is the checkpoint to continue from, `source` where a pretrained start came from. Returns the last val loss."""
+    """nanoGPT's loop from the checkpoint `state` if any (`source`: a pretrained start's). Returns the last val loss."""
     accum, rows = cfg.accumulation_steps, cfg.batch_size * backend.replicas
     n_iters, eval_interval = cfg.steps // accum, cfg.eval_every // accum
     batches = TrainBatches(TokenStream(cfg.out_dir, manifest["splits"]["train"]), cfg, dist.rank, rows)
@@ -2577,9 +2573,8 @@ def train(cfg, manifest, backend, dist, state, wandb_run, source):
     if state is not None:
         start, rng = state["meta"]["optim_step"], state["meta"]["rng"][dist.rank]
         batches.set_state(rng["batches"])
-        backend.load_state_dict(
-            {k: v for k, v in state.items() if k not in ("meta", "changes")} | {"rng": rng["backend"]}
-        )
+        weights = {k: v for k, v in state.items() if k not in ("meta", "changes")}
+        backend.load_state_dict(weights | {"rng": rng["backend"]})
         if dist.main:
             print(f"resume: from {ckpt} at micro-step {start * accum} (optimizer step {start})")
     metrics = Metrics(metrics_path, dist.main, None if state is None else start * accum, wandb_run)
@@ -2602,8 +2597,7 @@ def train(cfg, manifest, backend, dist, state, wandb_run, source):
     tokens_per_window = cfg.seq_len * rows * dist.world * accum
     peak = peak_flops(backend.device_name, backend.dtype, cfg.peak_flops or getattr(backend, "peak_flops", None))
     bar = progress_bar(dist.main, total=cfg.steps, initial=start * accum, unit="step", desc="train")
-    val_loss = None
-    with stop_flag() as stop:
+    with stop_flag() as stop, bar:
         for it in range(start, n_iters + 1):
             step, last = it * accum, it == n_iters or cfg.eval_only
             if last or it % eval_interval == 0:
@@ -2625,7 +2619,6 @@ def train(cfg, manifest, backend, dist, state, wandb_run, source):
                 break
             if all_sum([float(stop["signum"] or 0)], dist)[0]:
                 save_checkpoint(ckpt, cfg, backend, batches, dist, it, manifest, wandb_id)
-                bar.close()
                 signum = stop["signum"] or signal.SIGTERM  # a rank that got no signal stops with its peers
                 saved = f"at micro-step {step}; checkpoint saved to {ckpt}; the same command continues the run"
                 raise Interrupted(f"{signal.Signals(signum).name} {saved}", signum)
@@ -2649,8 +2642,7 @@ def train(cfg, manifest, backend, dist, state, wandb_run, source):
             bar.update(accum)
             if dist.main and bar.disable:  # a log file: one greppable line per step, as nanoGPT and llm.c print
                 print(f"step {step + accum}/{cfg.steps} | " + " | ".join(f"{k} {v}" for k, v in shown.items()))
-    bar.close()
-    return val_loss
+    return val_loss  # the loop's last iteration always evaluates (a resume past --steps is refused)
 
 
 # -----------------------------------------------------------------------------
@@ -2768,8 +2760,7 @@ The full configuration (main.py's TrainConfig, without the local paths):
 
 
 def export_hf(model_state, cfg, out, card, step):
-    """A self-contained transformers directory, with trained.json (the step it was made from). Written beside `out`
-    and renamed over it (through a symlink, to its target), so `out` is never half an export."""
+    """Written beside `out` and renamed over it (through a symlink, to its target): `out` is never half an export."""
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
