@@ -2424,7 +2424,7 @@ def make_backend(cfg, dist, tt):
 
 
 def lr_at(k, cfg):
-    """The speedrun's: linear warmup to lr, flat for hold_steps, linear decay to min_lr at the last step."""
+    """The speedrun's: linear warmup to lr, flat for hold_steps, linear decay to min_lr at optim_steps."""
     w, h = cfg.warmup_steps, cfg.hold_steps
     if k < w:
         return cfg.lr * (k + 1) / w
@@ -2443,8 +2443,9 @@ def beta1_at(k, cfg):
 
 @contextlib.contextmanager
 def stop_flag():
-    """The first Ctrl-C or SIGTERM raises a flag, so the loop checkpoints between optimizer steps; a second stops at
-    once. A signal ignored on entry stays ignored (a script's `cmd &` ignores SIGINT: Ctrl-C is for the script)."""
+    """The first Ctrl-C or SIGTERM (a scheduler's warning) raises a flag: the loop checkpoints between optimizer steps,
+    never mid-update; a second stops at once. A signal ignored on entry stays ignored (a script's `cmd &` ignores
+    SIGINT: Ctrl-C is for the script)."""
     flag = {"signum": None}
 
     def handler(signum, frame):
@@ -2494,12 +2495,12 @@ class Metrics:
         except OSError as e:
             check_disk(e, self.path)
             raise
-        run = self.wandb_run
-        if run is not None and row["kind"] == "run":  # the config at the top, the other facts under `run`
+        wb = self.wandb_run
+        if wb is not None and row["kind"] == "run":  # the config at the top, the other facts under `run`
             facts = {k: v for k, v in row.items() if k not in ("kind", "config")}
-            run.config.update({**row["config"], "run": facts}, allow_val_change=True)
-        elif run is not None:
-            run.log({k: v for k, v in row.items() if k not in ("kind", "step") and v is not None}, step=row["step"])
+            wb.config.update({**row["config"], "run": facts}, allow_val_change=True)
+        elif wb is not None:
+            wb.log({k: v for k, v in row.items() if k not in ("kind", "step") and v is not None}, step=row["step"])
 
 
 @functools.cache
@@ -2650,7 +2651,7 @@ def train(cfg, manifest, backend, dist, state, wandb_run, source):
 
 
 def sample_token(logits, temperature, top_k, rng):
-    """The next id, sampled on the host so that a seed gives the same sample on either backend; greedy at 0."""
+    """The next id, sampled on the host so that a seed gives the same sample on either backend."""
     if temperature == 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64)
