@@ -94,10 +94,10 @@ def test_two_gloo_ranks_with_muon_stay_identical_and_match_one_process_with_the_
         f"sys.path.insert(0, {ROOT!r})\n"
         "import main\n"
         "real = main.finish\n"
-        "def finish(cfg, backend, dist, wandb_run):\n"
+        "def finish(cfg, backend, dist, *rest):\n"
         "    w = b''.join(t.numpy().tobytes() for t in backend.raw.state_dict().values())\n"
         f"    open({str(tmp_path)!r} + f'/rank{{dist.rank}}', 'w').write(hashlib.sha256(w).hexdigest())\n"
-        "    real(cfg, backend, dist, wandb_run)\n"
+        "    real(cfg, backend, dist, *rest)\n"
         "main.finish = finish\n"
         "main.main(sys.argv[1:])\n"
     )
