@@ -2293,8 +2293,7 @@ def make_backend(cfg, dist, tt):  # tt: the ttml modules check_system imported, 
 
 
 def lr_at(k, cfg):
-    """Speedrun schedule: linear warmup to lr over warmup_steps, flat for hold_steps, linear decay to min_lr
-    reached at total optimizer steps."""
+    """The speedrun's: linear warmup to lr, flat for hold_steps, linear decay to min_lr at optim_steps."""
     w, h = cfg.warmup_steps, cfg.hold_steps
     if k < w:
         return cfg.lr * (k + 1) / w
@@ -2304,8 +2303,7 @@ def lr_at(k, cfg):
 
 
 def beta1_at(k, cfg):
-    """Momentum warmup: beta1 linear from beta1_start to beta1_end over beta1_warmup_steps, then flat. With
-    optimizer=muon it is Muon's momentum that warms up (the speedrun's 0.85 -> 0.95), flat at muon_momentum."""
+    """Momentum warmup, linear from beta1_start; with optimizer=muon, Muon's momentum (the speedrun's 0.85 -> 0.95)."""
     end = (cfg.muon_momentum if cfg.optimizer == "muon" else cfg.beta1) if cfg.beta1_end is None else cfg.beta1_end
     if cfg.beta1_start is None or k >= cfg.beta1_warmup_steps:
         return end
@@ -2314,30 +2312,21 @@ def beta1_at(k, cfg):
 
 @contextlib.contextmanager
 def stop_flag():
-    """The first Ctrl-C or SIGTERM (what SLURM, Kubernetes and preemptible clouds send before a kill) only raises
-    a flag, so the loop stops at the next optimizer-step boundary (never inside an optimizer step, which would leave
-    half-updated weights) and checkpoints there; a second one stops at once. A signal ignored on entry stays ignored,
-    as in prepare: a script's `cmd &` (`nohup cmd &` too) starts main.py with SIGINT ignored so that the terminal's
-    Ctrl-C, meant for the script, leaves the background run alone."""
+    """The first Ctrl-C or SIGTERM (a scheduler's warning) raises a flag: the loop checkpoints between optimizer steps,
+    never mid-update; a second stops at once. A signal ignored on entry stays ignored (a script's `cmd &` ignores
+    SIGINT: Ctrl-C is for the script)."""
     flag = {"signum": None}
 
     def handler(signum, frame):
         if flag["signum"] is not None:
             raise KeyboardInterrupt
         flag["signum"] = signum
-        print(
-            f"\n{signal.Signals(signum).name}: stopping at the end of this optimizer step to save a checkpoint "
-            "(send it again to stop at once)",
-            file=sys.stderr,
-            flush=True,
-        )
+        then = "stopping at the end of this optimizer step to save a checkpoint (send it again to stop at once)"
+        print(f"\n{signal.Signals(signum).name}: {then}", file=sys.stderr, flush=True)
 
+    live = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
     try:
-        prev = {
-            s: signal.signal(s, handler)
-            for s in (signal.SIGINT, signal.SIGTERM)
-            if signal.getsignal(s) is not signal.SIG_IGN
-        }
+        prev = {s: signal.signal(s, handler) for s in live}
     except ValueError:  # not the main thread (a test runner's thread): no handler to install
         prev = {}
     try:
@@ -2350,19 +2339,14 @@ def stop_flag():
 def git_commit():
     """The commit of main.py's checkout, or None (not a git checkout, or no git)."""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        p = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        return p.stdout.strip() if p.returncode == 0 else None
+        here, quiet = os.path.dirname(os.path.abspath(__file__)), subprocess.DEVNULL
+        return subprocess.check_output(
+            ["git", "rev-parse", "HEAD"], cwd=here, stderr=quiet, text=True, timeout=30
+        ).strip()
 
 
 class Metrics:
-    """out_dir/metrics.jsonl: one JSON object per line, flushed as written (rank 0 only). The one sink for the
-    numbers: with a W&B run, every row goes there too."""
+    """out_dir/metrics.jsonl (rank 0's), one JSON object a line: the one sink for the numbers, W&B's too."""
 
     def __init__(self, path, enabled, keep_until=None, wandb_run=None):
         self.path, self.enabled, self.wandb_run = path, enabled, wandb_run
@@ -2380,13 +2364,12 @@ class Metrics:
         except OSError as e:
             check_disk(e, self.path)
             raise
-        if self.wandb_run is not None and row["kind"] == "run":  # the config at the top, the other facts under `run`
+        wb = self.wandb_run
+        if wb is not None and row["kind"] == "run":  # the config at the top, the other facts under `run`
             facts = {k: v for k, v in row.items() if k not in ("kind", "config")}
-            self.wandb_run.config.update({**row["config"], "run": facts}, allow_val_change=True)
-        elif self.wandb_run is not None:
-            self.wandb_run.log(
-                {k: v for k, v in row.items() if k not in ("kind", "step") and v is not None}, step=row["step"]
-            )
+            wb.config.update({**row["config"], "run": facts}, allow_val_change=True)
+        elif wb is not None:
+            wb.log({k: v for k, v in row.items() if k not in ("kind", "step") and v is not None}, step=row["step"])
 
 
 @functools.cache
@@ -2397,18 +2380,15 @@ def token_bytes():
 
 
 def evaluate(backend, batches, dist):
-    """(mean val loss, bits per byte) over the fixed val batches; each rank scores its share, so any world size gives
-    the same. Bits per byte = the windows' total nats / (ln 2 x the UTF-8 bytes of their target tokens), which
-    compares across languages and tokenizers (nanochat's measure)."""
+    """(mean val loss, bits per byte: nanochat's measure, comparable across tokenizers), the same at any world size."""
     mine = batches[dist.rank :: dist.world]
     total, count = all_sum([sum(backend.eval_loss(x, y) for x, y in mine), len(mine)], dist)
     tokens, nbytes = sum(y.size for _, y in batches), sum(int(token_bytes()[y].sum()) for _, y in batches)
     return total / count, total / count * tokens / (math.log(2) * nbytes)
 
 
-def save_checkpoint(path, cfg, backend, batches, dist, optim_step, manifest, wandb_id=None):
-    """Every rank's RNG state (batch order and dropout) goes in, so a resumed run draws what an unbroken one would;
-    the W&B run id, so a resumed run logs to the same W&B run."""
+def save_checkpoint(path, cfg, backend, batches, dist, optim_step, manifest, wandb_id):
+    """Every rank's RNG state goes in, so a resumed run draws what an unbroken one would, and the W&B run id."""
     state = backend.state_dict(weights=dist.writer)
     rng = gather_objects({"batches": batches.state(), "backend": state.pop("rng")}, dist)
     if dist.writer:
@@ -2427,8 +2407,7 @@ def save_checkpoint(path, cfg, backend, batches, dist, optim_step, manifest, wan
 
 
 def start_training(cfg, backend, dist, state):
-    """The start-up line; a run that replaces another (--init_from=scratch --overwrite=true) removes the old
-    outputs only now, when the new run has its data and its model and is about to write its own."""
+    """The start-up line. A run that replaces another removes the old outputs only now, about to write its own."""
     if dist.main:
         dp, gb = dist.world * backend.replicas, cfg.seq_len * cfg.batch_size * cfg.accumulation_steps
         print(
@@ -2453,12 +2432,8 @@ def start_training(cfg, backend, dist, state):
         tdist.barrier(group=CONTROL)  # no rank writes before the old outputs are gone
 
 
-def train(cfg, manifest, backend, dist, state=None, wandb_run=None, source=None):
-    """The loop, in nanoGPT's shape: each iteration evaluates and checkpoints when due, then runs one accumulation
-    window of micro-steps and one optimizer step (its lr and beta1 are functions of the optimizer step `it`).
-    `state` is a checkpoint from read_checkpoint() to continue from; `wandb_run` (rank 0's, or None) gets every
-    metrics row; `source` is where a pretrained start came from. eval_only evaluates once and returns. Returns the
-    last val loss."""
+def train(cfg, manifest, backend, dist, state, wandb_run, source):
+    """nanoGPT's loop from the checkpoint `state` if any (`source`: a pretrained start's). Returns the last val loss."""
     accum, rows = cfg.accumulation_steps, cfg.batch_size * backend.replicas
     n_iters, eval_interval = cfg.steps // accum, cfg.eval_every // accum
     batches = TrainBatches(TokenStream(cfg.out_dir, manifest["splits"]["train"]), cfg, dist.rank, rows)
@@ -2468,9 +2443,8 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None, source=None)
     if state is not None:
         start, rng = state["meta"]["optim_step"], state["meta"]["rng"][dist.rank]
         batches.set_state(rng["batches"])
-        backend.load_state_dict(
-            {**{k: v for k, v in state.items() if k not in ("meta", "changes")}, "rng": rng["backend"]}
-        )
+        weights = {k: v for k, v in state.items() if k not in ("meta", "changes")}
+        backend.load_state_dict(weights | {"rng": rng["backend"]})
         if dist.main:
             print(f"resume: from {ckpt} at micro-step {start * accum} (optimizer step {start})")
     metrics = Metrics(metrics_path, dist.main, None if state is None else start * accum, wandb_run)
@@ -2493,37 +2467,31 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None, source=None)
     tokens_per_window = cfg.seq_len * rows * dist.world * accum
     peak = peak_flops(backend.device_name, backend.dtype, cfg.peak_flops or getattr(backend, "peak_flops", None))
     bar = progress_bar(dist.main, total=cfg.steps, initial=start * accum, unit="step", desc="train")
-    val_loss = None
-    with stop_flag() as stop:
+    with stop_flag() as stop, bar:
         for it in range(start, n_iters + 1):
             step, last = it * accum, it == n_iters or cfg.eval_only
             if last or it % eval_interval == 0:
                 val_loss, bpb = evaluate(backend, val, dist)
                 line = f"val loss {val_loss:.4f}, {bpb:.4f} bits per byte"
-                if last and it == start and state is not None and dist.main and not cfg.eval_only:
-                    bar.write(
-                        f"the run in {cfg.out_dir} has finished all {plural(cfg.steps, 'step')}: {line} "
-                        "(raise --steps to train on)"
-                    )
-                if it > start or state is None or cfg.eval_only:  # a resumed run's first eval is already logged
+                fresh = it > start or state is None  # a resumed run's first eval is already logged
+                if fresh or cfg.eval_only:
                     metrics.write(kind="eval", step=step, val_loss=val_loss, val_bpb=bpb)
                     if dist.main:
                         bar.write(f"{'eval_only at' if cfg.eval_only else ''} step {step}: {line}".strip())
-                if (it > start or state is None) and not cfg.eval_only:
+                elif last and dist.main:
+                    done = f"the run in {cfg.out_dir} has finished all {plural(cfg.steps, 'step')}"
+                    bar.write(f"{done}: {line} (raise --steps to train on)")
+                if fresh and not cfg.eval_only:
                     if dist.main:
                         plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss_curve.png"), cfg, manifest)
                     save_checkpoint(ckpt, cfg, backend, batches, dist, it, manifest, wandb_id)
             if last:
                 break
-            if stop["signum"] if dist.world == 1 else all_sum([float(stop["signum"] or 0)], dist)[0]:
+            if all_sum([float(stop["signum"] or 0)], dist)[0]:
                 save_checkpoint(ckpt, cfg, backend, batches, dist, it, manifest, wandb_id)
-                bar.close()
                 signum = stop["signum"] or signal.SIGTERM  # a rank that got no signal stops with its peers
-                raise Interrupted(
-                    f"{signal.Signals(signum).name} at micro-step {step}; checkpoint saved to {ckpt}; "
-                    "the same command continues the run",
-                    signum,
-                )
+                saved = f"at micro-step {step}; checkpoint saved to {ckpt}; the same command continues the run"
+                raise Interrupted(f"{signal.Signals(signum).name} {saved}", signum)
             t0 = time.perf_counter()
             for _ in range(accum):
                 backend.train_micro_step(*batches.next())
@@ -2532,30 +2500,19 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None, source=None)
             loss = backend.optimizer_step(lr, beta1)  # the window's mean loss: one host sync
             if not math.isfinite(loss):
                 raise TrainingDiverged(
-                    f"loss is {loss} at micro-step {step + accum} (optimizer step {it}); the last "
-                    f"good checkpoint is {ckpt}: lower lr, raise warmup_steps or use "
-                    "dtype=float32, then rerun: it continues from that checkpoint"
+                    f"loss is {loss} at micro-step {step + accum} (optimizer step {it}); the last good checkpoint is "
+                    f"{ckpt}: lower lr, raise warmup_steps or use dtype=float32, then rerun: it continues from there"
                 )
             tok_s = tokens_per_window / (time.perf_counter() - t0)
             mfu = model_flops_per_token(cfg) * tok_s / peak if peak else None
-            metrics.write(
-                kind="train",
-                step=step + accum,
-                optim_step=it,
-                loss=loss,
-                lr=lr,
-                beta1=beta1,
-                tok_per_s=tok_s,
-                mfu=mfu,
-                tokens=(it + 1) * tokens_per_window,
-            )
+            row = dict(step=step + accum, optim_step=it, loss=loss, lr=lr, beta1=beta1, tok_per_s=tok_s, mfu=mfu)
+            metrics.write(kind="train", **row, tokens=(it + 1) * tokens_per_window)
             shown = dict(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}" if mfu else "?")
             bar.set_postfix(shown, refresh=False)  # before update(), which draws the bar: this step's numbers
             bar.update(accum)
             if dist.main and bar.disable:  # a log file: one greppable line per step, as nanoGPT and llm.c print
                 print(f"step {step + accum}/{cfg.steps} | " + " | ".join(f"{k} {v}" for k, v in shown.items()))
-    bar.close()
-    return val_loss
+    return val_loss  # the loop's last iteration always evaluates (a resume past --steps is refused)
 
 
 # -----------------------------------------------------------------------------
@@ -2563,8 +2520,7 @@ def train(cfg, manifest, backend, dist, state=None, wandb_run=None, source=None)
 
 
 def sample_token(logits, temperature, top_k, rng):
-    """The next id from a row of real-vocab logits, on the host for both backends (the same seed gives the same
-    sample on either): greedy at temperature 0, else softmax sampling, from the top_k only if set."""
+    """The next id, sampled on the host so that a seed gives the same sample on either backend."""
     if temperature == 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64)
@@ -2576,7 +2532,6 @@ def sample_token(logits, temperature, top_k, rng):
 
 
 def generate(backend, ids, cfg, rng):
-    """ids continued by sample_tokens tokens, the context cropped to the last seq_len tokens."""
     ids = list(ids)
     for _ in range(cfg.sample_tokens):
         ids.append(sample_token(backend.next_logits(np.array(ids[-cfg.seq_len :])), cfg.temperature, cfg.top_k, rng))
@@ -2584,24 +2539,18 @@ def generate(backend, ids, cfg, rng):
 
 
 def print_samples(backend, cfg):
-    """Print num_samples continuations of sample_prompt and return their texts; reproducible from cfg.seed."""
     enc, rng, texts = get_tokenizer(), np.random.default_rng(cfg.seed), []
-    # <|endoftext|> in a prompt is EOS, as in the exported tokenizer and in what this prints (an empty prompt
-    # starts as a new article does, after EOS); in the training text it is ordinary text
+    # <|endoftext|> in a prompt is EOS, as in the exported tokenizer; an empty prompt starts as an article does
     prompt = enc.encode(cfg.sample_prompt, allowed_special="all") or [EOS_ID]
     for i in range(cfg.num_samples):
         texts.append(enc.decode(generate(backend, prompt, cfg, rng)))
-        print(
-            f"--- sample {i + 1}/{cfg.num_samples} ({'greedy' if cfg.temperature == 0 else 'sampled'}) ---\n"
-            f"{texts[-1]}",
-            flush=True,
-        )
+        mode = "greedy" if cfg.temperature == 0 else "sampled"
+        print(f"--- sample {i + 1}/{cfg.num_samples} ({mode}) ---\n{texts[-1]}", flush=True)
     return texts
 
 
 def data_label(manifest):
-    """The input in words meant for sharing (the plot title, the model card): file names without the local
-    directories, which name users and machines; the first name and a count when there are many."""
+    """The input in words for sharing: file names without the local directories, which name users and machines."""
     if "wiki_config" in manifest["data"]:
         return f"wikimedia/wikipedia {manifest['data']['wiki_config']}"
     names = [f["name"] for f in manifest["data"]["data_files"]]
@@ -2609,44 +2558,35 @@ def data_label(manifest):
 
 
 def plot_losses(metrics_path, png_path, cfg, manifest):
-    """Train loss (raw and smoothed) and val loss against micro-step; rewritten at every eval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend, no global figure list
 
     rows = read_jsonl(metrics_path)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
     if train:
         s, loss = zip(*train, strict=True)
-        m, ema = 0.0, []
-        for t, v in enumerate(loss, 1):  # bias-corrected, as Adam's moments: no pull toward the first loss
-            m = 0.9 * m + 0.1 * v
-            ema.append(m / (1 - 0.9**t))
+        moments = itertools.accumulate(loss, lambda m, v: 0.9 * m + 0.1 * v, initial=0.0)
+        ema = [m / (1 - 0.9**t) for t, m in enumerate(moments) if t]  # bias-corrected as Adam's: no pull toward 0
         ax.plot(s, loss, "o" if len(s) == 1 else "-", color="tab:blue", alpha=0.3, lw=0.8, label="train (raw)")
         ax.plot(s, ema, color="tab:blue", lw=1.8, label="train (EMA 0.9)")
     val = [(r["step"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
     if val:
         ax.plot(*zip(*val, strict=True), "o-", color="tab:red", lw=1.5, label="val")
     ax.set(xlabel="micro-step", ylabel="cross-entropy loss (nats/token)")
-    ax.set_title(
-        f"GPT-2 {cfg.n_layer}L/{cfg.n_head}H/{cfg.n_embd}d, seq {cfg.seq_len}, batch {cfg.batch_size}"
-        f"x{cfg.accumulation_steps}, lr {cfg.lr:g}\n{data_label(manifest)}",
-        fontsize=9,
-    )
+    model = f"GPT-2 {cfg.n_layer}L/{cfg.n_head}H/{cfg.n_embd}d, seq {cfg.seq_len}, batch {cfg.batch_size}"
+    ax.set_title(f"{model}x{cfg.accumulation_steps}, lr {cfg.lr:g}\n{data_label(manifest)}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     with atomic_write(png_path) as f:
         fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
 
 
 def model_card(rows, data):
-    """hf/README.md from metrics.jsonl's rows: the latest run row's facts (data, code, versions), the tokens
-    trained on and the final val loss, and how to use and benchmark the model."""
-    run, c = [r for r in rows if r["kind"] == "run"][-1], [r for r in rows if r["kind"] == "run"][-1]["config"]
+    """hf/README.md from metrics.jsonl's rows (the latest run row's)."""
+    run = [r for r in rows if r["kind"] == "run"][-1]
+    c = run["config"]
     tokens = ([r.get("tokens", 0) for r in rows if r["kind"] == "train"] or [0])[-1]
     val, source = [r for r in rows if r["kind"] == "eval"], run.get("pretrained") or {}
     final = f"{val[-1]['val_loss']:.4f} nats/token, {val[-1].get('val_bpb', 0):.4f} bits/byte" if val else "none"
@@ -2690,44 +2630,30 @@ The full configuration (main.py's TrainConfig, without the local paths):
 
 
 def export_hf(model_state, cfg, out, card, step):
-    """Save a self-contained transformers directory: GPT2LMHeadModel (config.json + model.safetensors), the
-    tokenizer, generation_config.json, the model card and trained.json (the checkpoint step it was made from).
-    Written beside `out` and renamed over it (through a symlink, to its target), so `out` is never half an export."""
+    """Written beside `out` and renamed over it (through a symlink, to its target): `out` is never half an export."""
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar for writing one file: noise on a terminal, \r in a log file
-    c, out = cfg, os.path.realpath(out)
-    hf = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=VOCAB_SIZE,
-            n_positions=c.seq_len,
-            n_embd=c.n_embd,
-            n_layer=c.n_layer,
-            n_head=c.n_head,
-            activation_function="gelu_new",
-            resid_pdrop=c.dropout,
-            embd_pdrop=c.dropout,
-            attn_pdrop=c.dropout,
-            tie_word_embeddings=True,
-        )
+    out = os.path.realpath(out)
+    shape = dict(
+        vocab_size=VOCAB_SIZE, n_positions=cfg.seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head
     )
+    dropout = dict.fromkeys("resid_pdrop embd_pdrop attn_pdrop".split(), cfg.dropout)
+    hf = GPT2LMHeadModel(GPT2Config(activation_function="gelu_new", tie_word_embeddings=True, **shape, **dropout))
     sd = {}
     for k, v in model_state.items():
-        if k == "lm_head.weight":
-            continue  # tied to wte
-        v = v[:VOCAB_SIZE] if k == "transformer.wte.weight" else v
-        v = v.t() if k.endswith(CONV1D) else v
-        sd[k] = v.detach().float().cpu().contiguous()
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    assert not unexpected and all("attn.bias" in k or k == "lm_head.weight" for k in missing), (missing, unexpected)
+        v = v[:VOCAB_SIZE] if k == "transformer.wte.weight" else v.t() if k.endswith(CONV1D) else v
+        if k != "lm_head.weight":  # tied to wte
+            sd[k] = v.detach().float().cpu().contiguous()
+    hf.load_state_dict(sd, strict=False)
     hf.tie_weights()
     tmp, umask = out + ".tmp", os.umask(0)
     os.umask(umask)
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         hf.save_pretrained(tmp)
-        save_hf_extras(tmp, c, card)
+        save_hf_extras(tmp, cfg, card)
         write_json_atomic(os.path.join(tmp, "trained.json"), {"step": step})
         for name in os.listdir(tmp):  # safetensors writes 0600; the export follows the umask like every output
             os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
@@ -2740,16 +2666,14 @@ def export_hf(model_state, cfg, out, card, step):
 
 
 def save_hf_extras(out, cfg, card):
-    """What pipeline("text-generation", model=out) needs beside the weights: the GPT-2 tokenizer, built offline from
-    the same BPE files as the training tokens, generation defaults that stop at EOS, and a model card."""
+    """The tokenizer (built offline from the training tokens' BPE files), generation defaults and the model card."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import GenerationConfig, GPT2TokenizerFast
 
     bpe = Tokenizer(models.BPE.from_file(*gpt2_bpe_files()))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split regex, then bytes
     bpe.decoder = decoders.ByteLevel()
-    # tokenizer_object is how transformers 4 and 5 both take a built tokenizer; no space clean-up, so decode gives
-    # back exactly the text main.py's own sampler prints
+    # tokenizer_object works in transformers 4 and 5; no space clean-up, so decode gives what main.py's sampler prints
     tok = GPT2TokenizerFast(tokenizer_object=bpe, model_max_length=cfg.seq_len, clean_up_tokenization_spaces=False)
     tok.save_pretrained(out)
     GenerationConfig(bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID).save_pretrained(out)
@@ -2758,8 +2682,7 @@ def save_hf_extras(out, cfg, card):
 
 
 def finish(cfg, backend, dist, wandb_run, manifest):
-    """Rank 0's end of a run: the HF export unless hf/ already holds this checkpoint's model (or the run only
-    evaluated), the samples, and the final plot and samples in W&B."""
+    """Rank 0's end of a run: the HF export unless hf/ holds this step's model already, the samples, W&B's extras."""
     if not dist.main:
         return
     hf = os.path.join(cfg.out_dir, "hf")
@@ -2777,7 +2700,6 @@ def finish(cfg, backend, dist, wandb_run, manifest):
 
 
 def sample_only(cfg, tt):
-    """Load out_dir/ckpt.pt (its own model shape) and print continuations of sample_prompt."""
     state = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.backend, parts=("model",))
     shape = {k: state["meta"]["config"][k] for k in ("n_layer", "n_head", "n_embd", "seq_len")}
     if any(getattr(cfg, k) != v for k, v in shape.items()):
@@ -2831,22 +2753,18 @@ def run(cfg):
 
 
 def lost_peer(e):
-    """The one line for a collective that failed because another rank died or never answered, or None if `e` is
-    something else. NCCL and the c10d store raise DistError; gloo raises a plain RuntimeError naming gloo."""
+    """The one line for a collective whose peer died or never answered, or None. gloo's error is a RuntimeError."""
     if not (isinstance(e, torch.distributed.DistError) or "gloo" in str(e)):
         return None
     rank, world, node = (os.environ.get(k, "?") for k in ("RANK", "WORLD_SIZE", "GROUP_RANK"))
     peer = f"rank {1 - int(rank)}" if world == "2" else "another rank"  # with two ranks, it can only be the other
     detail = re.sub(r"^\[[^\]]*\] ", "", str(e).strip()).split(". ")[0] or type(e).__name__  # gloo's source path off
-    return (
-        f"rank {rank} on node {node} lost contact with {peer}, which died or stopped answering ({detail[:200]}); "
-        "if that rank failed on its own, it printed the cause"
-    )
+    why = f"which died or stopped answering ({detail[:200]}); if that rank failed on its own, it printed the cause"
+    return f"rank {rank} on node {node} lost contact with {peer}, {why}"
 
 
 def shut_down(clean):
-    """Leave no thread or half-made directory behind. After a clean run every rank meets at a barrier before the
-    group is destroyed, so no rank tears down its side while another still talks to it."""
+    """Leave no thread or half-made directory behind; a clean run's ranks meet before the group is destroyed."""
     global CONTROL
     if tdist.is_available() and tdist.is_initialized():
         if clean:
