@@ -75,8 +75,7 @@ except KeyboardInterrupt:
 
 
 class UserError(Exception):
-    """Something the user can fix (bad input, a busy or full out_dir, a damaged file, a missing device): printed as
-    one line naming the fix, exit code 2."""
+    """Something the user can fix: printed as one line naming the fix, exit code 2."""
 
 
 class TrainingDiverged(UserError):
@@ -100,8 +99,7 @@ def plural(n, noun):
 
 
 def check_disk(e, path):
-    """A full disk anywhere in the exception chain (numpy and torch's zip writer report it without errno) is one
-    line naming the fix."""
+    """A full disk anywhere in the chain is one line (numpy and torch's zip writer report it without errno)."""
     while e is not None:
         if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
             raise UserError(
@@ -112,8 +110,7 @@ def check_disk(e, path):
 
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
-    """Every file main.py writes goes through here: write `path.tmp`, fsync, rename over `path`. A kill at any moment
-    leaves either the old file or the new one, never half of one; a full disk is one clear line and no temp file."""
+    """Every file main.py writes: `path.tmp`, fsync, rename, so a kill leaves the old file or the new, never half."""
     tmp = path + ".tmp"
     try:
         with open(tmp, mode) as f:
@@ -131,8 +128,7 @@ def atomic_write(path, mode="wb"):
 
 
 def progress_bar(show=True, **kw):
-    """tqdm where a person watches; off in a log file (SLURM, nohup, `| tee`), where its carriage returns make one
-    endless line (train() prints log lines there instead)."""
+    """tqdm where a person watches; off in a log file (SLURM, nohup, `| tee`), where it makes one endless line."""
     return tqdm(dynamic_ncols=True, disable=not (show and sys.stdout.isatty() and sys.stderr.isatty()), **kw)
 
 
@@ -142,7 +138,7 @@ def write_json_atomic(path, obj):
 
 
 def read_json(path):
-    """A JSON object from path, or None if it is missing or unreadable."""
+    """None if missing or unreadable."""
     try:
         with open(path) as f:
             obj = json.load(f)
@@ -161,8 +157,7 @@ ROW_KEYS = {  # metrics.jsonl's rows by kind: every key each holds (README's Out
 
 
 def read_jsonl(path):
-    """metrics.jsonl's rows. A partial last line (what a kill or a full disk leaves) is dropped; any other line that
-    is not a row is one error naming it, since the file is the run's record."""
+    """metrics.jsonl's rows. A partial last line (a kill, a full disk) is dropped; any other bad line is an error."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -178,8 +173,7 @@ def read_jsonl(path):
         # the first two keys of each kind: what every version of main.py wrote, so older runs still read
         if not isinstance(row, dict) or not all(k in row for k in ROW_KEYS.get(row.get("kind"), ("?",))[:2]):
             raise UserError(
-                f"{path}: line {i + 1} is not a metrics row ({line.strip()[:60]}); fix or delete that "
-                "line, or move the file away to start a fresh log"
+                f"{path}: line {i + 1} is not a metrics row ({line.strip()[:60]}); fix or delete it, or move the file"
             )
         rows.append(row)
     return rows
@@ -264,23 +258,9 @@ class TrainConfig:
 
 # What --smoke changes (only fields not given explicitly on the command line).
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data", "wiki_fixture.parquet")
-SMOKE_PRESET = dict(
-    data_files=FIXTURE,
-    out_dir="./smoke_out",
-    n_layer=2,
-    n_head=2,
-    n_embd=128,
-    seq_len=128,
-    batch_size=8,
-    steps=120,
-    eval_every=40,
-    eval_iters=8,
-    warmup_steps=20,
-    lr=2e-3,
-    min_lr=2e-4,
-    sample_tokens=32,
-    num_proc=1,
-)
+SMOKE_PRESET = dict(data_files=FIXTURE, out_dir="./smoke_out", num_proc=1, n_layer=2, n_head=2, n_embd=128, seq_len=128)
+SMOKE_PRESET |= dict(batch_size=8, steps=120, eval_every=40, eval_iters=8, warmup_steps=20, lr=2e-3, min_lr=2e-4)
+SMOKE_PRESET |= dict(sample_tokens=32)
 BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
@@ -346,46 +326,20 @@ def check_config(cfg):
     # nan and inf fail or pass the range checks below by accident: they get one message of their own
     odd = [k for k, v in dataclasses.asdict(cfg).items() if isinstance(v, float) and not math.isfinite(v)]
     problems = [f"{name}={getattr(cfg, name)} must be a finite number" for name in odd]
-    for name in (
-        "shard_tokens",
-        "seq_len",
-        "batch_size",
-        "accumulation_steps",
-        "steps",
-        "eval_every",
-        "eval_iters",
-        "n_layer",
-        "n_head",
-        "n_embd",
-        "num_proc",
-        "num_samples",
-        "data_parallel",
-        "max_docs",
-        "total_optim_steps",
-        "top_k",
-        "peak_flops",
-        "lr",
-        "muon_lr",
-        "ddp_wait_s",
+    bounds = {"positive": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1}
+    bounds["in (0, 1)"] = lambda v: 0 < v < 1
+    for rule, names in (
+        ("positive", "shard_tokens seq_len batch_size accumulation_steps steps eval_every eval_iters n_layer n_head"),
+        ("positive", "n_embd num_proc num_samples data_parallel max_docs total_optim_steps top_k peak_flops lr"),
+        ("positive", "muon_lr ddp_wait_s"),
+        (">= 0", "min_lr warmup_steps hold_steps beta1_warmup_steps weight_decay grad_clip temperature sample_tokens"),
+        ("in [0, 1)", "dropout beta1 beta2 beta1_start beta1_end muon_momentum"),
+        ("in (0, 1)", "val_fraction"),
     ):
-        if name not in odd and getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
-            problems.append(f"{name}={getattr(cfg, name)} must be positive")
-    for name in (
-        "min_lr",
-        "warmup_steps",
-        "hold_steps",
-        "beta1_warmup_steps",
-        "weight_decay",
-        "grad_clip",
-        "temperature",
-        "sample_tokens",
-    ):
-        if name not in odd and not getattr(cfg, name) >= 0:
-            problems.append(f"{name}={getattr(cfg, name)} must be >= 0")
-    for name in ("dropout", "beta1", "beta2", "beta1_start", "beta1_end", "muon_momentum", "val_fraction"):
-        v = getattr(cfg, name)
-        if name not in odd and (v is not None and not 0.0 <= v < 1.0 or name == "val_fraction" and v == 0):
-            problems.append(f"{name}={v} must be in {'(0' if name == 'val_fraction' else '[0'}, 1)")
+        for name in names.split():
+            v = getattr(cfg, name)
+            if name not in odd and v is not None and not bounds[rule](v):
+                problems.append(f"{name}={v} must be {rule}")
     if 0 < cfg.lr < cfg.min_lr < math.inf:
         problems.append(f"min_lr={cfg.min_lr} is above lr={cfg.lr}: the decay would climb; set min_lr <= lr")
     if cfg.prepare_only and cfg.sample_only:
@@ -394,16 +348,10 @@ def check_config(cfg):
         problems.append(f"shard_tokens={cfg.shard_tokens} is over 2**30 (a 2 GiB shard buffer in memory)")
     if cfg.n_head > 0 and cfg.n_embd % cfg.n_head:
         problems.append(f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}")
-    if cfg.accumulation_steps > 0 and cfg.eval_every % cfg.accumulation_steps:
-        problems.append(
-            f"eval_every={cfg.eval_every} must be a multiple of accumulation_steps="
-            f"{cfg.accumulation_steps} (evals and checkpoints happen between optimizer steps)"
-        )
-    if cfg.accumulation_steps > 0 and cfg.steps % cfg.accumulation_steps:
-        problems.append(
-            f"steps={cfg.steps} must be a multiple of accumulation_steps={cfg.accumulation_steps} "
-            "(training ends on an optimizer step)"
-        )
+    for name, why in (("eval_every", "evals and checkpoints come between"), ("steps", "training ends on")):
+        if cfg.accumulation_steps > 0 and getattr(cfg, name) % cfg.accumulation_steps:
+            n, a = getattr(cfg, name), cfg.accumulation_steps
+            problems.append(f"{name}={n} must be a multiple of accumulation_steps={a} ({why} optimizer steps)")
     for name in ("data_files", "wandb_project", "wandb_run_name"):  # empty: an unset variable, not the default
         if getattr(cfg, name) is not None and not getattr(cfg, name).replace(",", "").strip():
             problems.append(f"{name}={getattr(cfg, name)!r} is empty; give a value, or leave the option out")
