@@ -512,22 +512,15 @@ def check_system(cfg, dist):
         )
     elif cfg.batch_size > TT_DEFAULT_BATCH and cfg.batch_size % TT_DEFAULT_BATCH == 0:
         k = cfg.batch_size // TT_DEFAULT_BATCH  # the same global batch and schedule, in micro-batches that fit
-        cfg = dataclasses.replace(
-            cfg,
-            batch_size=TT_DEFAULT_BATCH,
-            accumulation_steps=cfg.accumulation_steps * k,
-            steps=cfg.steps * k,
-            eval_every=cfg.eval_every * k,
-        )
+        scaled = {name: getattr(cfg, name) * k for name in ("accumulation_steps", "steps", "eval_every")}
+        cfg = dataclasses.replace(cfg, batch_size=TT_DEFAULT_BATCH, **scaled)
         print(
-            f"ttml: batch_size {TT_DEFAULT_BATCH} x accumulation_steps {cfg.accumulation_steps} ({TT_DEFAULT_BATCH * k}"
-            " does not fit a 12 GB Wormhole chip); the global batch, steps and schedule are unchanged"
+            f"ttml: batch_size {TT_DEFAULT_BATCH} per device x accumulation_steps {cfg.accumulation_steps} (batch_size "
+            f"{TT_DEFAULT_BATCH * k} does not fit a 12 GB Wormhole chip); the global batch, steps and schedule stay"
         )
     missing = [m for m in ("transformers", "safetensors", "tokenizers") if not importlib.util.find_spec(m)]
     if missing and cfg.export_hf and not cfg.sample_only:
-        raise UserError(
-            f"export_hf needs {', '.join(missing)}: pip install {' '.join(missing)}, or pass --export_hf=false"
-        )
+        raise UserError(f"export_hf needs {', '.join(missing)}: pip install {' '.join(missing)}, or --export_hf=false")
     if cfg.wandb_project and dist.main and not cfg.sample_only:
         import_wandb()
     if dist.main and tt:  # torch is what runs anywhere else; a machine with Tenstorrent signs stopped above
@@ -612,9 +605,7 @@ def read_checkpoint(path, backend, parts=("model", "optimizer")):
         meta["config"].setdefault("optimizer", "adamw")  # written before there was a choice
     except Exception as e:  # truncated, empty, random bytes, another program's file, a pickle that would run code
         why = "it holds more than tensors and plain values" if "weights_only" in str(e) else type(e).__name__
-        raise UserError(
-            f"{path} is not a readable checkpoint ({why}); delete it and train from scratch, or restore a good copy"
-        ) from None
+        raise UserError(f"{path} is not a readable checkpoint ({why}); delete it, or restore a good copy") from None
     missing = [k for k in parts if not isinstance(state.get(k), dict)]
     missing += [k for k in "step optim_step rng fingerprint content_hash".split() if k not in meta]
     missing += [f"config.{k}" for k in RESUME_FIXED if k not in meta["config"]]
