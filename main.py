@@ -507,9 +507,7 @@ def check_system(cfg, dist):
                 f" launch with torchrun --nproc_per_node={cfg.data_parallel}, or leave data_parallel unset"
             )
     elif dist.world > 1:
-        raise UserError(
-            "backend=ttml runs all its devices from one process: launch without torchrun, with --data_parallel=N"
-        )
+        raise UserError("backend=ttml drives its devices from one process: drop torchrun, pass --data_parallel=N")
     elif cfg.batch_size > TT_DEFAULT_BATCH and cfg.batch_size % TT_DEFAULT_BATCH == 0:
         k = cfg.batch_size // TT_DEFAULT_BATCH  # the same global batch and schedule, in micro-batches that fit
         scaled = {name: getattr(cfg, name) * k for name in ("accumulation_steps", "steps", "eval_every")}
