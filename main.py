@@ -75,8 +75,7 @@ except KeyboardInterrupt:
 
 
 class UserError(Exception):
-    """Something the user can fix (bad input, a busy or full out_dir, a damaged file, a missing device): printed as
-    one line naming the fix, exit code 2."""
+    """Something the user can fix: printed as one line naming the fix, exit code 2."""
 
 
 class TrainingDiverged(UserError):
@@ -100,8 +99,7 @@ def plural(n, noun):
 
 
 def check_disk(e, path):
-    """A full disk anywhere in the exception chain (numpy and torch's zip writer report it without errno) is one
-    line naming the fix."""
+    """A full disk anywhere in the chain is one line (numpy and torch's zip writer report it without errno)."""
     while e is not None:
         if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
             raise UserError(
@@ -112,8 +110,7 @@ def check_disk(e, path):
 
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
-    """Every file main.py writes goes through here: write `path.tmp`, fsync, rename over `path`. A kill at any moment
-    leaves either the old file or the new one, never half of one; a full disk is one clear line and no temp file."""
+    """Every file main.py writes: `path.tmp`, fsync, rename, so a kill leaves the old file or the new, never half."""
     tmp = path + ".tmp"
     try:
         with open(tmp, mode) as f:
@@ -131,8 +128,7 @@ def atomic_write(path, mode="wb"):
 
 
 def progress_bar(show=True, **kw):
-    """tqdm where a person watches; off in a log file (SLURM, nohup, `| tee`), where its carriage returns make one
-    endless line (train() prints log lines there instead)."""
+    """tqdm where a person watches; off in a log file (SLURM, nohup, `| tee`), where it makes one endless line."""
     return tqdm(dynamic_ncols=True, disable=not (show and sys.stdout.isatty() and sys.stderr.isatty()), **kw)
 
 
@@ -142,7 +138,7 @@ def write_json_atomic(path, obj):
 
 
 def read_json(path):
-    """A JSON object from path, or None if it is missing or unreadable."""
+    """None if missing or unreadable."""
     try:
         with open(path) as f:
             obj = json.load(f)
@@ -161,8 +157,7 @@ ROW_KEYS = {  # metrics.jsonl's rows by kind: every key each holds (README's Out
 
 
 def read_jsonl(path):
-    """metrics.jsonl's rows. A partial last line (what a kill or a full disk leaves) is dropped; any other line that
-    is not a row is one error naming it, since the file is the run's record."""
+    """metrics.jsonl's rows. A partial last line (a kill, a full disk) is dropped; any other bad line is an error."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -178,8 +173,7 @@ def read_jsonl(path):
         # the first two keys of each kind: what every version of main.py wrote, so older runs still read
         if not isinstance(row, dict) or not all(k in row for k in ROW_KEYS.get(row.get("kind"), ("?",))[:2]):
             raise UserError(
-                f"{path}: line {i + 1} is not a metrics row ({line.strip()[:60]}); fix or delete that "
-                "line, or move the file away to start a fresh log"
+                f"{path}: line {i + 1} is not a metrics row ({line.strip()[:60]}); fix or delete it, or move the file"
             )
         rows.append(row)
     return rows
@@ -264,23 +258,9 @@ class TrainConfig:
 
 # What --smoke changes (only fields not given explicitly on the command line).
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data", "wiki_fixture.parquet")
-SMOKE_PRESET = dict(
-    data_files=FIXTURE,
-    out_dir="./smoke_out",
-    n_layer=2,
-    n_head=2,
-    n_embd=128,
-    seq_len=128,
-    batch_size=8,
-    steps=120,
-    eval_every=40,
-    eval_iters=8,
-    warmup_steps=20,
-    lr=2e-3,
-    min_lr=2e-4,
-    sample_tokens=32,
-    num_proc=1,
-)
+SMOKE_PRESET = dict(data_files=FIXTURE, out_dir="./smoke_out", num_proc=1, n_layer=2, n_head=2, n_embd=128, seq_len=128)
+SMOKE_PRESET |= dict(batch_size=8, steps=120, eval_every=40, eval_iters=8, warmup_steps=20, lr=2e-3, min_lr=2e-4)
+SMOKE_PRESET |= dict(sample_tokens=32)
 BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
@@ -346,46 +326,20 @@ def check_config(cfg):
     # nan and inf fail or pass the range checks below by accident: they get one message of their own
     odd = [k for k, v in dataclasses.asdict(cfg).items() if isinstance(v, float) and not math.isfinite(v)]
     problems = [f"{name}={getattr(cfg, name)} must be a finite number" for name in odd]
-    for name in (
-        "shard_tokens",
-        "seq_len",
-        "batch_size",
-        "accumulation_steps",
-        "steps",
-        "eval_every",
-        "eval_iters",
-        "n_layer",
-        "n_head",
-        "n_embd",
-        "num_proc",
-        "num_samples",
-        "data_parallel",
-        "max_docs",
-        "total_optim_steps",
-        "top_k",
-        "peak_flops",
-        "lr",
-        "muon_lr",
-        "ddp_wait_s",
+    bounds = {"positive": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1}
+    bounds["in (0, 1)"] = lambda v: 0 < v < 1
+    for rule, names in (
+        ("positive", "shard_tokens seq_len batch_size accumulation_steps steps eval_every eval_iters n_layer n_head"),
+        ("positive", "n_embd num_proc num_samples data_parallel max_docs total_optim_steps top_k peak_flops lr"),
+        ("positive", "muon_lr ddp_wait_s"),
+        (">= 0", "min_lr warmup_steps hold_steps beta1_warmup_steps weight_decay grad_clip temperature sample_tokens"),
+        ("in [0, 1)", "dropout beta1 beta2 beta1_start beta1_end muon_momentum"),
+        ("in (0, 1)", "val_fraction"),
     ):
-        if name not in odd and getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
-            problems.append(f"{name}={getattr(cfg, name)} must be positive")
-    for name in (
-        "min_lr",
-        "warmup_steps",
-        "hold_steps",
-        "beta1_warmup_steps",
-        "weight_decay",
-        "grad_clip",
-        "temperature",
-        "sample_tokens",
-    ):
-        if name not in odd and not getattr(cfg, name) >= 0:
-            problems.append(f"{name}={getattr(cfg, name)} must be >= 0")
-    for name in ("dropout", "beta1", "beta2", "beta1_start", "beta1_end", "muon_momentum", "val_fraction"):
-        v = getattr(cfg, name)
-        if name not in odd and (v is not None and not 0.0 <= v < 1.0 or name == "val_fraction" and v == 0):
-            problems.append(f"{name}={v} must be in {'(0' if name == 'val_fraction' else '[0'}, 1)")
+        for name in names.split():
+            v = getattr(cfg, name)
+            if name not in odd and v is not None and not bounds[rule](v):
+                problems.append(f"{name}={v} must be {rule}")
     if 0 < cfg.lr < cfg.min_lr < math.inf:
         problems.append(f"min_lr={cfg.min_lr} is above lr={cfg.lr}: the decay would climb; set min_lr <= lr")
     if cfg.prepare_only and cfg.sample_only:
@@ -394,16 +348,10 @@ def check_config(cfg):
         problems.append(f"shard_tokens={cfg.shard_tokens} is over 2**30 (a 2 GiB shard buffer in memory)")
     if cfg.n_head > 0 and cfg.n_embd % cfg.n_head:
         problems.append(f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}")
-    if cfg.accumulation_steps > 0 and cfg.eval_every % cfg.accumulation_steps:
-        problems.append(
-            f"eval_every={cfg.eval_every} must be a multiple of accumulation_steps="
-            f"{cfg.accumulation_steps} (evals and checkpoints happen between optimizer steps)"
-        )
-    if cfg.accumulation_steps > 0 and cfg.steps % cfg.accumulation_steps:
-        problems.append(
-            f"steps={cfg.steps} must be a multiple of accumulation_steps={cfg.accumulation_steps} "
-            "(training ends on an optimizer step)"
-        )
+    for name, why in (("eval_every", "evals and checkpoints come between"), ("steps", "training ends on")):
+        if cfg.accumulation_steps > 0 and getattr(cfg, name) % cfg.accumulation_steps:
+            n, a = getattr(cfg, name), cfg.accumulation_steps
+            problems.append(f"{name}={n} must be a multiple of accumulation_steps={a} ({why} optimizer steps)")
     for name in ("data_files", "wandb_project", "wandb_run_name"):  # empty: an unset variable, not the default
         if getattr(cfg, name) is not None and not getattr(cfg, name).replace(",", "").strip():
             problems.append(f"{name}={getattr(cfg, name)!r} is empty; give a value, or leave the option out")
@@ -436,11 +384,9 @@ class Dist:
 
 
 def init_distributed(cfg):
-    """Under torchrun (RANK is set), join the process group, also at WORLD_SIZE 1, so one GPU takes every path that
-    eight do. On CUDA the group has a backend per device type: NCCL for the gradients, gloo for the control plane
-    (the stop flag, eval sums, object gathers), which stays on the host: NCCL refuses CPU tensors, and moving each
-    flag to the GPU would cost a device sync. The device is set right after the group is made, before anything
-    talks to it: an object gather on NCCL runs on the current device, and two ranks on cuda:0 hang."""
+    """Under torchrun, join the group even at WORLD_SIZE 1, so one GPU takes every path that eight do. On CUDA:
+    NCCL for the gradients, gloo for the host-side control plane (NCCL refuses CPU tensors). The device is set
+    before anything talks to it: an object gather on NCCL runs on the current device, and two ranks on cuda:0 hang."""
     if "RANK" not in os.environ:
         return Dist()
     missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -451,9 +397,7 @@ def init_distributed(cfg):
         cfg.device.startswith("cuda") or cfg.device == "auto" and torch.cuda.is_available()
     )
     if cuda and env["WORLD_SIZE"] > 1 and re.fullmatch(r"cuda:\d+", cfg.device):
-        raise UserError(
-            f"--device={cfg.device} puts every rank on one GPU; use --device=cuda (rank i takes cuda:LOCAL_RANK)"
-        )
+        raise UserError(f"--device={cfg.device} puts every rank on one GPU; use --device=cuda (one GPU per rank)")
     backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
     kw = {"device_id": torch.device("cuda", env["LOCAL_RANK"])} if cuda else {}
     wait = datetime.timedelta(seconds=cfg.ddp_wait_s)
@@ -465,18 +409,13 @@ def init_distributed(cfg):
     return Dist(env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["GROUP_RANK"], backend, env["RANK"] == 0)
 
 
-# The gloo group of main.py's own collectives (stop flag, eval sums, object gathers, barriers); DDP keeps the
-# default group. A gloo worker thread can drop its last reference to one of these Python tensors just after wait()
-# returned; if the interpreter is finalizing by then, the thread cannot take the GIL, Python ends it, and the unwind
-# through a noexcept destructor is std::terminate ("terminate called without an active exception", SIGABRT).
-# destroy_process_group() joins a group's threads only once nothing holds the group, and DDP's reducer holds its
-# group for good, so these collectives run on a group of their own that shut_down() can free. A module global,
-# never in an object a traceback keeps alive.
+# The gloo group of main.py's own collectives, apart from DDP's group (which its reducer holds for good), so that
+# shut_down() can free it and join its threads: a gloo thread still running at interpreter exit is a SIGABRT. A
+# module global, never in an object a traceback keeps alive.
 CONTROL = None
 
 
 def all_sum(values, dist):
-    """Sum a list of floats over the ranks, on the host (gloo)."""
     if dist.backend is None:
         return values
     t = torch.tensor(values, dtype=torch.float64)
@@ -493,8 +432,7 @@ def gather_objects(obj, dist):
 
 
 def on_every_rank(dist, fn):
-    """fn() on this rank; a UserError on any rank is raised on every rank, naming its node, so no rank is left
-    waiting in a collective for one that stopped."""
+    """fn(); a UserError on any rank is raised on every rank, so none is left waiting in a collective."""
     try:
         result, problem = fn(), None
     except UserError as e:
@@ -506,8 +444,7 @@ def on_every_rank(dist, fn):
 
 
 def resolve_device(requested, local_rank=0):
-    """auto | cpu | cuda | cuda:N | mps -> an explicit device string, checked before any work. CUDA always gets
-    an index (cuda:LOCAL_RANK for a bare `cuda`): torch.cuda.set_device refuses a bare "cuda"."""
+    """An explicit device string, checked. CUDA always gets an index: torch.cuda.set_device refuses a bare "cuda"."""
     mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
@@ -520,14 +457,14 @@ def resolve_device(requested, local_rank=0):
         return m.group(1)
     if not torch.cuda.is_available():
         raise UserError(
-            f"--device={requested}: no CUDA GPU is visible to torch {torch.__version__} here (a CPU "
-            "build, or no driver); install a CUDA build of torch, or use --device=cpu or auto"
+            f"--device={requested}: no CUDA GPU is visible to torch {torch.__version__} (a CPU build, or no driver); "
+            "install a CUDA build of torch, or use --device=cpu or auto"
         )
     index = int(m.group(2)) if m.group(2) is not None else local_rank
     if index >= torch.cuda.device_count():
         raise UserError(
-            f"--device={requested}: cuda:{index} does not exist ({torch.cuda.device_count()} "
-            "visible); check CUDA_VISIBLE_DEVICES or use --device=cuda"
+            f"--device={requested}: cuda:{index} does not exist ({torch.cuda.device_count()} visible); "
+            "check CUDA_VISIBLE_DEVICES or use --device=cuda"
         )
     return f"cuda:{index}"
 
@@ -539,17 +476,15 @@ def choose_dtype(requested, device_type, bf16_ok):
     return ("bfloat16" if bf16_ok else "float16") if device_type == "cuda" else "float32"
 
 
-def choose_compile(requested, device_type, platform=sys.platform):
-    """compile=auto: on for CUDA on Linux, where it pays (~1.5x) and works; off on the CPU (compile time outweighs a
-    short run) and MPS/Windows (unsupported). true/false force it."""
+def choose_compile(requested, device_type):
+    """auto: CUDA on Linux, where it pays (~1.5x); on the CPU compiling outweighs a short run; MPS/Windows lack it."""
     if requested != "auto":
         return requested == "true"
-    return device_type == "cuda" and platform.startswith("linux")
+    return device_type == "cuda" and sys.platform.startswith("linux")
 
 
 def check_system(cfg, dist):
-    """Everything about this machine that can refuse the run, before any work: the device, TT-Train's availability,
-    the replica count, optional packages. Returns (cfg with its device and backend resolved, ttml modules or None)."""
+    """Every refusal this machine can give, before any work. Returns (cfg with device and backend resolved, ttml)."""
     tt = None
     if cfg.backend in ("auto", "ttml"):
         try:
@@ -572,29 +507,18 @@ def check_system(cfg, dist):
                 f" launch with torchrun --nproc_per_node={cfg.data_parallel}, or leave data_parallel unset"
             )
     elif dist.world > 1:
-        raise UserError(
-            "backend=ttml drives all its devices from one process: launch without torchrun and set "
-            "--data_parallel=N for a [1, N] device mesh"
-        )
+        raise UserError("backend=ttml drives its devices from one process: drop torchrun, pass --data_parallel=N")
     elif cfg.batch_size > TT_DEFAULT_BATCH and cfg.batch_size % TT_DEFAULT_BATCH == 0:
         k = cfg.batch_size // TT_DEFAULT_BATCH  # the same global batch and schedule, in micro-batches that fit
-        cfg = dataclasses.replace(
-            cfg,
-            batch_size=TT_DEFAULT_BATCH,
-            accumulation_steps=cfg.accumulation_steps * k,
-            steps=cfg.steps * k,
-            eval_every=cfg.eval_every * k,
-        )
+        scaled = {name: getattr(cfg, name) * k for name in ("accumulation_steps", "steps", "eval_every")}
+        cfg = dataclasses.replace(cfg, batch_size=TT_DEFAULT_BATCH, **scaled)
         print(
-            f"ttml: batch_size {TT_DEFAULT_BATCH} per device x accumulation_steps {cfg.accumulation_steps} "
-            f"(batch_size {TT_DEFAULT_BATCH * k} does not fit a 12 GB Wormhole chip); the global batch, the "
-            "steps and the schedule are unchanged"
+            f"ttml: batch_size {TT_DEFAULT_BATCH} per device x accumulation_steps {cfg.accumulation_steps} (batch_size "
+            f"{TT_DEFAULT_BATCH * k} does not fit a 12 GB Wormhole chip); the global batch, steps and schedule stay"
         )
     missing = [m for m in ("transformers", "safetensors", "tokenizers") if not importlib.util.find_spec(m)]
     if missing and cfg.export_hf and not cfg.sample_only:
-        raise UserError(
-            f"export_hf needs {', '.join(missing)}: pip install {' '.join(missing)}, or pass --export_hf=false"
-        )
+        raise UserError(f"export_hf needs {', '.join(missing)}: pip install {' '.join(missing)}, or --export_hf=false")
     if cfg.wandb_project and dist.main and not cfg.sample_only:
         import_wandb()
     if dist.main and tt:  # torch is what runs anywhere else; a machine with Tenstorrent signs stopped above
@@ -603,11 +527,10 @@ def check_system(cfg, dist):
 
 
 def import_wandb():
-    """wandb is optional, so it is imported only when --wandb_project asks for it."""
     try:
         import wandb
     except ImportError:
-        raise UserError("--wandb_project needs Weights & Biases, which is not installed: pip install wandb") from None
+        raise UserError("--wandb_project needs Weights & Biases: pip install wandb") from None
     return wandb
 
 
@@ -616,33 +539,16 @@ def import_wandb():
 
 RUN_OUTPUTS = ("ckpt.pt", "metrics.jsonl", "loss_curve.png", "hf")  # what makes out_dir hold a run
 CREATED_DIRS = []  # out_dirs this process made: removed at exit if a failure left nothing in them but locks
-# What a resumed run may change. These change what a step means, the model or the val set, so a change is refused;
-# any other field may change, and the start-up line and the run row say which did. The data is checked by content.
-RESUME_FIXED = ("n_layer", "n_head", "n_embd", "seq_len", "batch_size", "accumulation_steps", "eval_iters")
-RESUME_FIXED += ("backend", "optimizer")  # what the model and the optimizer state are laid out for
-RESUME_FIXED_TT = ("tt_optimizer",)  # the optimizer state's precision and layout
-RESUME_IGNORED = (
-    "init_from",
-    "eval_only",
-    "overwrite",
-    "smoke",
-    "prepare_only",
-    "sample_only",
-    "num_proc",
-    "tokenizer",
-    "ddp_wait_s",
-    "out_dir",
-    "data_files",
-    "wiki_config",
-    "max_docs",
-    "shard_tokens",
-    "val_fraction",
-)
+# What a resumed run may change. These change what a step means, the model, the val set or the optimizer state's
+# layout, so a change is refused; any other field may change, and the run row says which did. Data: by content.
+RESUME_FIXED = "n_layer n_head n_embd seq_len batch_size accumulation_steps eval_iters backend optimizer".split()
+RESUME_FIXED_TT = ["tt_optimizer"]
+RESUME_IGNORED = "init_from eval_only overwrite smoke prepare_only sample_only num_proc tokenizer ddp_wait_s".split()
+RESUME_IGNORED += "out_dir data_files wiki_config max_docs shard_tokens val_fraction".split()
 
 
 def hold_lock(out_dir, name, timeout=-1):
-    """out_dir/name locked by this process (the kernel drops it when the process dies, however it dies), or
-    filelock.Timeout while another process holds it."""
+    """out_dir/name locked by this process until it dies, however it dies; filelock.Timeout if another holds it."""
     if not os.path.isdir(out_dir):
         CREATED_DIRS.append(out_dir)
     try:
@@ -652,9 +558,7 @@ def hold_lock(out_dir, name, timeout=-1):
     except Timeout:  # a TimeoutError, so an OSError too: the caller's to report
         raise
     except OSError as e:  # a file, under a file, read-only, no permission
-        raise UserError(
-            f"--out_dir={out_dir} is not a writable directory ({e.strerror}); point --out_dir elsewhere"
-        ) from None
+        raise UserError(f"--out_dir={out_dir} is not a writable directory ({e.strerror}); point it elsewhere") from None
     return lock
 
 
@@ -663,16 +567,13 @@ def claim_out_dir(out_dir):
         return hold_lock(out_dir, ".lock", timeout=0)
     except Timeout:
         raise UserError(
-            f"{out_dir} is in use by another main.py (it holds {out_dir}/.lock); wait for it to finish, "
-            "or use another --out_dir"
+            f"{out_dir} is in use by another main.py (it holds {out_dir}/.lock); wait for it, or use another --out_dir"
         ) from None
 
 
 def claim_run(cfg, dist):
-    """The run lock, taken before any work: global rank 0 claims its out_dir, then local rank 0 of every node with
-    an out_dir of its own (node-local disks) claims that; rank 0 leaves a probe file for the others to look for, so
-    a node on shared storage knows the out_dir is rank 0's. Returns the lock held (or None) and the Dist with
-    `writer` set, so each distinct out_dir gets exactly one checkpoint writer."""
+    """The run lock, before any work: rank 0 claims its out_dir, then local rank 0 of each node that does not see
+    rank 0's probe file (node-local disks) claims its own. Returns (the lock or None, Dist with `writer` set)."""
     first = on_every_rank(dist, lambda: claim_out_dir(cfg.out_dir) if dist.main else None)
     if dist.backend is None:
         return first, dataclasses.replace(dist, writer=True)
@@ -693,61 +594,52 @@ def run_outputs(out_dir):
 
 
 def read_checkpoint(path, backend, parts=("model", "optimizer")):
-    """The one reader of ckpt.pt (resume and --sample_only), every tensor on the CPU. weights_only: a checkpoint
-    holds tensors and plain values only, so a crafted file cannot run code when it is read."""
+    """The one reader of ckpt.pt, every tensor on the CPU. weights_only: a crafted file cannot run code."""
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}; train first (or point --out_dir at a run)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        missing = [k for k in parts if not isinstance(state.get(k), dict)]
         meta = state["meta"]
-        missing += [k for k in ("step", "optim_step", "rng", "config", "fingerprint", "content_hash") if k not in meta]
-        meta.setdefault("replicas", len(meta["rng"]))
         meta["config"].setdefault("optimizer", "adamw")  # written before there was a choice
-        {k: meta["config"][k] for k in RESUME_FIXED}  # noqa: B018 - a config without them is not ours
     except Exception as e:  # truncated, empty, random bytes, another program's file, a pickle that would run code
         why = "it holds more than tensors and plain values" if "weights_only" in str(e) else type(e).__name__
-        raise UserError(
-            f"{path} is not a readable checkpoint ({why}); delete it and train from scratch, or restore a good copy"
-        ) from None
+        raise UserError(f"{path} is not a readable checkpoint ({why}); delete it, or restore a good copy") from None
+    missing = [k for k in parts if not isinstance(state.get(k), dict)]
+    missing += [k for k in "step optim_step rng fingerprint content_hash".split() if k not in meta]
+    missing += [f"config.{k}" for k in RESUME_FIXED if k not in meta["config"]]
     if missing:
         raise UserError(
             f"{path} is damaged: it has no {', '.join(missing)}; restore a good copy, or start over with "
             "--init_from=scratch --overwrite=true"
         )
+    meta.setdefault("replicas", len(meta["rng"]))  # written before the count was
     if meta["config"]["backend"] != backend:
-        verb = "sample from it with" if parts == ("model",) else "continue it with"
-        raise UserError(
-            f"{path} was written by the {meta['config']['backend']} backend; {verb} "
-            f"--backend={meta['config']['backend']}"
-        )
+        b = meta["config"]["backend"]
+        raise UserError(f"{path} was written by the {b} backend; use it with --backend={b}")
     return state
 
 
 def resume_changes(state, cfg, dist):
-    """{field: [old, new]} for what changed since the checkpoint, or a UserError naming each refused change."""
+    """{field: [old, new]} for what changed since the checkpoint; a refused change is a UserError."""
     saved, now, meta = state["meta"]["config"], dataclasses.asdict(cfg), state["meta"]
-    fixed = RESUME_FIXED + (RESUME_FIXED_TT if cfg.backend == "ttml" else ())
+    fixed = RESUME_FIXED + (RESUME_FIXED_TT if cfg.backend == "ttml" else [])
     refused = [f"{k} {saved.get(k)} -> {now[k]}" for k in fixed if saved.get(k) != now[k]]
     replicas = dist.world if cfg.backend == "torch" else cfg.data_parallel or 1
-    if meta.get("replicas") != replicas:
-        refused.append(f"replicas {meta.get('replicas')} -> {replicas}")
+    if meta["replicas"] != replicas:
+        refused.append(f"replicas {meta['replicas']} -> {replicas}")
     if cfg.steps < meta["step"]:
         refused.append(f"steps {saved['steps']} -> {cfg.steps}, below the checkpoint's micro-step {meta['step']}")
     if refused:
         raise UserError(
-            f"ckpt.pt in {cfg.out_dir} cannot continue with these changes: {'; '.join(refused)}. Keep "
-            "them as they were, use another --out_dir, or start over with --init_from=scratch "
-            "--overwrite=true"
+            f"ckpt.pt in {cfg.out_dir} cannot continue with these changes: {'; '.join(refused)}. Keep them, use "
+            "another --out_dir, or start over with --init_from=scratch --overwrite=true"
         )
     return {k: [saved.get(k), v] for k, v in now.items() if k not in RESUME_IGNORED and saved.get(k) != v}
 
 
 def choose_start(cfg, dist):
-    """The checkpoint to continue (read once, on the CPU), or None to start from scratch. A run is never silently
-    destroyed: auto continues this run's checkpoint and refuses another run's; replacing a run needs --overwrite;
-    outputs of a run without its checkpoint are a run too. A run from a pretrained model continues like auto, if
-    it is the run that model started."""
+    """The checkpoint to continue, or None. A run is never silently destroyed: replacing one (or its outputs without
+    a ckpt.pt) needs --overwrite; a pretrained start continues only the run that model started."""
     path, outputs = os.path.join(cfg.out_dir, "ckpt.pt"), run_outputs(cfg.out_dir)
     new = cfg.init_from not in ("auto", "resume")  # scratch, or a pretrained model
     if cfg.init_from == "resume" and "ckpt.pt" not in outputs:
@@ -774,7 +666,7 @@ def choose_start(cfg, dist):
         )
         if changes:
             print(
-                "resume: changed since the checkpoint: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
+                "resume: changed since the checkpoint:", ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
             )
         if "steps" in changes or "total_optim_steps" in changes:
             print(f"resume: the LR decay now ends at optimizer step {cfg.optim_steps}")
@@ -782,14 +674,10 @@ def choose_start(cfg, dist):
 
 
 def check_same_start(state, dist):
-    """Each node reads its own ckpt.pt, so they must agree on where training continues (a kill between two nodes'
-    checkpoint writes leaves them one eval apart). One line naming what each node has."""
-    seen = gather_objects((dist.node, None if state is None else state["meta"]["step"]), dist)
+    """Each node reads its own ckpt.pt, and a kill between two nodes' writes leaves them one eval apart."""
+    seen = sorted(set(gather_objects((dist.node, None if state is None else state["meta"]["step"]), dist)), key=str)
     if len({step for _, step in seen}) > 1:
-        starts = ", ".join(
-            f"node {n}: " + ("no checkpoint" if step is None else f"micro-step {step}")
-            for n, step in sorted(set(seen), key=str)
-        )
+        starts = ", ".join(f"node {n}: " + ("no checkpoint" if s is None else f"micro-step {s}") for n, s in seen)
         raise UserError(
             f"the nodes' checkpoints disagree ({starts}); copy the newest ckpt.pt into every node's "
             "out_dir, or start over with --init_from=scratch --overwrite=true"
@@ -797,9 +685,8 @@ def check_same_start(state, dist):
 
 
 def start_wandb(cfg, state, dist, login_only=False):
-    """Rank 0's Weights & Biases run, or None without --wandb_project. login_only, before any long work: a missing
-    login is one line at once; the run itself starts with training, so a run that fails before leaves none in the
-    project. A resumed run continues the W&B run whose id its checkpoint holds."""
+    """Rank 0's W&B run, or None. login_only: a missing login fails at once, but the run starts with training, so a
+    run that fails before leaves none in the project. A resumed run continues its checkpoint's W&B run."""
     if not (cfg.wandb_project and dist.main):
         return None
     wandb, run_id = import_wandb(), None if state is None else state["meta"].get("wandb_id")
@@ -815,8 +702,8 @@ def start_wandb(cfg, state, dist, login_only=False):
         )
     except Exception as e:  # no login (UsageError), no network (CommError after init_timeout), a bad project
         raise UserError(
-            f"W&B did not start ({type(e).__name__}: {one_line(e)}); run `wandb login` or set "
-            "WANDB_API_KEY, or WANDB_MODE=offline to log locally, or drop --wandb_project"
+            f"W&B did not start ({type(e).__name__}: {one_line(e)}); run `wandb login` or set WANDB_API_KEY, "
+            "or WANDB_MODE=offline to log locally, or drop --wandb_project"
         ) from None
 
 

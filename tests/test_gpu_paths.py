@@ -49,9 +49,11 @@ def test_smoke_on_a_single_gpu_reaches_the_model_on_cuda_0(tmp_path, fake_cuda, 
     assert fake_cuda["set_device"] == ["cuda:0"]
 
 
-def test_compile_auto_is_on_for_cuda_on_linux_only():
-    assert main.choose_compile("auto", "cuda", platform="linux")
-    assert not main.choose_compile("auto", "cuda", platform="win32")
+def test_compile_auto_is_on_for_cuda_on_linux_only(monkeypatch):
+    monkeypatch.setattr(main.sys, "platform", "linux")
+    assert main.choose_compile("auto", "cuda")
+    monkeypatch.setattr(main.sys, "platform", "win32")
+    assert not main.choose_compile("auto", "cuda")
     assert not main.choose_compile("auto", "cpu") and main.choose_compile("true", "cpu")
 
 

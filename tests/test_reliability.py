@@ -169,10 +169,8 @@ def test_another_backends_checkpoint_names_the_backend_to_resume_or_sample_with(
     state = torch.load(run_copy / "ckpt.pt", weights_only=True)
     state["meta"]["config"]["backend"] = "ttml"
     torch.save(state, run_copy / "ckpt.pt")
-    one_line_error(capsys, cli_args(run_copy, **RUN), "ttml backend; continue it with --backend=ttml")
-    one_line_error(
-        capsys, cli_args(run_copy, **RUN, sample_only="true"), "ttml backend; sample from it with --backend=ttml"
-    )
+    one_line_error(capsys, cli_args(run_copy, **RUN), "ttml backend; use it with --backend=ttml")
+    one_line_error(capsys, cli_args(run_copy, **RUN, sample_only="true"), "ttml backend; use it with --backend=ttml")
 
 
 def test_resume_refuses_a_changed_step_meaning_and_announces_allowed_changes(run_copy, capsys):
