@@ -251,10 +251,6 @@ class TrainConfig:
     tt_optimizer: H[Literal["fp32_master", "bf16_stochastic", "bf16"], "ttml AdamW precision"] = "fp32_master"
     smoke: H[bool, "preset: tiny model on the repo's fixture, the whole pipeline in about a minute"] = False
 
-    @property
-    def optim_steps(self):
-        return self.total_optim_steps or self.steps // self.accumulation_steps
-
 
 # What --smoke changes (only fields not given explicitly on the command line).
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data", "wiki_fixture.parquet")
@@ -377,10 +373,7 @@ class Dist:
     node: int = 0  # torchrun's node rank
     backend: str | None = None  # what the process group was made with; None without one
     writer: bool = True  # writes out_dir's checkpoint: one process per distinct out_dir (claim_run decides)
-
-    @property
-    def main(self):
-        return self.rank == 0
+    main: bool = True  # rank 0: prints, logs and exports
 
 
 def init_distributed(cfg):
@@ -406,7 +399,8 @@ def init_distributed(cfg):
         torch.cuda.set_device(env["LOCAL_RANK"])
     global CONTROL
     CONTROL = tdist.new_group(backend="gloo", timeout=wait)
-    return Dist(env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["GROUP_RANK"], backend, env["RANK"] == 0)
+    rank = env["RANK"]
+    return Dist(rank, env["WORLD_SIZE"], env["LOCAL_RANK"], env["GROUP_RANK"], backend, rank == 0, rank == 0)
 
 
 # The gloo group of main.py's own collectives, apart from DDP's group (which its reducer holds for good), so that
@@ -669,7 +663,7 @@ def choose_start(cfg, dist):
                 "resume: changed since the checkpoint:", ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
             )
         if "steps" in changes or "total_optim_steps" in changes:
-            print(f"resume: the LR decay now ends at optimizer step {cfg.optim_steps}")
+            print(f"resume: the LR decay now ends at optimizer step {optim_steps(cfg)}")
     return state
 
 
@@ -2179,6 +2173,10 @@ def make_backend(cfg, dist, tt):  # tt: the ttml modules check_system imported, 
 # 9. Train: the schedule (pure functions of the optimizer step k, 0-based), then the loop
 
 
+def optim_steps(cfg):
+    return cfg.total_optim_steps or cfg.steps // cfg.accumulation_steps
+
+
 def lr_at(k, cfg):
     """The speedrun's: linear warmup to lr, flat for hold_steps, linear decay to min_lr at optim_steps."""
     w, h = cfg.warmup_steps, cfg.hold_steps
@@ -2186,7 +2184,7 @@ def lr_at(k, cfg):
         return cfg.lr * (k + 1) / w
     if k < w + h:
         return cfg.lr
-    return cfg.lr + (cfg.min_lr - cfg.lr) * min(1.0, (k - w - h) / max(1, cfg.optim_steps - w - h))
+    return cfg.lr + (cfg.min_lr - cfg.lr) * min(1.0, (k - w - h) / max(1, optim_steps(cfg) - w - h))
 
 
 def beta1_at(k, cfg):
@@ -2300,13 +2298,13 @@ def start_training(cfg, backend, dist, state):
         print(
             f"device: {backend.device_name} ({backend.dtype}); data_parallel {dp}; global batch {gb * dp:,} tokens "
             f"= seq_len {cfg.seq_len} x batch_size {cfg.batch_size} x accumulation_steps {cfg.accumulation_steps} "
-            f"x data_parallel {dp}; {plural(cfg.optim_steps, 'optimizer step')}"
+            f"x data_parallel {dp}; {plural(optim_steps(cfg), 'optimizer step')}"
             + ("; torch.compile on: the first step compiles the model (minutes on a CPU)" if backend.compiling else "")
         )
-        if cfg.warmup_steps + cfg.hold_steps > cfg.optim_steps:  # a short try of a preset meant for long runs
+        if cfg.warmup_steps + cfg.hold_steps > optim_steps(cfg):  # a short try of a preset meant for long runs
             top = lr_at(max(0, min(cfg.steps // cfg.accumulation_steps, cfg.warmup_steps) - 1), cfg)
             print(
-                f"note: warmup_steps + hold_steps outlast the {plural(cfg.optim_steps, 'optimizer step')}: lr peaks "
+                f"note: warmup_steps + hold_steps outlast the {plural(optim_steps(cfg), 'optimizer step')}: lr peaks "
                 f"at {top:.2e} ({top / cfg.lr:.1%} of lr) and never decays; lower --warmup_steps or raise --steps"
             )
         if cfg.beta1_start is not None and cfg.beta1_warmup_steps > cfg.steps // cfg.accumulation_steps:

@@ -127,8 +127,8 @@ def test_lr_with_hold_and_explicit_total():
 
 
 def test_total_optim_steps_defaults_to_micro_steps_over_accumulation():
-    assert main.TrainConfig(steps=12, accumulation_steps=3).optim_steps == 4
-    assert main.TrainConfig(steps=12, accumulation_steps=3, total_optim_steps=9).optim_steps == 9
+    assert main.optim_steps(main.TrainConfig(steps=12, accumulation_steps=3)) == 4
+    assert main.optim_steps(main.TrainConfig(steps=12, accumulation_steps=3, total_optim_steps=9)) == 9
 
 
 def test_beta1_warmup_and_default():
