@@ -1030,7 +1030,7 @@ def scan_parquet(files):
             pf, size = open_parquet(f)
         except Exception as e:
             if f.startswith(HUB):
-                raise  # a hub error: scan_hub_dump says so and names the offline way
+                raise hub_unreachable(f, e) from None
             raise UserError(f"--data_files: {f} is not a readable parquet file ({one_line(e)})") from None
         schema = pf.schema_arrow
         if "text" not in schema.names:
@@ -1044,52 +1044,45 @@ def scan_parquet(files):
             raise UserError(f"--data_files: {f}'s 'text' column holds {schema.field('text').type}, not strings")
         footer = pa.BufferOutputStream()
         pf.metadata.write_metadata_file(footer)
+        digest = hashlib.sha256(footer.getvalue()).hexdigest()[:16]
+        rows = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
         scanned.append(
-            {
-                "name": os.path.basename(f),
-                "bytes": size,
-                "footer_sha256": hashlib.sha256(footer.getvalue()).hexdigest()[:16],
-                "path": f,
-                "row_groups": [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)],
-            }
+            {"name": os.path.basename(f), "bytes": size, "footer_sha256": digest, "path": f, "row_groups": rows}
         )
     return scanned
 
 
+def hub_unreachable(what, e):  # offline (HF_HUB_OFFLINE=1 raises OfflineModeIsEnabled), no network, an HTTP error
+    return UserError(
+        f"cannot reach the Hugging Face hub for {what} ({type(e).__name__}: {str(e)[:200]}); offline, point "
+        "main.py at local parquet files: --data_files='path/to/*.parquet'"
+    )
+
+
 def hub_dump_files(dump):
-    """The dump's parquet files on the hub, as an hf:// glob; one line naming both families if it is neither. The
-    glob, not the files it matches, is the dump's data identity: it needs no hub access to compute."""
+    """The dump's parquet files on the hub, as an hf:// glob: the dump's data identity, computed with no hub access."""
     m = re.fullmatch(r"(\d{8})\.([\w-]+)", dump)
     if not m or m.group(1) not in HUB_DUMPS or (m.group(1) == "20220301" and m.group(2) not in LEGACY_LANGS):
         raise UserError(
-            f"unknown Wikipedia dump {dump!r}: use 20231101.<lang> (wikimedia/wikipedia, e.g. "
-            f"20231101.en, 20231101.de, 20231101.simple) or 20220301.{{{','.join(LEGACY_LANGS)}}} "
-            "(the retired 'wikipedia' dataset, kept as legacy-datasets/wikipedia); set WIKI_DUMP or "
-            "--wiki_config"
+            f"unknown Wikipedia dump {dump!r}: use 20231101.<lang> (e.g. 20231101.en, 20231101.simple) or 20220301."
+            f"{{{','.join(LEGACY_LANGS)}}} (legacy-datasets/wikipedia); set WIKI_DUMP or --wiki_config"
         )
     return HUB + "datasets/" + HUB_DUMPS[m.group(1)].format(dump=dump) + "/*.parquet"
 
 
 def scan_input(cfg):
-    """The input files, scanned: local parquet, or the hub dump's files (a listing and their footers, a few KB
-    each); one line if the hub cannot be reached or has no such files."""
+    """The input files, scanned: local parquet, or the hub dump's files (a listing and their footers, a few KB each)."""
     if cfg.data_files:
         return scan_parquet(resolve_data_files(cfg.data_files))
-    pattern = hub_dump_files(cfg.wiki_config)
+    pattern, why = hub_dump_files(cfg.wiki_config), "no file matches"
     try:
         paths = sorted(hub_filesystem().glob(pattern[len(HUB) :]))
-        if paths:
-            return scan_parquet([HUB + p for p in paths])
-        why = "no file matches"
     except FileNotFoundError as e:  # no such repository or folder
-        why = str(e)[:200]
-    except UserError:
-        raise
-    except Exception as e:  # offline (HF_HUB_OFFLINE=1 raises OfflineModeIsEnabled), no network, an HTTP error
-        raise UserError(
-            f"cannot reach the Hugging Face hub for {pattern} ({type(e).__name__}: {str(e)[:200]}); "
-            "offline, point main.py at local parquet files: --data_files='path/to/*.parquet'"
-        ) from None
+        paths, why = [], str(e)[:200]
+    except Exception as e:
+        raise hub_unreachable(pattern, e) from None
+    if paths:
+        return scan_parquet([HUB + p for p in paths])
     raise UserError(
         f"unknown Wikipedia dump {cfg.wiki_config!r}: the hub has no {pattern} ({why}); e.g. "
         "20231101.en, 20231101.de, 20220301.en; set WIKI_DUMP or --wiki_config"
@@ -1113,22 +1106,13 @@ def file_identity(files):
 
 
 def data_identity(cfg, files):
-    """(identity, fingerprint): everything that decides the bytes of the shards, and nothing else (paths, mtimes,
-    lr, steps, model dims), and its hash. A hub dump's identity is its name; local files are known by name, size
-    and footer."""
-    source = (
-        {"data_files": file_identity(files)}
-        if cfg.data_files
-        else {"wiki_config": cfg.wiki_config, "hub_files": hub_dump_files(cfg.wiki_config)}
-    )
-    identity = {
-        "format_version": FORMAT_VERSION,
-        "tokenizer": "gpt2",
-        **source,
-        "max_docs": cfg.max_docs,
-        "shard_tokens": cfg.shard_tokens,
-        "val_fraction": cfg.val_fraction,
-    }
+    """(identity, fingerprint): everything that decides the shards' bytes and nothing else (paths, mtimes, lr, model
+    dims), and its hash. A hub dump is known by its name, local files by name, size and footer."""
+    identity = {k: v for k, v in data_request(cfg).items() if k not in ("data_files", "wiki_config")}
+    if cfg.data_files:
+        identity.update(tokenizer="gpt2", data_files=file_identity(files))
+    else:
+        identity.update(tokenizer="gpt2", wiki_config=cfg.wiki_config, hub_files=hub_dump_files(cfg.wiki_config))
     return identity, hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -1298,8 +1282,7 @@ def start_or_resume(out_dir, fp, files, log):
 
 
 def build_shards(cfg, progress, jobs, n_train, n_docs, tokenizer, pool):
-    """Tokenize the jobs into the train and val shards, writing the progress record after every finished shard.
-    Returns the end article of the last job and how many articles had no text."""
+    """Tokenize the jobs into shards, recording progress after each; -> (end article, articles with no text)."""
     tag, skip, end = progress["fingerprint"][:8], progress["next"]["skip_tokens"], progress["next"]["article"]
     writers = {s: ShardWriter(cfg.out_dir, s, tag, cfg.shard_tokens, progress["splits"][s]) for s in SPLITS}
     empty = progress["next"].get("empty", 0)  # articles with no text before `next` (a record may predate the count)
@@ -1332,12 +1315,9 @@ def shards_kept(progress):
     return f"{plural(n, 'finished shard')} kept" if n else "no shard was finished"
 
 
-def prepare(cfg, log=print, state=None):
-    """Idempotent: reuse valid shards for the same data, continue an interrupted build, or build a new set beside
-    the old one. The shards are reused for the same data options and, where the input can be read cheaply (local
-    files that are still there), the same input; a hub dump is known by its name (no listing, so training needs no
-    network), and offline or with the input gone the shards are enough. A rebuild for other data never replaces
-    the shards of a run in out_dir. Returns the manifest."""
+def prepare(cfg, log, state=None):
+    """Idempotent: reuse valid shards for the same data, continue an interrupted build, or build a new set beside the
+    old one. A hub dump is known by its name (training needs no network); with the input gone the shards are enough."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     manifest, why = load_manifest(cfg.out_dir)
     if cfg.data_files is None and manifest is not None:  # not given: the input the shards came from, never the hub
@@ -1375,7 +1355,6 @@ def prepare(cfg, log=print, state=None):
 
 
 def build(cfg, fp, files, log):
-    """Tokenize the input into a new shard set and switch manifest.json to it."""
     n_docs = min(x for x in (sum(sum(f["row_groups"]) for f in files), cfg.max_docs) if x is not None)
     if n_docs < 2:  # before any tokenizing: no val_fraction splits fewer than 2 articles into train and val
         what = "only 1 article; train and val need one each" if n_docs else "no articles"
@@ -1408,7 +1387,8 @@ def build(cfg, fp, files, log):
         raise UserError(f"reading {where} failed ({detail}); a rerun continues where it stopped ({kept})") from None
     if end != n_docs:
         raise UserError(f"the input ended after {end:,} of the {plural(n_docs, 'article')} it announced")
-    splits = progress["splits"]
+    splits = progress["splits"]  # content_hash: what the shards hold, whatever their names
+    content = hashlib.sha256("".join(s["sha256"] for s in splits["train"] + splits["val"]).encode()).hexdigest()
     manifest = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fp,
@@ -1421,10 +1401,7 @@ def build(cfg, fp, files, log):
         "num_docs": n_docs,
         "num_docs_split": {"train": n_train, "val": n_val},
         "num_tokens": {s: sum(x["tokens"] for x in splits[s]) for s in SPLITS},
-        # what the shards hold, whatever their names: a sha256 over the shards' own sha256s, in order
-        "content_hash": hashlib.sha256(
-            "".join(s["sha256"] for s in splits["train"] + splits["val"]).encode()
-        ).hexdigest(),
+        "content_hash": content,
         "splits": splits,
     }
     try:
@@ -1451,21 +1428,20 @@ def check_enough_tokens(manifest, seq_len):
         n = manifest["num_tokens"][split]
         if n < seq_len + 1:
             raise UserError(
-                f"the {split} split has {plural(n, 'token')}, fewer than one seq_len+1={seq_len + 1} window; "
-                "use more articles (max_docs/data_files), a smaller seq_len, or another val_fraction"
+                f"the {split} split has {plural(n, 'token')}, fewer than one seq_len+1={seq_len + 1} window; use "
+                "more articles (max_docs/data_files), a smaller seq_len, or another val_fraction"
             )
 
 
 def prepare_on_node(cfg, dist, state):
-    """Every rank prepares under the prepare lock: the first on each out_dir builds (or reuses), the rest then find
-    its manifest. So node-local disks and a shared out_dir both work, and a dead builder's lock frees itself."""
+    """Every rank prepares under the lock, the first on each out_dir building: node-local disks and a shared out_dir
+    both work, and a dead builder's lock frees itself."""
     with hold_lock(cfg.out_dir, ".prepare.lock"):
         return prepare(cfg, print if dist.local_rank == 0 else lambda *a: None, state)
 
 
 def check_same_data(manifest, state, cfg, dist):
-    """Every node trains on the same tokens, and a continued run on the tokens it was trained on: content hashes
-    must agree. One line naming what differs."""
+    """Every node trains on the same tokens, and a continued run on the tokens it was trained on."""
     seen = dict(gather_objects((dist.node, manifest["content_hash"]), dist))
     odd = sorted(node for node, h in seen.items() if h != seen[0])
     if odd:
@@ -1475,8 +1451,8 @@ def check_same_data(manifest, state, cfg, dist):
         )
     if state is not None and state["meta"]["content_hash"] != manifest["content_hash"]:
         raise UserError(
-            f"{cfg.out_dir}/ckpt.pt was trained on other tokens than the shards in out_dir now hold; use "
-            "the data it was trained on, another --out_dir, or --init_from=scratch --overwrite=true"
+            f"{cfg.out_dir}/ckpt.pt was trained on other tokens than out_dir's shards; use the data it was trained "
+            "on, another --out_dir, or --init_from=scratch --overwrite=true"
         )
     check_enough_tokens(manifest, cfg.seq_len)
 
