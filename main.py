@@ -883,8 +883,7 @@ def hub_filesystem():
 
 
 def open_parquet(path):
-    """-> (ParquetFile, bytes) of a local or hf:// path; a hub file is read by range requests, so only its footer and
-    the 'text' column of the row groups read are downloaded."""
+    """-> (ParquetFile, bytes); a hub file is read by range requests: only its footer and the row groups' texts."""
     if path.startswith(HUB):
         f = hub_filesystem().open(path[len(HUB) :], block_size=HUB_BLOCK)
         return pq.ParquetFile(f), f.size
@@ -951,11 +950,9 @@ def first_disagreement(task):
     return None
 
 
-def choose_tokenizer(wanted, first_task, pool, num_proc, log):
-    """fastokens if wanted and it gives tiktoken's tokens on the hard strings and the input's first articles: no
-    version of either library may change the shards."""
-    if wanted == "tiktoken":
-        return "tiktoken"
+def choose_tokenizer(first_task, pool, num_proc, log):
+    """fastokens if it gives tiktoken's tokens on the hard strings and the input's first articles: no version of
+    either library may change the shards."""
     differs = next(tokenize_in_order([(first_task,)], first_disagreement, pool, num_proc))[1]
     if differs:
         log(f"prepare: fastokens and tiktoken disagree on {differs}; tokenizing with tiktoken")
@@ -1005,7 +1002,7 @@ def tokenize_in_order(jobs, work, pool, num_proc):
 def resolve_data_files(spec):
     """Comma-separated files/globs/directories (`\\,` is a comma in a name; a blank part is nothing) -> the existing
     files, each once, in order. A directory (what `hf download` leaves) stands for the *.parquet files under it."""
-    files, seen = [], set()
+    files = {}  # by real path: the same file twice (overlapping globs) would put training text into the val split
     for part in filter(None, (p.strip().replace("\\,", ",") for p in re.split(r"(?<!\\),", spec))):
         part = os.path.expanduser(part)
         matches = []
@@ -1014,11 +1011,9 @@ def resolve_data_files(spec):
             matches += sorted(glob.glob(under, recursive=True)) if os.path.isdir(m) else [m]
         if not matches:
             raise UserError(f"--data_files: no file matches {part!r}" + (" (no *.parquet in it)" * os.path.isdir(part)))
-        for f in matches:  # overlapping globs: the same file twice would put training text into the val split
-            if os.path.realpath(f) not in seen:
-                seen.add(os.path.realpath(f))
-                files.append(f)
-    return files
+        for f in matches:
+            files.setdefault(os.path.realpath(f), f)
+    return list(files.values())
 
 
 def scan_parquet(files):
@@ -1046,9 +1041,7 @@ def scan_parquet(files):
         pf.metadata.write_metadata_file(footer)
         digest = hashlib.sha256(footer.getvalue()).hexdigest()[:16]
         rows = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
-        scanned.append(
-            {"name": os.path.basename(f), "bytes": size, "footer_sha256": digest, "path": f, "row_groups": rows}
-        )
+        scanned.append(dict(name=os.path.basename(f), bytes=size, footer_sha256=digest, path=f, row_groups=rows))
     return scanned
 
 
@@ -1091,14 +1084,8 @@ def scan_input(cfg):
 
 def data_request(cfg):
     """The data options as given: what tells, without reading the input, that out_dir's shards are for this run."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "data_files": cfg.data_files,
-        "wiki_config": None if cfg.data_files else cfg.wiki_config,
-        "max_docs": cfg.max_docs,
-        "shard_tokens": cfg.shard_tokens,
-        "val_fraction": cfg.val_fraction,
-    }
+    request = {k: getattr(cfg, k) for k in "data_files wiki_config max_docs shard_tokens val_fraction".split()}
+    return {"format_version": FORMAT_VERSION, **request, "wiki_config": None if cfg.data_files else cfg.wiki_config}
 
 
 def file_identity(files):
@@ -1117,9 +1104,8 @@ def data_identity(cfg, files):
 
 
 def parquet_tasks(files, task_rows, at, n_train, n):
-    """Worker tasks from article at["article"] to n, in order: (path, row_group, lo, hi) row ranges, none straddling
-    the train/val boundary n_train, of at most task_rows rows (None: whole row groups). Yields (task, first article,
-    end article): the article index alone is the input position, which the footers map to a row group."""
+    """Yield ((path, row_group, lo, hi), first article, end article) from article at["article"] to n, of at most
+    task_rows rows (None: whole row groups), none straddling n_train. The article index alone is the input position."""
     first = 0
     for f in files:
         for rg, rows in enumerate(f["row_groups"]):
@@ -1138,8 +1124,7 @@ def shard_name(split, tag, index):
 
 
 class ShardWriter:
-    """Fills a preallocated uint16 buffer and writes it as `{split}_{tag}_{index:06d}.bin` (temp name, then rename),
-    appending each finished shard with its sha256 to `shards` (the progress record's list, so resume continues it)."""
+    """Writes each full buffer as the next shard (temp name, then rename) onto `shards`, the progress record's list."""
 
     def __init__(self, out_dir, split, tag, shard_tokens, shards):
         self.out_dir, self.split, self.tag, self.shards = out_dir, split, tag, shards
@@ -1227,16 +1212,14 @@ def delete_files(out_dir, names, keep=()):
 
 
 def build_files(progress):
-    """Every file a build may have written: its finished shards, and the next shard of each split (renamed before
-    the record caught up with it, or still a temp file)."""
+    """What a build may have written: its shards and each split's next (renamed before the record caught up, or tmp)."""
     nxt = [shard_name(split, progress["fingerprint"][:8], len(progress["splits"][split])) for split in SPLITS]
     return listed_shards(progress) + nxt + [n + ".tmp" for n in nxt] + [PROGRESS]
 
 
 def clean_up(out_dir, switched_to=None):
-    """Delete what the build on record may have written, never a shard manifest.json lists; returns those shards.
-    After a switch (`switched_to`, the new manifest) the set it replaced goes too, if the record is of that build: a
-    rerun after a kill in between finds the record still naming what is left to delete."""
+    """Delete what the build on record may have written, never a shard manifest.json lists (returned). After a switch
+    to `switched_to`, also the set that build replaced: the record names it until then, should a kill come between."""
     progress, keep = read_json(os.path.join(out_dir, PROGRESS)), []
     with contextlib.suppress(KeyError, TypeError):  # a missing or corrupt manifest vouches for nothing
         keep = listed_shards(switched_to or read_json(os.path.join(out_dir, "manifest.json")))
@@ -1367,15 +1350,12 @@ def build(cfg, fp, files, log):
     try:
         first_task = next(parquet_tasks(files, CHECK_ARTICLES, {"article": 0}, n_train, n_docs))[0]
         fast = cfg.tokenizer != "tiktoken" and importlib.util.find_spec("fastokens")
-        wanted = "fastokens" if fast else "tiktoken"
-        with worker_pool(cfg.num_proc, wanted) as pool:
-            tokenizer = choose_tokenizer(wanted, first_task, pool, cfg.num_proc, log)
+        with worker_pool(cfg.num_proc, "fastokens" if fast else "tiktoken") as pool:
+            tokenizer = choose_tokenizer(first_task, pool, cfg.num_proc, log) if fast else "tiktoken"
             jobs = parquet_tasks(files, task_rows, progress["next"], n_train, n_docs)
             end, empty = build_shards(cfg, progress, jobs, n_train, n_docs, tokenizer, pool)
     except KeyboardInterrupt:
-        raise Interrupted(
-            f"prepare interrupted ({shards_kept(progress)}); the same command continues from there"
-        ) from None
+        raise Interrupted(f"prepare interrupted ({shards_kept(progress)}); the same command continues") from None
     except UserError:
         raise
     except Exception as e:
