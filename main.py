@@ -823,9 +823,9 @@ def start_wandb(cfg, state, dist, login_only=False):
 # -----------------------------------------------------------------------------
 # 5. Prepare: Wikipedia articles -> GPT-2 tokens -> uint16 shards + manifest.json
 #
-# Crash-safe and resumable. Shard names carry the data fingerprint, so a new set never overwrites the previous one;
-# manifest.json, written last, switches to it atomically, and only then is the previous set deleted. Only files with
-# the shard pattern that a manifest or the progress record lists are ever read or deleted.
+# Crash-safe and resumable. Shard names carry the data fingerprint, so a new set never overwrites the old one;
+# manifest.json, written last, switches to it atomically, and only then is the old set deleted. Only shard-named
+# files that a manifest or the progress record lists are ever read or deleted.
 
 FORMAT_VERSION = 2
 EOS_ID = 50256  # <|endoftext|>, written before every article so documents are delimited on both sides
@@ -1127,9 +1127,8 @@ class ShardWriter:
     """Writes each full buffer as the next shard (temp name, then rename) onto `shards`, the progress record's list."""
 
     def __init__(self, out_dir, split, tag, shard_tokens, shards):
-        self.out_dir, self.split, self.tag, self.shards = out_dir, split, tag, shards
+        self.out_dir, self.split, self.tag, self.shards, self.fill = out_dir, split, tag, shards, 0
         self.buf = np.empty(shard_tokens, dtype=np.uint16)  # untouched pages cost no memory until filled
-        self.fill = 0
 
     def add(self, tokens):
         """Copy tokens in; after each shard this finishes, yield how many of `tokens` it has taken so far."""
@@ -1233,23 +1232,19 @@ def clean_up(out_dir, switched_to=None):
 
 
 def start_or_resume(out_dir, fp, files, log):
-    """The progress record (prepare_progress.json) of an unfinished build of these files, or a fresh one, written
-    before any shard so every file the build writes is on record; a build for other data is abandoned. The files
-    matter for the hub, whose fingerprint is the dump's name: a dump rewritten there must not continue the old build.
-    A record is {"fingerprint", "files", "replaces": the manifest's shards, "splits": {"train": [shard, ...], "val":
-    [...]}, "next": {"article": a, "skip_tokens": t, "empty"}}, a shard {"file", "tokens", "sha256"}; "next" is where
-    the last finished shard ends: article a, of which t tokens are written, and how many articles so far had no text."""
+    """The record (PROGRESS) of an unfinished build of this fingerprint and these files, or a fresh one, written before
+    any shard so every file the build writes is on record: {"fingerprint", "files", "replaces": the manifest's shards,
+    "splits": {"train": [{"file", "tokens", "sha256"}, ...], "val": [...]}, "next": {"article", "skip_tokens",
+    "empty"}}, "next" being where the last finished shard ends. The files matter for a hub dump rewritten since."""
     progress = read_json(os.path.join(out_dir, PROGRESS))
     try:
         if progress and progress["fingerprint"] == fp:
             if progress["files"] != files:
                 log("prepare: the input files changed since the unfinished build (a new revision?); starting over")
-            elif not check_shards(out_dir, progress, since=0):  # since=0: this build hashes only its own shards
-                log(
-                    f"prepare: resuming after {len(progress['splits']['train'])} train + "
-                    f"{plural(len(progress['splits']['val']), 'val finished shard')}, at article "
-                    f"{progress['next']['article']:,}"
-                )
+            elif not check_shards(out_dir, progress, since=0):  # hash all a killed build left; a build hashes its own
+                train, val = (len(progress["splits"][s]) for s in SPLITS)
+                at = progress["next"]["article"]
+                log(f"prepare: resuming after {train} train + {plural(val, 'val finished shard')}, at article {at:,}")
                 return progress
     except (KeyError, TypeError):
         log("prepare: the progress record is damaged; starting over")
@@ -1395,8 +1390,7 @@ def build(cfg, fp, files, log):
         f"prepare: {plural(n_docs, 'article')}{f' ({empty:,} with no text, left out)' if empty else ''} -> "
         f"{plural(sum(manifest['num_tokens'].values()), 'token')} in {time.time() - t0:.1f}s ({tokenizer})"
         f"{f' (resumed at article {resumed_at:,})' if resumed_at else ''}, "
-        f"train {plural(n_train, 'article')} / val {plural(n_val, 'article')}, "
-        f"content hash {manifest['content_hash'][:16]}"
+        f"train {plural(n_train, 'article')} / val {plural(n_val, 'article')}, content hash {content[:16]}"
     )
     return manifest
 
@@ -1404,8 +1398,7 @@ def build(cfg, fp, files, log):
 def check_enough_tokens(manifest, seq_len):
     if not sum(manifest["num_tokens"].values()):
         raise UserError(f"the input has no text: its {manifest['num_docs']:,} articles are all empty or whitespace")
-    for split in SPLITS:
-        n = manifest["num_tokens"][split]
+    for split, n in manifest["num_tokens"].items():
         if n < seq_len + 1:
             raise UserError(
                 f"the {split} split has {plural(n, 'token')}, fewer than one seq_len+1={seq_len + 1} window; use "
