@@ -830,10 +830,8 @@ def start_wandb(cfg, state, dist, login_only=False):
 FORMAT_VERSION = 2
 EOS_ID = 50256  # <|endoftext|>, written before every article so documents are delimited on both sides
 VOCAB_SIZE = 50257
-HUB_DUMPS = {  # snapshot -> where the hub keeps its parquet files, one folder per language
-    "20231101": "wikimedia/wikipedia/{dump}",  # the current dumps, every language
-    "20220301": "legacy-datasets/wikipedia/data/{dump}",  # the seed's: the retired `wikipedia` dataset's parquet
-}
+# snapshot -> its parquet files' folder on the hub: today's dumps, and the seed's (the retired `wikipedia` dataset's)
+HUB_DUMPS = {"20231101": "wikimedia/wikipedia/{dump}", "20220301": "legacy-datasets/wikipedia/data/{dump}"}
 LEGACY_LANGS = ("en", "de", "fr", "frr", "it", "simple")  # the only 20220301 languages it pre-processed
 HUB = "hf://"  # a path on the hub, read through huggingface_hub's fsspec filesystem
 HUB_BLOCK = 1 << 16  # what a hub read fetches beyond what pyarrow asks: a footer costs KBs, not fsspec's 5 MB
@@ -893,8 +891,7 @@ def open_parquet(path):
 def read_rows(path, row_group, lo, hi):
     """Texts [lo, hi) of one row group; a failure carries the task (`.task`) for the error line to name."""
     try:
-        column = open_parquet(path)[0].read_row_group(row_group, columns=["text"]).column("text")
-        return column.slice(lo, hi - lo).to_pylist()
+        return open_parquet(path)[0].read_row_group(row_group, columns=["text"]).column("text")[lo:hi].to_pylist()
     except Exception as e:
         e.task = (path, row_group, lo, hi)
         raise
@@ -911,8 +908,7 @@ def fails_again(e):
 
 @functools.cache
 def get_fastokens():
-    """The same BPE via fastokens (3-15x tiktoken on one thread, thanks to its per-word cache). No added tokens, so
-    `<|endoftext|>` in an article is ordinary text."""
+    """The same BPE via fastokens (3-15x tiktoken, by its per-word cache); no added tokens: `<|endoftext|>` is text."""
     import fastokens
 
     os.environ["FASTOKENS_BPE_THREADS"] = "1"  # num_proc processes are the parallelism; read at the first encode
@@ -951,8 +947,7 @@ def first_disagreement(task):
 
 
 def choose_tokenizer(first_task, pool, num_proc, log):
-    """fastokens if it gives tiktoken's tokens on the hard strings and the input's first articles: no version of
-    either library may change the shards."""
+    """fastokens if it gives tiktoken's tokens on the hard strings and first articles: no version may change shards."""
     differs = next(tokenize_in_order([(first_task,)], first_disagreement, pool, num_proc))[1]
     if differs:
         log(f"prepare: fastokens and tiktoken disagree on {differs}; tokenizing with tiktoken")
@@ -1003,8 +998,7 @@ def resolve_data_files(spec):
     """Comma-separated files/globs/directories (`\\,` is a comma in a name; a blank part is nothing) -> the existing
     files, each once, in order. A directory (what `hf download` leaves) stands for the *.parquet files under it."""
     files = {}  # by real path: the same file twice (overlapping globs) would put training text into the val split
-    for part in filter(None, (p.strip().replace("\\,", ",") for p in re.split(r"(?<!\\),", spec))):
-        part = os.path.expanduser(part)
+    for part in filter(None, (os.path.expanduser(p.strip().replace("\\,", ",")) for p in re.split(r"(?<!\\),", spec))):
         matches = []
         for m in [part] if os.path.isfile(part) else sorted(glob.glob(part)):
             under = os.path.join(glob.escape(m), "**", "*.parquet")
@@ -1093,8 +1087,7 @@ def file_identity(files):
 
 
 def data_identity(cfg, files):
-    """(identity, fingerprint): everything that decides the shards' bytes and nothing else (paths, mtimes, lr, model
-    dims), and its hash. A hub dump is known by its name, local files by name, size and footer."""
+    """(identity, fingerprint): all that decides the shards' bytes and nothing else (paths, mtimes, lr, model dims)."""
     identity = {k: v for k, v in data_request(cfg).items() if k not in ("data_files", "wiki_config")}
     if cfg.data_files:
         identity.update(tokenizer="gpt2", data_files=file_identity(files))
@@ -1407,8 +1400,7 @@ def check_enough_tokens(manifest, seq_len):
 
 
 def prepare_on_node(cfg, dist, state):
-    """Every rank prepares under the lock, the first on each out_dir building: node-local disks and a shared out_dir
-    both work, and a dead builder's lock frees itself."""
+    """Every rank prepares under the lock, the first on each out_dir building: node-local and shared out_dirs work."""
     with hold_lock(cfg.out_dir, ".prepare.lock"):
         return prepare(cfg, print if dist.local_rank == 0 else lambda *a: None, state)
 
