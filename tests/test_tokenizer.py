@@ -69,7 +69,8 @@ def test_shards_made_by_one_tokenizer_are_reused_by_the_other(tmp_path):
 def test_a_disagreement_falls_back_to_tiktoken_with_one_line_naming_the_string(tmp_path, monkeypatch, which):
     text = main.HARD_STRINGS[-1] if which == "hard string" else main.read_rows(*FIXTURE_TASK)[2]
     reference, _ = prepared(tmp_path / "reference", "tiktoken")
-    monkeypatch.setattr(main, "_fastokens", Unlike(text))
+    unlike = Unlike(text)
+    monkeypatch.setattr(main, "get_fastokens", lambda: unlike)
     got, lines = prepared(tmp_path / "out", "fastokens")
     assert got == reference and "(tiktoken)" in lines[-1]
     assert [line for line in lines if "disagree" in line] == [
@@ -96,7 +97,7 @@ def rss_mb():
 
 @needs_fastokens
 def test_the_fastokens_word_cache_stops_growing_however_many_new_words_come(monkeypatch):
-    monkeypatch.setattr(main, "_fastokens", None)  # a fresh tokenizer, with an empty cache
+    main.get_fastokens.cache_clear()  # a fresh tokenizer, with an empty cache
     rng, letters = np.random.default_rng(0), np.frombuffer(b" abcdefghijklmnopqrstuvwxyz", np.uint8)
 
     def new_words(n):  # n words of 10 random letters, none seen before, in articles of 2,000 words
