@@ -2061,6 +2061,7 @@ ROW_KEYS = {  # metrics.jsonl's rows by kind: every key each holds (README's Out
     "train": "step optim_step loss lr beta1 tok_per_s mfu tokens".split(),
     "eval": "step val_loss val_bpb".split(),
 }
+ROW_NEEDS = {"run": ("config",), "train": ("step", "loss"), "eval": ("step", "val_loss")}  # every version wrote these
 
 
 def start_training(cfg, backend, dist, state):
@@ -2405,8 +2406,7 @@ def read_jsonl(path):
             if i == len(lines) - 1:
                 break
             row = None
-        # the first two keys of each kind: what every version of main.py wrote, so older runs still read
-        if not isinstance(row, dict) or not all(k in row for k in ROW_KEYS.get(row.get("kind"), ("?",))[:2]):
+        if not isinstance(row, dict) or not all(k in row for k in ROW_NEEDS.get(row.get("kind"), ("?",))):
             raise UserError(
                 f"{path}: line {i + 1} is not a metrics row ({line.strip()[:60]}); fix or delete it, or move the file"
             )
