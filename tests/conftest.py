@@ -13,6 +13,7 @@ import time
 import types
 
 import pytest
+from filelock import FileLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One compute thread, here and in every main.py this suite starts (they inherit it): the models are tiny, so a
@@ -151,16 +152,34 @@ def digest(out_dir):
     return {n: hashlib.sha256(open(os.path.join(out_dir, n), "rb").read()).hexdigest() for n in names}
 
 
+def made_once(tmp_path_factory, name, make):
+    """(folder, make(folder)) for the whole session: make returns what JSON holds. Under pytest-xdist the first worker
+    to ask makes it while the others wait on a lock, and all read the one folder (xdist's own recipe)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        return folder, make(folder)
+    folder = tmp_path_factory.getbasetemp().parent / name  # the session's folder, above each worker's own
+    made = folder / "made.json"
+    with FileLock(f"{folder}.lock"):
+        if not made.exists():
+            folder.mkdir()
+            made.write_text(json.dumps(make(folder)))
+    return folder, json.loads(made.read_text())
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """One finished run, made once in this process as `python main.py ARGS` (TINY + RUN, with the HF export) and
+    """One finished run, made once as `python main.py ARGS` in a test process (TINY + RUN, with the HF export) and
     shared: .out its out_dir, .args its command line, .stdout what it printed. Read it, or copy_run() it first."""
-    out = tmp_path_factory.mktemp("trained") / "run"
-    args = cli_args(out, **RUN)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        main.main(args)
-    return types.SimpleNamespace(out=out, args=args, stdout=printed.getvalue())
+
+    def make(folder):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            main.main(cli_args(folder / "run", **RUN))
+        return printed.getvalue()
+
+    folder, stdout = made_once(tmp_path_factory, "trained", make)
+    return types.SimpleNamespace(out=folder / "run", args=cli_args(folder / "run", **RUN), stdout=stdout)
 
 
 @pytest.fixture
@@ -210,8 +229,12 @@ def torchrun(args, nproc=2, script="main.py"):
 
 @pytest.fixture(scope="session")
 def two_ranks(tmp_path_factory):
-    """One finished two-rank torchrun run (gloo) of the shared run's model and global batch: (out_dir, output)."""
-    out = tmp_path_factory.mktemp("two_ranks") / "run"
-    p = torchrun(cli_args(out, **TWO_RANKS))
-    assert p.returncode == 0, p.stderr[-3000:]
-    return out, p
+    """One finished two-rank torchrun run (gloo) of the shared run's model and global batch: (out_dir, its stdout)."""
+
+    def make(folder):
+        p = torchrun(cli_args(folder / "run", **TWO_RANKS))
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p.stdout
+
+    folder, stdout = made_once(tmp_path_factory, "two_ranks", make)
+    return folder / "run", stdout

@@ -22,8 +22,7 @@ _STATE = {}
 
 def bf16(a):
     """Round float32 to the nearest bfloat16 (ties to even), kept as float32."""
-    u = np.ascontiguousarray(a, np.float32).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(torch.bfloat16).float().numpy()
 
 
 def lay_out_tt_metal(root, build="build"):

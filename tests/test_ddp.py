@@ -19,8 +19,8 @@ def evals(out_dir):
 
 
 def test_two_ranks_match_one_process_with_the_same_global_batch(two_ranks, trained):
-    out, p = two_ranks
-    assert "data_parallel 2; global batch 128 tokens" in p.stdout
+    out, stdout = two_ranks
+    assert "data_parallel 2; global batch 128 tokens" in stdout
     a, b = evals(out), evals(trained.out)  # 2 ranks x batch 2 against the shared run's 1 process x batch 4
     assert a.keys() == b.keys() == {0, 4, 8, 12}
     assert a[0] == pytest.approx(b[0], rel=1e-5)  # same fixed val batches, same init: same number
@@ -29,9 +29,9 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(two_ranks, train
 
 
 def test_only_rank_0_writes_outputs_and_prints(two_ranks):
-    out, p = two_ranks
-    assert p.stdout.count("The history of machine learning") == 1
-    assert p.stdout.count("device: cpu") == 1
+    out, stdout = two_ranks
+    assert stdout.count("The history of machine learning") == 1
+    assert stdout.count("device: cpu") == 1
     names = sorted(n for n in os.listdir(out) if not n.startswith("."))  # not the lock files
     splits = json.loads((out / "manifest.json").read_text())["splits"]
     shards = [s["file"] for split in ("train", "val") for s in splits[split]]
