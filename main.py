@@ -2178,6 +2178,7 @@ def train(cfg, manifest, backend, dist, state, wandb_run, source):
     tokens_per_window = cfg.seq_len * rows * dist.world * accum
     peak = peak_flops(backend.device_name, backend.dtype, cfg.peak_flops or getattr(backend, "peak_flops", None))
     bar = progress_bar(dist.main, total=cfg.steps, initial=start * accum, unit="step", desc="train")
+    drawn = -math.inf  # loss_curve.png is redrawn at most every 30 s: a plot costs ~0.3 s, a lot in a tiny run
     with stop_flag() as stop, bar:
         for it in range(start, n_iters + 1):
             step, last = it * accum, it == n_iters or cfg.eval_only
@@ -2193,8 +2194,9 @@ def train(cfg, manifest, backend, dist, state, wandb_run, source):
                     done = f"the run in {cfg.out_dir} has finished all {plural(cfg.steps, 'step')}"
                     bar.write(f"{done}: {line} (raise --steps to train on)")
                 if fresh and not cfg.eval_only:
-                    if dist.main:
+                    if dist.main and (last or time.monotonic() - drawn > 30):
                         plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss_curve.png"), cfg, manifest)
+                        drawn = time.monotonic()
                     save_checkpoint(ckpt, cfg, backend, batches, dist, it, manifest, wandb_id)
             if last:
                 break
@@ -2362,8 +2364,7 @@ def all_sum(values, dist):
 @functools.cache
 def token_bytes():
     """UTF-8 bytes per token id; EOS, an article boundary rather than text, counts none."""
-    enc = get_tokenizer()
-    return np.array([len(enc.decode_single_token_bytes(i)) for i in range(EOS_ID)] + [0], dtype=np.int64)
+    return np.array([len(get_tokenizer().decode_single_token_bytes(i)) for i in range(EOS_ID)] + [0], dtype=np.int64)
 
 
 def plot_losses(metrics_path, png_path, cfg, manifest):

@@ -159,7 +159,7 @@ def made_once(tmp_path_factory, name, make):
         folder = tmp_path_factory.mktemp(name)
         return folder, make(folder)
     folder = tmp_path_factory.getbasetemp().parent / name  # the session's folder, above each worker's own
-    made = folder / "made.json"
+    made = folder.parent / f"{name}.json"
     with FileLock(f"{folder}.lock"):
         if not made.exists():
             folder.mkdir()
@@ -180,6 +180,15 @@ def trained(tmp_path_factory):
 
     folder, stdout = made_once(tmp_path_factory, "trained", make)
     return types.SimpleNamespace(out=folder / "run", args=cli_args(folder / "run", **RUN), stdout=stdout)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """The fixture's shards and manifest, prepared once: copy_run() them into a fresh out_dir and a run in a new
+    process starts at training (a fresh prepare costs each new process its two tokenizers; prepare's own tests
+    start from nothing)."""
+    folder, _ = made_once(tmp_path_factory, "shards", lambda f: main.main(cli_args(f / "data", prepare_only="true")))
+    return folder / "data"
 
 
 @pytest.fixture
@@ -228,11 +237,11 @@ def torchrun(args, nproc=2, script="main.py"):
 
 
 @pytest.fixture(scope="session")
-def two_ranks(tmp_path_factory):
+def two_ranks(tmp_path_factory, shards):
     """One finished two-rank torchrun run (gloo) of the shared run's model and global batch: (out_dir, its stdout)."""
 
     def make(folder):
-        p = torchrun(cli_args(folder / "run", **TWO_RANKS))
+        p = torchrun(cli_args(copy_run(shards, folder / "run"), **TWO_RANKS))
         assert p.returncode == 0, p.stderr[-3000:]
         return p.stdout
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, RUN, TWO_RANKS, cli_args, copy_run, main, read_jsonl, wait_for
+from conftest import ROOT, RUN, TWO_RANKS, cli_args, copy_run, made_once, main, read_jsonl, wait_for
 
 pytestmark = [
     pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed"),
@@ -90,9 +90,12 @@ def rows(out_dir, kind, key):
 
 @pytest.fixture(scope="module")
 def node_local(tmp_path_factory):
-    """One finished two-node run on node-local storage: (its tmp dir, return codes, outputs)."""
-    tmp = tmp_path_factory.mktemp("node-local")
-    return (tmp, *finish(tmp, start_nodes(tmp, "node-local")))
+    """One finished two-node run on node-local storage, which the tests only read: (its tmp dir, return codes,
+    outputs)."""
+    tmp, (rcs, outs) = made_once(
+        tmp_path_factory, "node-local", lambda tmp: finish(tmp, start_nodes(tmp, "node-local"))
+    )
+    return tmp, rcs, outs
 
 
 def test_two_nodes_finish_and_match_one_process_with_the_same_global_batch(node_local, trained):

@@ -61,8 +61,8 @@ def test_muon_takes_the_block_matrices_and_its_momentum_warms_up():
     assert all(g["betas"][0] == cfg.beta1 for g in b.optimizer.param_groups)
 
 
-def test_a_muon_run_stopped_by_sigterm_and_continued_ends_with_the_unbroken_runs_weights(muon_run, tmp_path):
-    cut = tmp_path / "cut"
+def test_a_muon_run_stopped_by_sigterm_and_continued_ends_with_the_unbroken_runs_weights(muon_run, shards, tmp_path):
+    cut = copy_run(shards, tmp_path / "cut")
     args = cli_args(cut, **MUON)
     proc, held = start_held(args, 6, tmp_path)
     reached = wait_for(held.exists, proc)
@@ -87,7 +87,9 @@ def test_a_resume_refuses_to_change_the_optimizer(muon_run, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
-def test_two_gloo_ranks_with_muon_stay_identical_and_match_one_process_with_the_doubled_batch(muon_run, tmp_path):
+def test_two_gloo_ranks_with_muon_stay_identical_and_match_one_process_with_the_doubled_batch(
+    muon_run, shards, tmp_path
+):
     script = tmp_path / "digests.py"  # main.py, with each rank writing a digest of its weights at the end
     script.write_text(
         "import hashlib, sys\n"
@@ -101,7 +103,7 @@ def test_two_gloo_ranks_with_muon_stay_identical_and_match_one_process_with_the_
         "main.finish = finish\n"
         "main.main(sys.argv[1:])\n"
     )
-    out = tmp_path / "run"
+    out = copy_run(shards, tmp_path / "run")
     p = torchrun(cli_args(out, **{**TWO_RANKS, "optimizer": "muon"}), script=str(script))
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "rank0").read_text() == (tmp_path / "rank1").read_text()  # bit-identical replicas
@@ -154,8 +156,8 @@ def test_the_tt_stand_ins_muon_trains_and_resumes_exactly(monkeypatch):
             ), (group, key)
 
 
-def test_a_tt_muon_run_stopped_by_sigterm_and_continued_equals_an_unbroken_one(tt_env, tmp_path):  # noqa: F811
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
+def test_a_tt_muon_run_stopped_by_sigterm_and_continued_equals_an_unbroken_one(tt_env, shards, tmp_path):  # noqa: F811
+    whole, broken = copy_run(shards, tmp_path / "whole"), copy_run(shards, tmp_path / "broken")
     p = tt_main(tt_args(whole, optimizer="muon"), tt_env)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [r for r in read_jsonl(os.path.join(whole, "metrics.jsonl")) if r["kind"] == "train"]

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TWO_RANKS, cli_args, logged, read_jsonl, wait_for
+from conftest import ROOT, TWO_RANKS, cli_args, copy_run, logged, read_jsonl, wait_for
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="this torch build has no torch.distributed"
@@ -132,8 +132,8 @@ def check_group_and_device(logs, nproc, why):
         assert log["set_device"][-1] == me, f"rank {rank} ended on {log['set_device'][-1]}, not {me}"
 
 
-def test_two_ranks_eval_checkpoint_ctrl_c_and_resume_on_nccl_rules(two_ranks, tmp_path):
-    out = tmp_path / "run"
+def test_two_ranks_eval_checkpoint_ctrl_c_and_resume_on_nccl_rules(two_ranks, shards, tmp_path):
+    out = copy_run(shards, tmp_path / "run")
     cmd = command(2, out)
 
     # 1. Train until Ctrl-C: each rank holds at optimizer step HOLD_AT until its SIGINT has come, so the signal
@@ -177,8 +177,8 @@ def test_two_ranks_eval_checkpoint_ctrl_c_and_resume_on_nccl_rules(two_ranks, tm
     assert logged(out) == logged(two_ranks[0])  # every train and eval number, bit for bit (gloo on the CPU)
 
 
-def test_one_rank_under_torchrun_makes_the_group(tmp_path):
-    one, logs = tmp_path / "torchrun1", tmp_path / "logs-torchrun1"
+def test_one_rank_under_torchrun_makes_the_group(shards, tmp_path):
+    one, logs = copy_run(shards, tmp_path / "torchrun1"), tmp_path / "logs-torchrun1"
     rc, stdout, stderr = finish(start(command(1, one, steps=2, eval_every=2), logs, tmp_path, "torchrun1"))
     why = diagnosis(logs, rc, stdout, stderr)
     assert rc == 0, why

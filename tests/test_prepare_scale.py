@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import FIXTURE, ROOT, digest, main, tiny_cfg, wait_for
+from conftest import FIXTURE, ROOT, digest, made_once, main, tiny_cfg, wait_for
 
 quiet = dict(log=lambda *a: None)
 
@@ -27,12 +27,14 @@ SHARD = 20000  # tokens per shard: the dump below makes about 17 train shards
 @pytest.fixture(scope="module")
 def dump(tmp_path_factory):
     """A dump-shaped input: 3 parquet files of 32 articles each (about 380k tokens), in row groups of 16."""
-    d = tmp_path_factory.mktemp("dump")
-    twice = pq.read_table(FIXTURE)
-    twice = pa.concat_tables([twice, twice])
-    for i in range(3):
-        pq.write_table(twice.slice(i * 20, 32), d / f"train-{i:05d}-of-00003.parquet", row_group_size=16)
-    return str(d / "*.parquet")
+
+    def make(d):
+        twice = pq.read_table(FIXTURE)
+        twice = pa.concat_tables([twice, twice])
+        for i in range(3):
+            pq.write_table(twice.slice(i * 20, 32), d / f"train-{i:05d}-of-00003.parquet", row_group_size=16)
+
+    return str(made_once(tmp_path_factory, "dump", make)[0] / "*.parquet")
 
 
 def args_for(data_files, out_dir, **kw):
@@ -50,8 +52,7 @@ def args_for(data_files, out_dir, **kw):
 @pytest.fixture(scope="module")
 def clean(dump, tmp_path_factory):
     """An unbroken prepare of `dump`, to compare every interrupted one with: (out_dir, digest, manifest)."""
-    out = tmp_path_factory.mktemp("clean")
-    main.main(args_for(dump, out))
+    out, _ = made_once(tmp_path_factory, "clean", lambda out: main.main(args_for(dump, out)))
     return out, digest(out), json.loads((out / "manifest.json").read_text())
 
 
@@ -110,18 +111,24 @@ POINTS = {  # progress record #1 is written before any shard; #k+1 follows shard
 def killed(dump, clean, tmp_path_factory):
     """{point: out_dir of a prepare of `dump` killed -9 there}, all killed in one go; and "after the switch": an
     out_dir holding a finished prepare of `dump`, then a prepare of its first 50 articles killed just after its
-    manifest.json took the old one's place, before the old set is deleted."""
+    manifest.json took the old one's place, before the old set is deleted. Each test changes only its own out_dir."""
     n_train = len(clean[2]["splits"]["train"])
-    dirs = {point: tmp_path_factory.mktemp("killed") for point in [*POINTS, "after the switch"]}
-    main.prepare(tiny_cfg(dirs["after the switch"], data_files=dump, shard_tokens=SHARD), **quiet)
-    run_killed(
-        *[
-            (args_for(dump, str(dirs[point])), owner, attr, match, when, nth or n_train + 1)
-            for point, (owner, attr, match, when, nth) in POINTS.items()
-        ],
-        (args_for(dump, str(dirs["after the switch"]), max_docs=50), "os", "replace", "manifest.json", "after", 1),
-    )
-    return dirs
+
+    def make(folder):
+        dirs = {point: folder / f"killed{i}" for i, point in enumerate([*POINTS, "after the switch"])}
+        for d in dirs.values():
+            d.mkdir()
+        main.prepare(tiny_cfg(dirs["after the switch"], data_files=dump, shard_tokens=SHARD), **quiet)
+        run_killed(
+            *[
+                (args_for(dump, str(dirs[point])), owner, attr, match, when, nth or n_train + 1)
+                for point, (owner, attr, match, when, nth) in POINTS.items()
+            ],
+            (args_for(dump, str(dirs["after the switch"]), max_docs=50), "os", "replace", "manifest.json", "after", 1),
+        )
+        return {point: str(d) for point, d in dirs.items()}
+
+    return {point: Path(d) for point, d in made_once(tmp_path_factory, "killed", make)[1].items()}
 
 
 @pytest.mark.parametrize("point", list(POINTS))
