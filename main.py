@@ -2178,7 +2178,7 @@ def train(cfg, manifest, backend, dist, state, wandb_run, source):
     tokens_per_window = cfg.seq_len * rows * dist.world * accum
     peak = peak_flops(backend.device_name, backend.dtype, cfg.peak_flops or getattr(backend, "peak_flops", None))
     bar = progress_bar(dist.main, total=cfg.steps, initial=start * accum, unit="step", desc="train")
-    drawn = -math.inf  # loss_curve.png is redrawn at most every 30 s: a plot costs ~0.3 s, a lot in a tiny run
+    drawn = time.monotonic()  # loss_curve.png: at the end, and at an eval 30 s after the last (a plot costs ~0.3 s)
     with stop_flag() as stop, bar:
         for it in range(start, n_iters + 1):
             step, last = it * accum, it == n_iters or cfg.eval_only

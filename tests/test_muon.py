@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_ttml_backend import batch, cfg_
 from test_ttml_cli import args as tt_args
-from test_ttml_cli import sigterm_at, tensors, tt_env, tt_main  # noqa: F401 - tt_env is a fixture
+from test_ttml_cli import sigterm_at, tensors, tt_env, tt_here, tt_main  # noqa: F401 - tt_env, tt_here: fixtures
 
 from conftest import (
     ROOT,
@@ -156,10 +156,9 @@ def test_the_tt_stand_ins_muon_trains_and_resumes_exactly(monkeypatch):
             ), (group, key)
 
 
-def test_a_tt_muon_run_stopped_by_sigterm_and_continued_equals_an_unbroken_one(tt_env, shards, tmp_path):  # noqa: F811
+def test_a_tt_muon_run_stopped_by_sigterm_and_continued_equals_an_unbroken_one(tt_env, tt_here, shards, tmp_path):  # noqa: F811
     whole, broken = copy_run(shards, tmp_path / "whole"), copy_run(shards, tmp_path / "broken")
-    p = tt_main(tt_args(whole, optimizer="muon"), tt_env)
-    assert p.returncode == 0, p.stderr[-3000:]
+    tt_here(tt_args(whole, optimizer="muon"))  # in this process; the stopped run and its continuation in their own
     rows = [r for r in read_jsonl(os.path.join(whole, "metrics.jsonl")) if r["kind"] == "train"]
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
     code, err = sigterm_at(tt_args(broken, optimizer="muon"), 5, tt_env, tmp_path)

@@ -4,12 +4,13 @@ sample, plot. A model of GPT-2's padded vocabulary, so each run takes seconds.""
 
 import os
 import signal
+import sys
 
 import pytest
 import torch
 
 import fake_ttml
-from conftest import FIXTURE, ROOT, copy_run, read_jsonl, run_main, start_held, wait_for
+from conftest import FIXTURE, ROOT, copy_run, main, read_jsonl, run_main, start_held, wait_for
 
 TT_RUN = dict(
     backend="ttml",
@@ -47,6 +48,25 @@ def tt_main(argv, env):
     return p
 
 
+@pytest.fixture
+def tt_here(tt_env, monkeypatch, capsys):
+    """main.main(ARGV) in this process on tt_env's TT-Train (a fresh import of the stand-in, whose state lives in its
+    modules): -> what it printed. What the import adds to sys.path and sys.modules goes again after the test."""
+    monkeypatch.setattr(sys, "path", [tt_env["TT_METAL_HOME"], *sys.path])  # PYTHONPATH=<root>: ttnn
+    for k in ("TT_METAL_HOME", "TT_METAL_RUNTIME_ROOT", "TT_MESH_GRAPH_DESC_PATH"):
+        monkeypatch.setenv(k, tt_env[k]) if k in tt_env else monkeypatch.delenv(k, raising=False)
+    modules = set(sys.modules)
+
+    def run(argv):
+        capsys.readouterr()
+        main.main(argv)
+        return capsys.readouterr().out
+
+    yield run
+    for name in set(sys.modules) - modules:
+        del sys.modules[name]
+
+
 def tensors(out):
     state = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
     flat = {}
@@ -74,14 +94,14 @@ def sigterm_at(argv, step, env, tmp_path):
 # Not bf16_stochastic: the pin's AdamW kernel seeds its rounding from std::random_device (adamw_program_factory.cpp),
 # so no two of its runs are bit-identical; its checkpoint round trip is tested in test_ttml_backend.py.
 @pytest.mark.parametrize("kind,dp", [("fp32_master", 1), ("fp32_master", 2), ("bf16", 2)])
-def test_a_tt_run_stopped_by_sigterm_and_continued_equals_an_unbroken_one(tt_env, shards, tmp_path, kind, dp):
+def test_a_tt_run_stopped_by_sigterm_and_continued_equals_an_unbroken_one(tt_env, tt_here, shards, tmp_path, kind, dp):
+    """The unbroken run in this process; the stopped one and its continuation as `python main.py`."""
     extra = dict(tt_optimizer=kind, data_parallel=dp)
     whole, broken = copy_run(shards, tmp_path / "whole"), copy_run(shards, tmp_path / "broken")
-    p = tt_main(args(whole, **extra), tt_env)
-    assert p.returncode == 0, p.stderr[-3000:]
+    printed = tt_here(args(whole, **extra))
     rows = [r for r in read_jsonl(os.path.join(whole, "metrics.jsonl")) if r["kind"] == "train"]
     assert len(rows) == 8 and rows[-1]["loss"] < rows[0]["loss"] - 0.5  # a real GPT learns the fixture
-    assert os.path.exists(os.path.join(whole, "loss_curve.png")) and "The history of machine learning" in p.stdout
+    assert os.path.exists(os.path.join(whole, "loss_curve.png")) and "The history of machine learning" in printed
 
     code, err = sigterm_at(args(broken, **extra), 5, tt_env, tmp_path)
     assert code == 143 and "Traceback" not in err, err[-3000:]
@@ -97,11 +117,10 @@ def test_a_tt_run_stopped_by_sigterm_and_continued_equals_an_unbroken_one(tt_env
         assert p.returncode == 2 and len(err) == 1 and f"tt_optimizer {kind} -> bf16" in err[0], p.stderr
 
 
-def test_layernorm_gains_and_biases_get_no_weight_decay_through_the_cli(tt_env, shards, tmp_path):
+def test_layernorm_gains_and_biases_get_no_weight_decay_through_the_cli(tt_here, shards, tmp_path):
     # lr * weight_decay = 1: decoupled decay zeroes every decayed tensor in one step: what is not zero was not decayed
     out = copy_run(shards, tmp_path / "run")
-    p = tt_main(args(out, steps=2, warmup_steps=1, lr=1e-3, weight_decay=1000), tt_env)
-    assert p.returncode == 0, p.stderr[-3000:]
+    tt_here(args(out, steps=2, warmup_steps=1, lr=1e-3, weight_decay=1000))
     model = {k: v.float() for k, v in tensors(out)[0].items() if k.startswith("/model/")}
     gains = [v for k, v in model.items() if "gamma" in k]
     biases = [v for k, v in model.items() if k.endswith("bias") or "beta" in k]
