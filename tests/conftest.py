@@ -45,6 +45,18 @@ TINY = dict(
 RUN = dict(steps=12, eval_every=4, lr=2e-2, warmup_steps=2)
 
 
+# The modules whose tests start torchrun or several processes, dearest first. They are collected first, so that
+# pytest-xdist's workers take the long tests early and finish together (the order within a module is kept).
+LONG_FIRST = (
+    "test_multinode test_nccl_paths test_ttml_cli test_muon test_ddp test_benchmarks test_prepare_scale".split()
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(LONG_FIRST)))
+
+
 def tiny_cfg(out_dir, **kw):
     """A TrainConfig for a model small enough to train in seconds on the fixture."""
     cfg = main.TrainConfig(**{"data_files": FIXTURE, "out_dir": str(out_dir), **TINY, **kw})

@@ -94,7 +94,9 @@ def sigterm_at(argv, step, env, tmp_path):
 # Not bf16_stochastic: the pin's AdamW kernel seeds its rounding from std::random_device (adamw_program_factory.cpp),
 # so no two of its runs are bit-identical; its checkpoint round trip is tested in test_ttml_backend.py.
 @pytest.mark.parametrize("kind,dp", [("fp32_master", 1), ("fp32_master", 2), ("bf16", 2)])
-def test_a_tt_run_stopped_by_sigterm_and_continued_equals_an_unbroken_one(tt_env, tt_here, shards, tmp_path, kind, dp):
+def test_a_tt_run_stopped_by_sigterm_and_continued_equals_an_unbroken_one(
+    tt_env, tt_here, shards, tmp_path, capsys, kind, dp
+):
     """The unbroken run in this process; the stopped one and its continuation as `python main.py`."""
     extra = dict(tt_optimizer=kind, data_parallel=dp)
     whole, broken = copy_run(shards, tmp_path / "whole"), copy_run(shards, tmp_path / "broken")
@@ -112,9 +114,10 @@ def test_a_tt_run_stopped_by_sigterm_and_continued_equals_an_unbroken_one(tt_env
     assert set(a) == set(b) and len(a) > 28
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     if dp == 1:  # the refusal is the same at any dp
-        p = tt_main(args(broken, **{**extra, "tt_optimizer": "bf16", "steps": 12}), tt_env)
-        err = p.stderr.strip().splitlines()
-        assert p.returncode == 2 and len(err) == 1 and f"tt_optimizer {kind} -> bf16" in err[0], p.stderr
+        with pytest.raises(SystemExit) as e:
+            tt_here(args(broken, **{**extra, "tt_optimizer": "bf16", "steps": 12}))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and f"tt_optimizer {kind} -> bf16" in err[0], err
 
 
 def test_layernorm_gains_and_biases_get_no_weight_decay_through_the_cli(tt_here, shards, tmp_path):
