@@ -1,5 +1,6 @@
 """Everyday use: sampling from a checkpoint, device and precision choice, MFU arithmetic, bounded prepare memory."""
 
+import json
 import subprocess
 import sys
 
@@ -102,16 +103,20 @@ def test_peak_flops_table_override_and_unknown_device():
     assert main.peak_flops("cpu", "float32", override=1e12) == 1e12
 
 
-def peak_rss_kb_of_prepare(data, out_dir):
-    """Run prepare (num_proc=1, so it is all one process) in a fresh interpreter; its own peak RSS in kB."""
+def peak_rss_kb_after_each_prepare(*jobs):
+    """Run prepare (num_proc=1, so it is all one process) on each (data, out_dir) in turn in one fresh interpreter;
+    its peak RSS in kB after each. A peak only grows: a later, bigger input that needed more memory raises it."""
     code = (
-        f"import resource, sys; sys.path.insert(0, {ROOT!r}); import main; "
-        f"main.main(['--data_files={data}', '--out_dir={out_dir}', '--prepare_only=true', '--num_proc=1', "
-        "'--shard_tokens=1000000']); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        f"import json, resource, sys; sys.path.insert(0, {ROOT!r}); import main\n"
+        f"for data, out_dir in json.loads(sys.argv[1]):\n"
+        "    main.main([f'--data_files={data}', f'--out_dir={out_dir}', '--prepare_only=true', '--num_proc=1',"
+        " '--shard_tokens=1000000'])\n"
+        "    print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    jobs = json.dumps([[str(d), str(o)] for d, o in jobs])
+    p = subprocess.run([sys.executable, "-c", code, jobs], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
-    return int(p.stdout.strip().splitlines()[-1])
+    return [int(line.split()[1]) for line in p.stdout.splitlines() if line.startswith("peak ")]
 
 
 def test_prepare_peak_memory_does_not_grow_with_the_input(tmp_path):
@@ -121,6 +126,5 @@ def test_prepare_peak_memory_does_not_grow_with_the_input(tmp_path):
     table = pq.read_table(FIXTURE)
     pq.write_table(pa.concat_tables([table] * 5), small, row_group_size=32)
     pq.write_table(pa.concat_tables([table] * 25), big, row_group_size=32)  # 20 x the fixture more: 9.5 MB as uint16
-    k5 = peak_rss_kb_of_prepare(small, tmp_path / "a")
-    k25 = peak_rss_kb_of_prepare(big, tmp_path / "b")
+    k5, k25 = peak_rss_kb_after_each_prepare((small, tmp_path / "a"), (big, tmp_path / "b"))
     assert k25 - k5 < 25 * 1024, f"peak RSS x5 {k5 // 1024} MB, x25 {k25 // 1024} MB"
