@@ -98,8 +98,8 @@ def sigterm_at(argv, step, env, tmp_path):
 def test_a_tt_run_stopped_by_sigterm_and_continued_equals_an_unbroken_one(
     tt_env, tt_here, shards, tmp_path, capsys, kind, dp
 ):
-    """The run stopped by SIGTERM is `python main.py` on the laid-out checkout; the unbroken run, the continuation
-    and the refusal run in this process."""
+    """The run stopped by SIGTERM is a process of its own (tests/held_run.py: main.py, holding at a step) on the
+    laid-out checkout; the unbroken run, the continuation and the refusal run in this process."""
     extra = dict(tt_optimizer=kind, data_parallel=dp)
     whole, broken = copy_run(shards, tmp_path / "whole"), copy_run(shards, tmp_path / "broken")
     printed = tt_here(args(whole, **extra))
