@@ -113,8 +113,8 @@ def peak_rss_kb_after_each_prepare(*jobs):
         " '--shard_tokens=1000000'])\n"
         "    print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
-    jobs = json.dumps([[str(d), str(o)] for d, o in jobs])
-    p = subprocess.run([sys.executable, "-c", code, jobs], capture_output=True, text=True, timeout=600)
+    given = json.dumps([[str(d), str(o)] for d, o in jobs])
+    p = subprocess.run([sys.executable, "-c", code, given], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     return [int(line.split()[1]) for line in p.stdout.splitlines() if line.startswith("peak ")]
 

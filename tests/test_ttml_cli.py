@@ -1,8 +1,8 @@
 """`python main.py --backend=ttml` end to end through the CLI, on the pinned build's stand-in laid out as a user's
 tt-metal checkout (TT_METAL_HOME=<root>, PYTHONPATH=<root>): prepare, train, eval, checkpoint, SIGTERM, resume,
-sample, plot. The runs a signal stops are `python main.py` processes; the others are main.main(ARGV) in this process,
-each on a fresh import of the stand-in, which saves a torch import apiece. A model of GPT-2's padded vocabulary, so
-each run takes seconds."""
+sample, plot. The runs a signal stops are processes of their own (tests/held_run.py: main.py, holding at a step); the
+others are main.main(ARGV) in this process, each on a fresh import of the stand-in, which saves a torch import
+apiece. A model of GPT-2's padded vocabulary, so each run takes seconds."""
 
 import os
 import signal
